@@ -1,0 +1,105 @@
+"""The ``templated-llm`` command line; each command calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from templated_llm.hf_defaults import ATTENTION_BACKENDS
+
+
+def _build_tiny_model(args: argparse.Namespace) -> None:
+    from templated_llm.tiny import build_tiny_mpt
+
+    path = build_tiny_mpt(
+        args.path, seed=args.seed, d_model=args.d_model, n_layers=args.n_layers,
+        n_heads=args.n_heads, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
+    )
+    print(path)
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    from templated_llm.plugin_manager import model_specs, plugin_load_errors, plugin_names
+
+    specs = model_specs()
+    for name in plugin_names():
+        models = [s.name for s in specs.values() if s.plugin_name == name]
+        print(f"{name}: {', '.join(models) or '(no models)'}")
+    for error in plugin_load_errors():
+        print(f"{error.name}: FAILED TO LOAD ({error.entry_point}): {error.error}")
+
+
+def _log(args: argparse.Namespace) -> None:
+    from templated_llm.log import log_llm
+
+    info = log_llm(
+        args.model, args.snapshot, name=args.name, template=args.template,
+        attention=args.attention, dtype=args.dtype,
+        registered_model_name=args.registered_model_name,
+    )
+    print(info.model_uri)
+    print(f"serve it with: mlflow models serve -m {info.model_uri} --env-manager local")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from templated_llm.demo import run_demo
+
+    run_demo(args.snapshot)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="templated-llm", description="Log Hugging Face causal LMs as MLflow models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("build-tiny-model", help="write a small random MPT snapshot")
+    tiny.add_argument("path", type=Path, help="directory to write the snapshot to")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    tiny.add_argument("--d-model", type=int, default=64, help="hidden size (default 64)")
+    tiny.add_argument("--n-layers", type=int, default=2, help="transformer blocks (default 2)")
+    tiny.add_argument("--n-heads", type=int, default=4, help="attention heads (default 4)")
+    tiny.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary (default 1024)")
+    tiny.add_argument("--max-seq-len", type=int, default=2048, help="context length (default 2048)")
+    tiny.set_defaults(func=_build_tiny_model)
+
+    plugins = commands.add_parser("plugins", help="list plugins, their models and load errors")
+    plugins.set_defaults(func=_plugins)
+
+    log = commands.add_parser("log", help="log a model to the current MLflow tracking URI")
+    log.add_argument("model", help="model name, as listed by 'templated-llm plugins'")
+    log.add_argument("--snapshot", type=Path, help="local snapshot directory (default: download)")
+    log.add_argument("--name", default="model", help="logged model name (default 'model')")
+    log.add_argument("--template", help="Jinja template file replacing the plugin's")
+    log.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                     help="attention backend (default auto)")
+    log.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    log.add_argument("--registered-model-name", help="also register a version under this name")
+    log.set_defaults(func=_log)
+
+    demo = commands.add_parser("demo", help="build the small MPT, log, load and predict")
+    demo.add_argument("--snapshot", type=Path, default=Path(".cache/tiny-mpt"),
+                      help="where the small snapshot lives (default .cache/tiny-mpt)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump traces
+        from templated_llm.errors import TemplatedLLMError
+
+        if not isinstance(exc, TemplatedLLMError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Exceptions raised by templated-llm; all derive from :class:`TemplatedLLMError`."""
+
+
+class TemplatedLLMError(Exception):
+    """Base class of every templated-llm error."""
+
+
+class PluginError(TemplatedLLMError):
+    """A plugin misbehaved: it failed inside a hook or clashes with another plugin."""
+
+
+class UnknownModelError(TemplatedLLMError, LookupError):
+    """No installed plugin serves the requested model name."""
+
+
+class SnapshotError(TemplatedLLMError, ValueError):
+    """A model snapshot directory is missing or incomplete."""
+
+
+class TemplateError(TemplatedLLMError, ValueError):
+    """A prompt template is missing, invalid or failed to render."""
+
+
+class AttentionUnavailableError(TemplatedLLMError, ValueError):
+    """The requested attention backend cannot run for this model on this machine."""

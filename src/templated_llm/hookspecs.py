@@ -1,0 +1,59 @@
+"""The hooks a templated-llm plugin can implement.
+
+Every hook that concerns one model receives its :class:`~templated_llm.spec.ModelSpec`; a plugin
+returns ``None`` for models that are not its own, so the next implementation (ending with the
+core's generic Hugging Face defaults) answers instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from templated_llm.spec import ModelSpec
+
+PROJECT_NAME = "templated_llm"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_models(register: Callable[[ModelSpec], None]) -> None:
+    """Call ``register(ModelSpec(...))`` once for every model this plugin serves."""
+
+
+@hookspec(firstresult=True)
+def prompt_template(spec: ModelSpec) -> str | Path | None:
+    """Return the path of the Jinja prompt template for ``spec``."""
+
+
+@hookspec(firstresult=True)
+def select_attention(spec: ModelSpec, requested: str, device: str) -> str | None:
+    """Resolve a requested attention backend to the concrete one to use on ``device``.
+
+    ``requested`` is one of ``auto``, ``eager``, ``sdpa``, ``triton``, ``flash``. Raise
+    ``ValueError`` naming what is missing when the backend cannot run; resolve ``auto`` to the
+    best backend available.
+    """
+
+
+@hookspec(firstresult=True)
+def load_tokenizer(spec: ModelSpec, snapshot: Path) -> Any:
+    """Load and return the tokenizer from a local snapshot directory."""
+
+
+@hookspec(firstresult=True)
+def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str) -> Any:
+    """Load the causal LM from ``snapshot`` on ``device`` in ``dtype``, in eval mode.
+
+    ``attention`` is the backend returned by :func:`select_attention`.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str | None:
+    """Install ``attention`` into a loaded model if loading did not; return the backend in use."""

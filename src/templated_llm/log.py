@@ -1,0 +1,146 @@
+"""``log_llm``: log a plugin-provided model as a ready-to-serve MLflow pyfunc."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types.schema import ColSpec, Schema
+
+import templated_llm
+from templated_llm.artifact_link import link_uri
+from templated_llm.hf_defaults import check_attention_name
+from templated_llm.inputs import PROMPT_COLUMN
+from templated_llm.logged_config import LoggedConfig, default_device
+from templated_llm.params import GenerationParams, param_schema
+from templated_llm.plugin_manager import call_first, get_model_spec
+from templated_llm.pyfunc import OUTPUT_COLUMN, TemplatedLLM
+from templated_llm.snapshot import resolve_snapshot
+from templated_llm.spec import ModelSpec
+from templated_llm.templates import PromptTemplate, find_template
+
+# What the logged model needs to load and run, pinned to the versions logging ran with.
+_RUNTIME_PACKAGES = (
+    "mlflow", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
+    "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas",
+)
+_INPUT_EXAMPLE = ["What is machine learning?", "Name three rivers."]
+
+
+def _pinned(package: str) -> str:
+    version = importlib.metadata.version(package)
+    return f"{package}=={version.split('+')[0]}"  # drop local labels such as +cpu
+
+
+def _package_dir(module_name: str) -> Path | None:
+    """The top-level package directory of a module, if it lives in files that can be shipped."""
+    top = sys.modules.get(module_name.split(".")[0])
+    file = getattr(top, "__file__", None)
+    if not file:
+        return None
+    path = Path(file)
+    return path.parent if path.name == "__init__.py" else path
+
+
+def _code_paths(spec: ModelSpec) -> list[str]:
+    paths = [Path(templated_llm.__file__).parent]
+    plugin = _package_dir(spec.plugin_module)
+    if plugin is not None and plugin not in paths:
+        paths.append(plugin)
+    return [str(p) for p in paths]
+
+
+class _ExampleNotRunModel(Model):
+    """MLflow's Model, minus the input-example check at log time.
+
+    ``mlflow.pyfunc.log_model`` is ``Model.log(flavor=mlflow.pyfunc, ...)``; after saving, it
+    loads the model and predicts the input example, which would load the full weights. The
+    example is still saved with the model; only that log-time run is skipped.
+    """
+
+    def get_serving_input(self, path: str) -> str | None:
+        return None
+
+
+def _signature(defaults: dict[str, Any]) -> ModelSignature:
+    return ModelSignature(
+        # Unnamed, so a plain list of prompts passes MLflow's schema check; predict itself
+        # requires the 'prompt' column of a DataFrame or dict.
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", OUTPUT_COLUMN)]),
+        params=param_schema(defaults),
+    )
+
+
+def log_llm(
+    model: str,
+    snapshot: str | os.PathLike[str] | None = None,
+    *,
+    name: str = "model",
+    template: str | os.PathLike[str] | None = None,
+    attention: str = "auto",
+    dtype: str | None = None,
+    registered_model_name: str | None = None,
+    extra_pip_requirements: list[str] | None = None,
+    **kwargs: Any,
+) -> ModelInfo:
+    """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
+
+    Args:
+        model: the model name; ``templated-llm plugins`` lists the installed ones.
+        snapshot: a local snapshot directory, used as is; ``None`` downloads the plugin's
+            Hugging Face repository.
+        name: the logged model's name.
+        template: a Jinja template file (or shipped template name) replacing the plugin's.
+        attention: ``auto``, ``eager``, ``sdpa``, ``triton`` or ``flash``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks per device at load.
+        registered_model_name: also register a version under this name in the Model Registry.
+        extra_pip_requirements: requirements added to the pinned defaults.
+        **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
+
+    The weights are not loaded here, and they are copied once, into the artifact store.
+    """
+    spec = get_model_spec(model)
+    check_attention_name(attention)
+    # An explicit backend that cannot run here fails now rather than at serving time.
+    call_first("select_attention", spec=spec, requested=attention, device=default_device())
+    template_path = find_template(template) if template is not None else Path(
+        call_first("prompt_template", spec=spec)
+    )
+    PromptTemplate.from_file(template_path).render(_INPUT_EXAMPLE[0])  # fail before logging
+    defaults = GenerationParams(**spec.generation_defaults).model_dump()
+    config = LoggedConfig(
+        model=spec.name,
+        plugin=spec.plugin_name,
+        plugin_module=spec.plugin_module,
+        attention=attention,
+        dtype=dtype,
+        generation_defaults=defaults,
+        templated_llm_version=templated_llm.__version__,
+    )
+    snapshot_dir = resolve_snapshot(spec, snapshot)
+    requirements = [_pinned(p) for p in _RUNTIME_PACKAGES]
+    requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
+    return _ExampleNotRunModel.log(
+        artifact_path=None,
+        flavor=mlflow.pyfunc,
+        flavor_name="pyfunc",
+        name=name,
+        python_model=TemplatedLLM(),
+        artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_path)},
+        model_config=config.model_dump(),
+        signature=_signature(defaults),
+        input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
+        pip_requirements=requirements,
+        code_paths=_code_paths(spec),
+        registered_model_name=registered_model_name,
+        **kwargs,
+    )

@@ -1,0 +1,76 @@
+"""Inference parameters: their validation and the MLflow ``ParamSchema`` derived from them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.types.schema import ParamSchema, ParamSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class GenerationParams(BaseModel):
+    """What a caller may pass as ``params`` to ``predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    max_tokens: int = Field(256, ge=1, description="most new tokens per prompt")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 disables")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16, description="stop strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for repeatable sampling")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+_MLFLOW_TYPES = {"temperature": "double", "top_p": "double", "repetition_penalty": "double",
+                 "max_tokens": "long", "top_k": "long", "seed": "long", "stop": "string"}
+
+
+def param_schema(defaults: dict[str, Any]) -> ParamSchema:
+    """The ParamSchema of a logged model, one ParamSpec per inference param."""
+    values = GenerationParams(**defaults)
+    return ParamSchema([
+        ParamSpec(name, _MLFLOW_TYPES[name], getattr(values, name),
+                  (-1,) if name == "stop" else None)
+        for name in GenerationParams.model_fields
+    ])
+
+
+def _plain(value: Any) -> Any:
+    # MLflow hands over numpy scalars and arrays; pydantic wants Python values.
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def validate_params(params: dict[str, Any] | None, defaults: dict[str, Any]) -> GenerationParams:
+    """Merge ``params`` over ``defaults`` and validate them.
+
+    Raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP 400 when served) naming
+    every bad param, the value received and what is allowed.
+    """
+    merged = {**defaults, **{k: _plain(v) for k, v in (params or {}).items() if v is not None}}
+    try:
+        return GenerationParams(**merged)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name, *item = error["loc"]
+            if error["type"] == "extra_forbidden":
+                problems.append(
+                    f"unknown param {name!r}; allowed params: {list(GenerationParams.model_fields)}"
+                )
+            else:
+                where = f" item {item[0]}" if item else ""
+                problems.append(
+                    f"param {name!r}{where}: {error['msg']}; received {merged[name]!r}"
+                )
+        raise MlflowException.invalid_parameter_value("; ".join(problems)) from None

@@ -1,0 +1,69 @@
+"""Shared fixtures: a small MPT snapshot, a real MLflow store in a temp dir, a logged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may wait on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+
+from templated_llm import plugin_manager  # noqa: E402
+from templated_llm.log import log_llm  # noqa: E402
+from templated_llm.tiny import build_tiny_mpt  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_mpt(tmp_path_factory.mktemp("snapshots") / "tiny-mpt", seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite tracking store in a temp dir, also seen by child processes."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    # Artifacts next to the store, not in the directory pytest was started from.
+    experiment = mlflow.create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
+    return uri
+
+
+@pytest.fixture(scope="session")
+def logged_model(tiny_snapshot: Path):
+    return log_llm("mpt-instruct", snapshot=tiny_snapshot)
+
+
+@pytest.fixture(scope="session")
+def loaded_model(logged_model):
+    return mlflow.pyfunc.load_model(logged_model.model_uri)
+
+
+@pytest.fixture
+def fresh_plugins():
+    """A plugin manager rebuilt from entry points, and rebuilt again afterwards."""
+    plugin_manager.reset_plugin_manager()
+    yield plugin_manager.get_plugin_manager()
+    plugin_manager.reset_plugin_manager()
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> object:
+    """Run ``code`` in a fresh interpreter and return what it printed as JSON on its last line."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

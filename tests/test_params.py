@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+from templated_llm.params import GenerationParams, param_schema, validate_params
+
+BAD_PARAMS = [
+    ("temperature", -0.1, "greater than or equal to 0"),
+    ("temperature", 2.5, "less than or equal to 2"),
+    ("temperature", "hot", "valid number"),
+    ("max_tokens", 0, "greater than or equal to 1"),
+    ("max_tokens", 1.5, "valid integer"),
+    ("top_p", 0.0, "greater than 0"),
+    ("top_p", 1.5, "less than or equal to 1"),
+    ("top_k", -1, "greater than or equal to 0"),
+    ("repetition_penalty", 0.0, "greater than 0"),
+    ("repetition_penalty", 11.0, "less than or equal to 10"),
+    ("stop", "###", "valid list"),
+    ("stop", [""], "at least 1 character"),
+    ("stop", ["x"] * 17, "at most 16 items"),
+    ("seed", -5, "greater than or equal to 0"),
+]
+
+
+def _error_code(exc: MlflowException) -> int:
+    return ErrorCode.Value(exc.error_code)
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), BAD_PARAMS)
+def test_bad_values_name_the_param_the_value_and_what_is_allowed(name, value, allowed) -> None:
+    with pytest.raises(MlflowException) as caught:
+        validate_params({name: value}, {})
+    assert _error_code(caught.value) == INVALID_PARAMETER_VALUE
+    message = caught.value.message
+    assert repr(name) in message
+    assert repr(value)[:40] in message
+    assert allowed in message
+
+
+def test_unknown_params_are_rejected_with_the_allowed_list() -> None:
+    with pytest.raises(MlflowException, match="unknown param 'temprature'.*temperature"):
+        validate_params({"temprature": 0.5}, {})
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(MlflowException) as caught:
+        validate_params({"temperature": -1, "max_tokens": 0}, {})
+    assert "temperature" in caught.value.message and "max_tokens" in caught.value.message
+
+
+def test_params_override_model_defaults() -> None:
+    params = validate_params({"max_tokens": 8}, {"temperature": 0.1, "max_tokens": 256})
+    assert (params.temperature, params.max_tokens) == (0.1, 8)
+    assert validate_params(None, {}).greedy
+
+
+def test_numpy_values_from_mlflow_are_accepted() -> None:
+    params = validate_params(
+        {"max_tokens": np.int64(3), "temperature": np.float64(0.5), "stop": np.array(["a", "b"])}, {}
+    )
+    assert (params.max_tokens, params.temperature, params.stop) == (3, 0.5, ["a", "b"])
+
+
+@given(
+    temperature=st.floats(0, 2),
+    max_tokens=st.integers(1, 4096),
+    top_p=st.floats(0, 1, exclude_min=True),
+    top_k=st.integers(0, 1000),
+    stop=st.lists(st.text(min_size=1), max_size=16),
+    seed=st.none() | st.integers(0, 2**63 - 1),
+)
+def test_any_valid_combination_is_accepted(temperature, max_tokens, top_p, top_k, stop, seed) -> None:
+    values = dict(temperature=temperature, max_tokens=max_tokens, top_p=top_p, top_k=top_k,
+                  stop=stop, seed=seed)
+    params = validate_params(values, {})
+    assert params.model_dump(exclude={"repetition_penalty"}) == values
+
+
+def test_param_schema_has_every_param_with_the_model_defaults() -> None:
+    schema = param_schema({"temperature": 0.1, "max_tokens": 64})
+    specs = {spec.name: spec for spec in schema.params}
+    assert set(specs) == set(GenerationParams.model_fields)
+    assert specs["temperature"].default == 0.1
+    assert specs["max_tokens"].default == 64
+    assert specs["stop"].shape == (-1,)
+    assert specs["seed"].default is None
