@@ -70,7 +70,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext | None,
-        model_input,  # no type hint: MLflow would derive a signature from it (ours is explicit)
+        # MLflow hands a DataFrame; direct calls may also pass a list or dict (see to_prompts).
+        # A DataFrame hint is one MLflow derives no schema from: our signature is explicit.
+        model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         generation = validate_params(params, self.generation_defaults)
