@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
@@ -14,7 +15,8 @@ from templated_llm.inputs import to_prompts
         ["a", "b"],
         {"prompt": ["a", "b"]},
         pd.Series(["a", "b"]),
-        pd.DataFrame({0: ["a", "b"]}),
+        np.array(["a", "b"]),
+        {"prompt": np.array(["a", "b"])},
     ],
 )
 def test_accepted_shapes(model_input) -> None:
@@ -37,6 +39,7 @@ def test_a_single_string() -> None:
         (pd.DataFrame({"prompt": ["a", None]}), "row 1 must be a string; received null"),
         ({"prompt": ["a", 3]}, "row 1 must be a string; received 3"),
         (42, "received int"),
+        ({"prompt": np.array([["x"]])}, "row 0 must be a string"),
     ],
 )
 def test_bad_input_is_an_invalid_parameter_error(model_input, message) -> None:

@@ -121,7 +121,7 @@ def test_bad_params_through_pyfunc_are_invalid_parameter_errors(loaded_model, pa
 
 def test_the_logged_model_carries_signature_example_requirements_and_code(logged_model):
     model = mlflow.models.Model.load(logged_model.model_uri)
-    assert model.signature.inputs.inputs[0].type.name == "string"
+    assert model.signature.inputs is None  # predict validates inputs itself (any form)
     assert model.signature.outputs.input_names() == ["candidates"]
     params = {p.name: p.default for p in model.signature.params.params}
     assert params["temperature"] == 0.1 and params["max_tokens"] == 256  # the plugin's defaults

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,24 @@ def _log(args: argparse.Namespace) -> None:
     print(f"serve it with: mlflow models serve -m {info.model_uri} --env-manager local")
 
 
+def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_manager: str) -> list[str]:
+    """The ``mlflow models serve`` command line for a logged model."""
+    return [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", env_manager, "-h", host, "-p", str(port), "-w", str(workers),
+    ]
+
+
+def _serve(args: argparse.Namespace) -> None:
+    command = serve_command(args.model_uri, host=args.host, port=args.port,
+                            workers=args.workers, env_manager=args.env_manager)
+    print(" ".join(command), flush=True)
+    # MLflow starts `uvicorn` from PATH: make it this interpreter's, even in an inactive venv.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                 os.environ.get("PATH", "")])}
+    os.execve(command[0], command, env)  # the server takes this process over, signals included
+
+
 def _demo(args: argparse.Namespace) -> None:
     from templated_llm.demo import run_demo
 
@@ -79,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     log.add_argument("--registered-model-name", help="also register a version under this name")
     log.set_defaults(func=_log)
+
+    serve = commands.add_parser("serve", help="serve a logged model with 'mlflow models serve'")
+    serve.add_argument("model_uri", help="models:/<id>, models:/<name>/<version>, models:/<name>@<alias>, runs:/...")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes, each with its own copy of the model (default 1)")
+    serve.add_argument("--env-manager", choices=["local", "virtualenv", "uv", "conda"], default="local",
+                       help="'local' serves from this environment; the others build the logged "
+                            "requirements into a fresh one (default local)")
+    serve.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="build the small MPT, log, load and predict")
     demo.add_argument("--snapshot", type=Path, default=Path(".cache/tiny-mpt"),

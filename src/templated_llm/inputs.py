@@ -13,8 +13,6 @@ PROMPT_COLUMN = "prompt"
 
 def _column(model_input: Any) -> list[Any]:
     if isinstance(model_input, pd.DataFrame):
-        if list(model_input.columns) == [0]:  # MLflow's frame for a plain list of prompts
-            return model_input[0].tolist()
         if PROMPT_COLUMN not in model_input.columns:
             raise MlflowException.invalid_parameter_value(
                 f"input must have a {PROMPT_COLUMN!r} column; received columns "
@@ -34,7 +32,7 @@ def _column(model_input: Any) -> list[Any]:
         return [value] if isinstance(value, str) else list(value)
     if isinstance(model_input, str):
         return [model_input]
-    if isinstance(model_input, list | tuple | pd.Series):
+    if isinstance(model_input, list | tuple | pd.Series | np.ndarray):
         return list(model_input)
     raise MlflowException.invalid_parameter_value(
         "input must be a DataFrame with a 'prompt' column, a list of strings or a dict of lists; "

@@ -72,9 +72,9 @@ class _ExampleNotRunModel(Model):
 
 def _signature(defaults: dict[str, Any]) -> ModelSignature:
     return ModelSignature(
-        # Unnamed, so a plain list of prompts passes MLflow's schema check; predict itself
-        # requires the 'prompt' column of a DataFrame or dict.
-        inputs=Schema([ColSpec("string")]),
+        # No input schema: MLflow accepts either a plain list of prompts (unnamed schema) or
+        # a 'prompt' column (named schema), never both; predict checks the input itself.
+        inputs=None,
         outputs=Schema([ColSpec("string", OUTPUT_COLUMN)]),
         params=param_schema(defaults),
     )

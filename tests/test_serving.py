@@ -1,0 +1,119 @@
+"""A logged model behind a real ``mlflow models serve``, reached through the Model Registry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from serving import free_port, running_server
+from templated_llm import log_llm
+from templated_llm.cli import serve_command
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Name three rivers.", "What is machine learning?", "Hi"]
+GREEDY = {"temperature": 0.0, "max_tokens": 6}
+REGISTERED = "tiny-mpt-instruct"
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_snapshot):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="served",
+                   registered_model_name=REGISTERED)
+    assert info.registered_model_version == 1
+    MlflowClient().set_registered_model_alias(REGISTERED, "champion", "1")
+    return info
+
+
+@pytest.fixture(scope="module")
+def expected(registered):
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/1")
+    return model.predict(PROMPTS, params=GREEDY)["candidates"].tolist()
+
+
+@pytest.fixture(scope="module")
+def server(registered):
+    port = free_port()
+    command = [sys.executable, "-m", "templated_llm.cli", "serve", f"models:/{REGISTERED}@champion",
+               "--port", str(port)]
+    with running_server(command, port) as url:
+        yield url
+
+
+def _post(url: str, body: object) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(f"{url}/invocations", data=data,
+                         headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def _candidates(response: requests.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [row["candidates"] for row in response.json()["predictions"]]
+
+
+def test_the_alias_and_the_version_load_in_process(registered, expected):
+    by_alias = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion")
+    assert by_alias.predict(PROMPTS, params=GREEDY)["candidates"].tolist() == expected
+
+
+BODIES = {
+    "dataframe_split": {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}},
+    "dataframe_records": {"dataframe_records": [{"prompt": p} for p in PROMPTS]},
+    "inputs list": {"inputs": PROMPTS},
+    "inputs dict": {"inputs": {"prompt": PROMPTS}},
+}
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["params", "no-params"])
+@pytest.mark.parametrize("form", BODIES)
+def test_every_request_format_gets_one_candidate_per_prompt(server, expected, form, with_params):
+    body = dict(BODIES[form])
+    if with_params:
+        body["params"] = GREEDY
+    candidates = _candidates(_post(server, body))
+    assert len(candidates) == len(PROMPTS) and all(isinstance(c, str) for c in candidates)
+    if with_params:
+        assert candidates == expected
+
+
+BAD_REQUESTS = {
+    "missing prompt column": ({"dataframe_split": {"columns": ["text"], "data": [["hi"]]}}, "prompt"),
+    "null prompt": ({"dataframe_records": [{"prompt": None}]}, "prompt"),
+    "non-string prompt": ({"inputs": {"prompt": [["nested"]]}}, ""),
+    "empty list": ({"inputs": []}, ""),
+    "temperature below 0": ({"inputs": ["hi"], "params": {"temperature": -0.5}}, "temperature"),
+    "max_tokens of 0": ({"inputs": ["hi"], "params": {"max_tokens": 0}}, "max_tokens"),
+    "max_tokens above the context": ({"inputs": ["hi"], "params": {"max_tokens": 4096}}, "context"),
+    "prompt longer than the context": ({"inputs": ["word " * 3000], "params": GREEDY}, "context"),
+    "wrong param type": ({"inputs": ["hi"], "params": {"max_tokens": "many"}}, "max_tokens"),
+    "malformed JSON": ('{"inputs": ["hi"', ""),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_are_400_and_the_server_keeps_serving(server, case):
+    body, names = BAD_REQUESTS[case]
+    response = _post(server, body)
+    assert response.status_code == 400, response.text
+    assert names in response.json()["message"]
+    assert len(_candidates(_post(server, {"inputs": ["hi"], "params": GREEDY}))) == 1
+
+
+def test_16_concurrent_requests_all_succeed_with_greedy_results(server, expected):
+    body = {"inputs": {"prompt": PROMPTS}, "params": GREEDY}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: _candidates(_post(server, body)), range(16)))
+    assert results == [expected] * 16
+
+
+def test_the_serve_command_is_mlflows():
+    command = serve_command("models:/m@a", host="127.0.0.1", port=1, workers=2, env_manager="local")
+    assert command[1:] == ["-m", "mlflow", "models", "serve", "-m", "models:/m@a",
+                           "--env-manager", "local", "-h", "127.0.0.1", "-p", "1", "-w", "2"]
