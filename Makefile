@@ -17,8 +17,14 @@ test: $(STAMP)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml plugins/mpt-instruct/pyproject.toml constraints.txt
+	@# Spark (batch inference tests) needs a Java runtime: Debian's, when the machine has none.
+	@command -v java >/dev/null || { echo "installing a Java runtime for Spark"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && \
+	  $$SUDO apt-get install -y -q --no-install-recommends openjdk-17-jre-headless; }
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt hatchling editables
+	@# Builds run without isolation, on these pinned backends: hatchling for our packages,
+	@# setuptools and wheel for pyspark, which ships only as an sdist.
+	$(PIP) install -q -c constraints.txt hatchling editables setuptools wheel
 	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]' -e plugins/mpt-instruct
 	touch $(STAMP)
 

@@ -22,12 +22,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(command: Sequence[str], port: int, env: dict[str, str] | None = None,
-                   timeout: float = 180) -> Iterator[str]:
+                   cwd: str | None = None, timeout: float = 180) -> Iterator[str]:
     """Run ``command`` (which must serve on ``port``), wait for ``/ping``, yield the base URL."""
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, **(env or {})}, cwd=cwd,
+                                   start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while True:

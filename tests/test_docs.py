@@ -29,10 +29,17 @@ def _python(page: str) -> str:
     return "\n".join(code for lang, info, code in _blocks(page) if lang == "python" and not info)
 
 
-def test_quickstart_python_runs(tmp_path: Path) -> None:
-    out = _run(_python("quickstart.md"), tmp_path, {})
-    assert "models:/" in out
-    assert "param 'temperature'" in out
+@pytest.mark.parametrize(
+    ("page", "printed"),
+    [("quickstart.md", ["models:/", "param 'temperature'"]),
+     ("serving.md", ["candidates", "completion"])],
+)
+def test_page_python_runs(page: str, printed: list[str], tmp_path: Path) -> None:
+    if page == "serving.md":
+        pytest.importorskip("pyspark")
+    out = _run(_python(page), tmp_path, {"PYSPARK_PYTHON": sys.executable})
+    for text in printed:
+        assert text in out
 
 
 def test_writing_a_plugin_worked_example(tmp_path: Path) -> None:

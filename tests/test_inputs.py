@@ -16,6 +16,7 @@ from templated_llm.inputs import to_prompts
         {"prompt": ["a", "b"]},
         pd.Series(["a", "b"]),
         np.array(["a", "b"]),
+        pd.DataFrame({"0": ["a", "b"]}),
         {"prompt": np.array(["a", "b"])},
     ],
 )

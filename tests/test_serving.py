@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -117,3 +121,43 @@ def test_the_serve_command_is_mlflows():
     command = serve_command("models:/m@a", host="127.0.0.1", port=1, workers=2, env_manager="local")
     assert command[1:] == ["-m", "mlflow", "models", "serve", "-m", "models:/m@a",
                            "--env-manager", "local", "-h", "127.0.0.1", "-p", "1", "-w", "2"]
+
+
+@pytest.fixture(scope="module")
+def python_without_templated_llm(tmp_path_factory) -> Path:
+    """A virtualenv seeing every installed package except templated-llm and its plugin."""
+    root = tmp_path_factory.mktemp("bare-env")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    python = root / "venv" / "bin" / "python"
+    installed = Path(sysconfig.get_paths()["purelib"])
+    shown = root / "site"
+    shown.mkdir()
+    for entry in installed.iterdir():
+        if not entry.name.startswith(("templated_llm", "_editable_impl_templated_llm")):
+            (shown / entry.name).symlink_to(entry)
+    site_packages = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip())
+    (site_packages / "installed.pth").write_text(f"{shown}\n")
+    # `mlflow models serve` starts `uvicorn` from PATH; make it this interpreter's.
+    uvicorn = python.parent / "uvicorn"
+    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    return python
+
+
+def test_the_logged_model_serves_where_templated_llm_is_not_installed(
+    python_without_templated_llm, registered, expected
+):
+    python = python_without_templated_llm
+    for module in ("templated_llm", "templated_llm_mpt"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True,
+                               cwd="/", text=True)
+        assert "ModuleNotFoundError" in probe.stderr
+    port = free_port()
+    command = [str(python), "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    env = {"PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ""}
+    with running_server(command, port, env=env, cwd="/") as url:
+        body = {"inputs": {"prompt": PROMPTS}, "params": GREEDY}
+        assert _candidates(_post(url, body)) == expected

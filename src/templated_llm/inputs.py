@@ -13,6 +13,9 @@ PROMPT_COLUMN = "prompt"
 
 def _column(model_input: Any) -> list[Any]:
     if isinstance(model_input, pd.DataFrame):
+        if [str(c) for c in model_input.columns] == ["0"]:
+            # One positional column, as MLflow passes a column to spark_udf: the prompts.
+            model_input = model_input.set_axis([PROMPT_COLUMN], axis=1)
         if PROMPT_COLUMN not in model_input.columns:
             raise MlflowException.invalid_parameter_value(
                 f"input must have a {PROMPT_COLUMN!r} column; received columns "
