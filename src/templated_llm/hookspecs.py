@@ -32,12 +32,16 @@ def prompt_template(spec: ModelSpec) -> str | Path | None:
 
 
 @hookspec(firstresult=True)
-def select_attention(spec: ModelSpec, requested: str, device: str) -> str | None:
+def select_attention(
+    spec: ModelSpec, requested: str, device: str, snapshot: Path | None
+) -> str | None:
     """Resolve a requested attention backend to the concrete one to use on ``device``.
 
     ``requested`` is one of ``auto``, ``eager``, ``sdpa``, ``triton``, ``flash``. Raise
     ``ValueError`` naming what is missing when the backend cannot run; resolve ``auto`` to the
-    best backend available.
+    best backend available. ``snapshot`` is the local snapshot directory when one is known
+    (always at load time; at log time only when a local snapshot was given), so the model's
+    own support can be checked too.
     """
 
 

@@ -111,7 +111,8 @@ def log_llm(
     spec = get_model_spec(model)
     check_attention_name(attention)
     # An explicit backend that cannot run here fails now rather than at serving time.
-    call_first("select_attention", spec=spec, requested=attention, device=default_device())
+    call_first("select_attention", spec=spec, requested=attention, device=default_device(),
+               snapshot=Path(snapshot) if snapshot is not None else None)
     template_path = find_template(template) if template is not None else Path(
         call_first("prompt_template", spec=spec)
     )

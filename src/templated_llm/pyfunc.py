@@ -36,7 +36,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         snapshot = Path(context.artifacts["snapshot"])
         self.device = config.device or default_device()
         self.attention = call_first(
-            "select_attention", spec=spec, requested=config.attention, device=self.device
+            "select_attention", spec=spec, requested=config.attention, device=self.device,
+            snapshot=snapshot,
         )
         self.tokenizer = prepare_tokenizer(
             call_first("load_tokenizer", spec=spec, snapshot=snapshot)

@@ -1,7 +1,7 @@
 """The MPT-instruct plugin for templated-llm: mosaicml/mpt-7b-instruct and its relatives.
 
 transformers ships a native ``MptForCausalLM``, so no remote code runs; its attention is the
-eager implementation only.
+eager implementation only, and this plugin installs the others (see ``attention.py``).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl
+from templated_llm import ModelSpec, hookimpl
+from templated_llm.hf_defaults import check_attention_available, check_attention_name, choose_auto
 
 MODEL_NAME = "mpt-instruct"
-SUPPORTED_ATTENTION = ("auto", "eager")
 
 
 def _ours(spec: ModelSpec) -> bool:
@@ -36,12 +36,12 @@ def register_models(register):
 def select_attention(spec: ModelSpec, requested: str, device: str) -> str | None:
     if not _ours(spec):
         return None
-    if requested not in SUPPORTED_ATTENTION:
-        raise AttentionUnavailableError(
-            f"the {MODEL_NAME} plugin does not support attention backend {requested!r}; "
-            f"supported: {list(SUPPORTED_ATTENTION)}"
-        )
-    return "eager"
+    # Every backend runs on MPT: eager is transformers' own, this plugin installs the others.
+    check_attention_name(requested)
+    if requested == "auto":
+        return choose_auto(device)
+    check_attention_available(requested, device)
+    return requested
 
 
 @hookimpl
@@ -57,4 +57,10 @@ def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attenti
 
 @hookimpl
 def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str | None:
-    return "eager" if _ours(spec) else None
+    if not _ours(spec):
+        return None
+    if attention == "eager":
+        return "eager"
+    from templated_llm_mpt.attention import install_attention
+
+    return install_attention(model, attention)

@@ -1,0 +1,50 @@
+"""MPT's ALiBi bias, computed once per loaded model and sliced per forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Alibi:
+    """ALiBi for one model: per-head slopes and the bias for the whole context.
+
+    ``bias[h, 0, j]`` is ``slopes[h] * (j - (max_len - 1))``; a pass over ``n`` keys uses the last
+    ``n`` columns (a view), exactly as transformers' eager MPT slices its bias. Only the key
+    position matters: softmax ignores a constant added to a whole row.
+    """
+
+    def __init__(self, slopes: torch.Tensor, bias: torch.Tensor) -> None:
+        self.slopes = slopes  # (n_heads,), float32
+        self.bias = bias  # (n_heads, 1, max_len), float32
+        # The additive mask of the forward pass under way: every block gets the same boolean
+        # mask object from transformers, so the first block builds it and the others reuse it.
+        self._mask_of: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def for_model(cls, model) -> Alibi:
+        """Build from the model's own ALiBi function, so the values are the ones eager uses."""
+        transformer = model.transformer
+        bias = transformer.build_mpt_alibi_tensor(
+            transformer.num_heads, model.config.max_seq_len, device=model.device
+        ).float()
+        return cls(slopes=bias[:, 0, -1] - bias[:, 0, -2], bias=bias)
+
+    def for_keys(self, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """The bias of the last ``n_keys`` positions, shape (n_heads, 1, n_keys)."""
+        return self.bias[:, :, self.bias.shape[-1] - n_keys :].to(dtype)
+
+    def additive_mask(self, masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ALiBi plus a boolean mask (True = masked, shape (batch, 1, q, k)) as one float mask.
+
+        Masked positions get the dtype's minimum, not -inf, like eager: a row with every key
+        masked (a padding query) then averages instead of turning into NaN, which would reach
+        real tokens through the values. Built once per forward pass; see :meth:`release`.
+        """
+        if self._mask_of is None or self._mask_of[0] is not masked:
+            bias = self.for_keys(masked.shape[-1], dtype)
+            self._mask_of = (masked, bias.masked_fill(masked, torch.finfo(dtype).min))
+        return self._mask_of[1]
+
+    def release(self) -> None:
+        """Drop the forward pass's additive mask (the last block calls this)."""
+        self._mask_of = None

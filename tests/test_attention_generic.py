@@ -1,0 +1,57 @@
+"""Generic Hugging Face models: backends map to transformers' attn_implementation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl, register_plugin
+from templated_llm.log import log_llm
+
+
+class TinyLlamaPlugin:
+    """Declares a model and nothing else: loading and attention come from the core's defaults."""
+
+    @hookimpl
+    def register_models(self, register):
+        register(ModelSpec(name="tiny-llama", repo_id="example/tiny-llama", template="mpt-instruct.jinja"))
+
+
+@pytest.fixture(scope="module")
+def llama_snapshot(tiny_snapshot, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("snapshots") / "tiny-llama"
+    config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_snapshot / name, path / name)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(fresh_plugins):
+    register_plugin(TinyLlamaPlugin(), name="tiny-llama")
+
+
+@pytest.mark.parametrize(("requested", "in_use"), [("sdpa", "sdpa"), ("auto", "sdpa"), ("eager", "eager")])
+def test_backend_maps_to_transformers_attn_implementation(tiny_llama, llama_snapshot, requested, in_use):
+    info = log_llm("tiny-llama", snapshot=llama_snapshot, attention=requested, name=f"llama-{requested}")
+    loaded = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
+    assert loaded.attention == in_use
+    assert loaded.model.config._attn_implementation == in_use
+
+
+def test_a_backend_the_model_class_lacks_fails_at_log_time(fresh_plugins, tiny_snapshot):
+    # The tiny MPT through the core's defaults alone: transformers' MPT class is eager-only.
+    register_plugin(TinyLlamaPlugin(), name="tiny-llama")
+    with pytest.raises(AttentionUnavailableError, match="MptForCausalLM .* does not implement .*'sdpa'"):
+        log_llm("tiny-llama", snapshot=tiny_snapshot, attention="sdpa")
+
+
+def test_flash_fails_at_log_time_without_cuda(tiny_llama, llama_snapshot):
+    with pytest.raises(AttentionUnavailableError, match="needs a CUDA GPU"):
+        log_llm("tiny-llama", snapshot=llama_snapshot, attention="flash")
