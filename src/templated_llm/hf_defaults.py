@@ -64,7 +64,8 @@ def attention_unavailable(backend: str, device: str) -> str | None:
     on_cuda = device.startswith("cuda")
     if backend == "flash":
         if not on_cuda or not _cuda_available():
-            return (f"attention backend 'flash' needs a CUDA GPU; this process runs on {device!r}. "
+            where = f"runs on {device!r}" if not on_cuda else "sees no CUDA GPU (torch.cuda)"
+            return (f"attention backend 'flash' needs a CUDA GPU; this process {where}. "
                     "Use attention='auto' or 'sdpa'.")
         version = _flash_attn_version()
         if version is None or version < _FLASH_ATTN_MIN_VERSION:
