@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.attention = call_first(
             "select_attention", spec=spec, requested=config.attention, device=self.device
         )
-        self.tokenizer = prepare_tokenizer(
-            call_first("load_tokenizer", spec=spec, snapshot=snapshot)
-        )
+        _warn_if_remote_code(config, snapshot)
+        self.tokenizer = prepare_tokenizer(call_first(
+            "load_tokenizer", spec=spec, snapshot=snapshot, trust_remote_code=config.trust_remote_code
+        ))
         self.model = call_first(
             "load_model",
             spec=spec,
@@ -48,6 +50,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             dtype=torch_dtype(config.dtype, self.device),
             device=self.device,
             attention=self.attention,
+            trust_remote_code=config.trust_remote_code,
         )
         self.attention = call_first(
             "configure_attention", spec=spec, model=self.model, attention=self.attention
@@ -55,6 +58,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.template = PromptTemplate.from_file(context.artifacts["template"])
         self.generation_defaults = config.generation_defaults
         self.context_length = context_length(self.model)
+        self.max_rows_per_request = config.max_rows_per_request
+        self.max_tokens_limit = config.max_tokens_limit
         # transformers' generate is not documented as thread-safe on a shared model; a served
         # model handles one batch at a time and gets its concurrency from batching.
         self._lock = threading.Lock()
@@ -76,11 +81,28 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         generation = validate_params(params, self.generation_defaults)
-        batch = encode(self.tokenizer, self.render(to_prompts(model_input)), self.device)
-        self._check_context(batch, generation.max_tokens)
+        prompts = to_prompts(model_input)
+        self._check_limits(len(prompts), generation.max_tokens)
+        rendered = self.render(prompts)
         with self._lock:
+            batch = encode(self.tokenizer, rendered, self.device)
+            self._check_context(batch, generation.max_tokens)
             texts = generate(self.model, self.tokenizer, batch, generation, self.device)
         return pd.DataFrame({OUTPUT_COLUMN: texts})
+
+    def _check_limits(self, rows: int, max_tokens: int) -> None:
+        # The limits logged with the model; checked before any tokenizing or generation.
+        if rows > self.max_rows_per_request:
+            raise MlflowException.invalid_parameter_value(
+                f"the request has {rows} prompts; this model accepts at most "
+                f"{self.max_rows_per_request} per request (max_rows_per_request, set when it was "
+                "logged). Split the request."
+            )
+        if max_tokens > self.max_tokens_limit:
+            raise MlflowException.invalid_parameter_value(
+                f"param 'max_tokens': at most {self.max_tokens_limit} for this model "
+                f"(max_tokens_limit, set when it was logged); received {max_tokens}"
+            )
 
     def _check_context(self, batch: dict[str, Any], max_tokens: int) -> None:
         if self.context_length is None:
@@ -92,3 +114,17 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )
+
+
+def _warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:
+    if config.trust_remote_code:
+        warnings.warn(
+            f"model {config.model!r} was logged with trust_remote_code=True: loading it may run "
+            f"Python code shipped in its snapshot ({snapshot}). Load it only if you trust that code.",
+            RemoteCodeWarning,
+            stacklevel=3,
+        )
+
+
+class RemoteCodeWarning(UserWarning):
+    """A model logged with ``trust_remote_code=True`` is being loaded."""
