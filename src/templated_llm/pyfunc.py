@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ from templated_llm.templates import PromptTemplate
 _logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMN = "candidates"
+# JSON's "\udXXX" escapes can carry lone surrogates, which no tokenizer can encode.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class TemplatedLLM(mlflow.pyfunc.PythonModel):
@@ -83,7 +86,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         generation = validate_params(params, self.generation_defaults)
         prompts = to_prompts(model_input)
         self._check_limits(len(prompts), generation.max_tokens)
+        _check_encodable(prompts)
         rendered = self.render(prompts)
+        # Tokenizing too holds the lock: transformers reconfigures padding on the shared Rust
+        # tokenizer per call, and calls with other settings at once fail ("Already borrowed").
         with self._lock:
             batch = encode(self.tokenizer, rendered, self.device)
             self._check_context(batch, generation.max_tokens)
@@ -113,6 +119,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="
                 f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
+            )
+
+
+def _check_encodable(prompts: list[str]) -> None:
+    for row, prompt in enumerate(prompts):
+        if found := _LONE_SURROGATE.search(prompt):
+            raise MlflowException.invalid_parameter_value(
+                f"prompt at row {row} is not valid Unicode: it holds the lone surrogate "
+                f"{found.group()!r} at character {found.start()}; send UTF-8 text"
             )
 
 
