@@ -38,6 +38,7 @@ def no_generation(limited_model, monkeypatch):
     (["a", "b", "c", "d"], GREEDY, "4 prompts; this model accepts at most 3 per request"),
     (["hi"], {"max_tokens": 301}, "'max_tokens': at most 300 .*received 301"),
     (["word " * 1900], {"max_tokens": 200}, "exceeds the model's context of 2048 tokens"),
+    (["ok", "x" * 10**7], GREEDY, "row 1 is 10000.* characters after templating; no text over"),
     (["ok", "bad \udcff"], GREEDY, "row 1 is not valid Unicode.*'\\\\udcff' at character 4"),
 ])
 def test_each_limit_is_a_400_before_generation(limited_model, no_generation, prompts, params, message):

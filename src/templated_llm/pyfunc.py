@@ -63,6 +63,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.context_length = context_length(self.model)
         self.max_rows_per_request = config.max_rows_per_request
         self.max_tokens_limit = config.max_tokens_limit
+        self._max_prompt_chars = _max_prompt_chars(self.tokenizer, self.context_length)
         # transformers' generate is not documented as thread-safe on a shared model; a served
         # model handles one batch at a time and gets its concurrency from batching.
         self._lock = threading.Lock()
@@ -88,6 +89,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self._check_limits(len(prompts), generation.max_tokens)
         _check_encodable(prompts)
         rendered = self.render(prompts)
+        self._check_prompt_chars(rendered)
         # Tokenizing too holds the lock: transformers reconfigures padding on the shared Rust
         # tokenizer per call, and calls with other settings at once fail ("Already borrowed").
         with self._lock:
@@ -110,6 +112,16 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"(max_tokens_limit, set when it was logged); received {max_tokens}"
             )
 
+    def _check_prompt_chars(self, rendered: list[str]) -> None:
+        # Rejects, without tokenizing it, text too long to fit the context whatever its tokens.
+        for row, text in enumerate(rendered):
+            if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
+                raise MlflowException.invalid_parameter_value(
+                    f"the prompt at row {row} is {len(text)} characters after templating; no text "
+                    f"over {self._max_prompt_chars} characters fits the model's context of "
+                    f"{self.context_length} tokens. Shorten the prompt."
+                )
+
     def _check_context(self, batch: dict[str, Any], max_tokens: int) -> None:
         if self.context_length is None:
             return
@@ -120,6 +132,19 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )
+
+
+def _max_prompt_chars(tokenizer: Any, context: int | None) -> int | None:
+    """A length no text that fits ``context`` tokens can exceed.
+
+    A token covers at most as many characters as its longest vocabulary entry (byte-level and
+    SentencePiece entries spell out at least the text they stand for); doubled for
+    normalizers that compose characters.
+    """
+    if context is None:
+        return None
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * context * max(longest, 1)
 
 
 def _check_encodable(prompts: list[str]) -> None:
