@@ -56,7 +56,8 @@ scalars = st.one_of(
                      "<|endoftext|>", "Name three rivers."]),
 )
 json_values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
 prompt_column = st.lists(st.one_of(st.text(max_size=40), scalars, json_values), max_size=10)

@@ -216,7 +216,8 @@ def remote_code_snapshot(snapshot, tmp_path, monkeypatch, fresh_plugins) -> Path
 def test_a_snapshot_needing_remote_code_is_refused_without_the_opt_in(
     remote_code_snapshot, tmp_path, nothing_logged
 ):
-    with pytest.raises(RemoteCodeError, match=r"config\.json.*configuration_tiny_custom.*trust_remote_code=True"):
+    expected = r"config\.json.*configuration_tiny_custom.*trust_remote_code=True"
+    with pytest.raises(RemoteCodeError, match=expected):
         log_llm("tiny-custom", snapshot=remote_code_snapshot)
     assert not (tmp_path / "remote-code-ran").exists()
 
@@ -284,3 +285,16 @@ def test_limits_are_recorded_in_the_logged_model(tiny_snapshot):
 def test_impossible_limits_fail_before_logging(tiny_snapshot, limits, message, nothing_logged):
     with pytest.raises(ValueError, match=message):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, **limits)
+
+
+def test_the_log_command_sets_the_limits_and_the_opt_in(tiny_snapshot):
+    from templated_llm.cli import main
+
+    assert main(["log", "mpt-instruct", "--snapshot", str(tiny_snapshot), "--trust-remote-code",
+                 "--max-rows-per-request", "5", "--max-tokens-limit", "400"]) == 0
+    [latest] = mlflow.search_logged_models(
+        experiment_ids=[os.environ["MLFLOW_EXPERIMENT_ID"]], max_results=1,
+        order_by=[{"field_name": "creation_time", "ascending": False}], output_format="list")
+    config = mlflow.models.Model.load(latest.model_uri).flavors["python_function"]["config"]
+    assert (config["trust_remote_code"], config["max_rows_per_request"], config["max_tokens_limit"]) == (
+        True, 5, 400)

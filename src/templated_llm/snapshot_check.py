@@ -46,7 +46,7 @@ def remote_code_reason(snapshot: Path) -> str:
 
     config = _read_json(snapshot / "config.json")
     model_type = config.get("model_type")
-    auto_map = config.get("auto_map") or {}
+    auto_map = _auto_map(config, "config.json")
     for auto_class, native in (("AutoConfig", CONFIG_MAPPING_NAMES),
                                ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
         if auto_class in auto_map and model_type not in native:
@@ -54,15 +54,25 @@ def remote_code_reason(snapshot: Path) -> str:
                     f"snapshot, and transformers has no native class for model_type {model_type!r}")
     tokenizer_path = snapshot / "tokenizer_config.json"
     tokenizer = _read_json(tokenizer_path) if tokenizer_path.exists() else {}
-    tokenizer_map = (tokenizer.get("auto_map") or {}).get("AutoTokenizer") or auto_map.get("AutoTokenizer")
+    tokenizer_map = _auto_map(tokenizer, "tokenizer_config.json").get("AutoTokenizer") or auto_map.get(
+        "AutoTokenizer"
+    )
     tokenizer_class = str(tokenizer.get("tokenizer_class") or "").removesuffix("Fast")
-    native_tokenizer = model_type in TOKENIZER_MAPPING_NAMES or bool(tokenizer_class) and (
-        tokenizer_class_from_name(tokenizer_class) or tokenizer_class_from_name(tokenizer_class + "Fast")
-    ) is not None
+    native_tokenizer = model_type in TOKENIZER_MAPPING_NAMES or any(
+        tokenizer_class_from_name(name) is not None
+        for name in (tokenizer_class, tokenizer_class + "Fast") if tokenizer_class
+    )
     if tokenizer_map and not native_tokenizer:
         return (f"tokenizer_config.json maps AutoTokenizer to {tokenizer_map!r}, code shipped in "
                 "the snapshot, and transformers has no native tokenizer for it")
     return ""
+
+
+def _auto_map(config: dict[str, Any], name: str) -> dict[str, Any]:
+    auto_map = config.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        raise SnapshotError(f"{name}: 'auto_map' must map Auto classes to code; received {auto_map!r}")
+    return auto_map
 
 
 def check_remote_code(reason: str, trust_remote_code: bool) -> None:
@@ -103,8 +113,10 @@ def _check_tokenizer(snapshot: Path) -> None:
         try:
             Tokenizer.from_file(str(snapshot / "tokenizer.json"))
         except Exception as exc:  # the Rust parser raises its own Exception type
-            raise SnapshotError(f"tokenizer file {snapshot / 'tokenizer.json'} does not load: {exc}") from None
-    if "vocab.json" in present and not (snapshot / "merges.txt").is_file() and "tokenizer.json" not in present:
+            raise SnapshotError(
+                f"tokenizer file {snapshot / 'tokenizer.json'} does not load: {exc}"
+            ) from None
+    if present == ["vocab.json"] and not (snapshot / "merges.txt").is_file():
         raise SnapshotError(f"snapshot {snapshot} has vocab.json but no merges.txt for its BPE tokenizer")
 
 
