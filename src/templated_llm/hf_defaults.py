@@ -72,6 +72,7 @@ def load_model(
         device_map=device,  # load straight onto the device, without a second copy in RAM
         attn_implementation=_HF_ATTENTION.get(attention),
         trust_remote_code=trust_remote_code,  # False unless the user opted in when logging
+        weights_only=True,  # .bin weights through torch's weights-only unpickler, never plain pickle
     )
     return model.eval()
 
