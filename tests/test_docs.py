@@ -33,7 +33,9 @@ def _python(page: str) -> str:
     ("page", "printed"),
     [("quickstart.md", ["models:/", "param 'temperature'"]),
      ("serving.md", ["candidates", "completion"]),
-     ("attention.md", ["attention in use: sdpa", "candidates"])],
+     ("attention.md", ["attention in use: sdpa", "candidates"]),
+     ("security.md", ["hostile.jinja line 1", "broken-mpt/model.safetensors", "400 the request has 5",
+                      "400 param 'max_tokens': at most 512"])],
 )
 def test_page_python_runs(page: str, printed: list[str], tmp_path: Path) -> None:
     if page == "serving.md":

@@ -108,7 +108,7 @@ def test_max_tokens_bounds_the_completion(loaded_model):
     [
         ({"temperature": -1.0}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 5000}, "context of 2048 tokens"),
+        ({"max_tokens": 5000}, "at most 1024"),
         ({"top_p": 2.0}, "top_p"),
         ({"top_k": -3}, "top_k"),
     ],

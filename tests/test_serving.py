@@ -94,7 +94,7 @@ BAD_REQUESTS = {
     "empty list": ({"inputs": []}, ""),
     "temperature below 0": ({"inputs": ["hi"], "params": {"temperature": -0.5}}, "temperature"),
     "max_tokens of 0": ({"inputs": ["hi"], "params": {"max_tokens": 0}}, "max_tokens"),
-    "max_tokens above the context": ({"inputs": ["hi"], "params": {"max_tokens": 4096}}, "context"),
+    "max_tokens above its limit": ({"inputs": ["hi"], "params": {"max_tokens": 4096}}, "max_tokens_limit"),
     "prompt longer than the context": ({"inputs": ["word " * 3000], "params": GREEDY}, "context"),
     "wrong param type": ({"inputs": ["hi"], "params": {"max_tokens": "many"}}, "max_tokens"),
     "malformed JSON": ('{"inputs": ["hi"', ""),

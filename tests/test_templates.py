@@ -40,9 +40,8 @@ def test_undefined_variables_fail_instead_of_rendering_empty() -> None:
 
 
 def test_sandbox_blocks_attribute_escapes() -> None:
-    template = PromptTemplate("{{ prompt.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(TemplateError, match="unsafe|not safely"):
-        template.render("x")
+    with pytest.raises(TemplateError, match="sandbox"):
+        PromptTemplate("{{ prompt.__class__.__mro__[1].__subclasses__() }}")
 
 
 def test_syntax_errors_name_the_line() -> None:

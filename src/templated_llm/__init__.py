@@ -3,9 +3,11 @@
 from templated_llm.errors import (
     AttentionUnavailableError,
     PluginError,
+    RemoteCodeError,
     SnapshotError,
     TemplatedLLMError,
     TemplateError,
+    TemplateSecurityError,
     UnknownModelError,
 )
 from templated_llm.hookspecs import hookimpl
@@ -17,8 +19,10 @@ __all__ = [
     "AttentionUnavailableError",
     "ModelSpec",
     "PluginError",
+    "RemoteCodeError",
     "SnapshotError",
     "TemplateError",
+    "TemplateSecurityError",
     "TemplatedLLM",
     "TemplatedLLMError",
     "UnknownModelError",

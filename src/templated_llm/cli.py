@@ -39,6 +39,10 @@ def _log(args: argparse.Namespace) -> None:
         args.model, args.snapshot, name=args.name, template=args.template,
         attention=args.attention, dtype=args.dtype,
         registered_model_name=args.registered_model_name,
+        trust_remote_code=args.trust_remote_code,
+        # Unset limits keep log_llm's defaults.
+        **{k: v for k in ("max_rows_per_request", "max_tokens_limit")
+           if (v := getattr(args, k)) is not None},
     )
     print(info.model_uri)
     print(f"serve it with: mlflow models serve -m {info.model_uri} --env-manager local")
@@ -97,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     log.add_argument("--registered-model-name", help="also register a version under this name")
+    log.add_argument("--trust-remote-code", action="store_true",
+                     help="allow loading to run Python code shipped in the snapshot (off by default)")
+    log.add_argument("--max-rows-per-request", type=int,
+                     help="most prompts per request (default 64)")
+    log.add_argument("--max-tokens-limit", type=int,
+                     help="largest max_tokens a request may ask for (default 1024)")
     log.set_defaults(func=_log)
 
     serve = commands.add_parser("serve", help="serve a logged model with 'mlflow models serve'")

@@ -17,8 +17,16 @@ class SnapshotError(TemplatedLLMError, ValueError):
     """A model snapshot directory is missing or incomplete."""
 
 
+class RemoteCodeError(SnapshotError):
+    """Loading a snapshot would run Python code shipped with it, and that was not allowed."""
+
+
 class TemplateError(TemplatedLLMError, ValueError):
     """A prompt template is missing, invalid or failed to render."""
+
+
+class TemplateSecurityError(TemplateError):
+    """A prompt template reaches outside the sandbox: private attributes, imports or files."""
 
 
 class AttentionUnavailableError(TemplatedLLMError, ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 
 from templated_llm.errors import AttentionUnavailableError
 from templated_llm.hookspecs import hookimpl
+from templated_llm.snapshot_check import remote_code_reason
 from templated_llm.spec import ModelSpec
 from templated_llm.templates import find_template
 
@@ -146,14 +147,21 @@ def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Pat
 
 
 @hookimpl(trylast=True)
-def load_tokenizer(spec: ModelSpec, snapshot: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(snapshot)
+def needs_remote_code(spec: ModelSpec, snapshot: Path) -> str:
+    return remote_code_reason(snapshot)
 
 
 @hookimpl(trylast=True)
-def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str) -> Any:
+def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(snapshot, trust_remote_code=trust_remote_code)
+
+
+@hookimpl(trylast=True)
+def load_model(
+    spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -161,6 +169,8 @@ def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attenti
         dtype=dtype,
         device_map=device,  # load straight onto the device, without a second copy in RAM
         attn_implementation=_HF_ATTENTION.get(attention),
+        trust_remote_code=trust_remote_code,  # False unless the user opted in when logging
+        weights_only=True,  # .bin weights through torch's weights-only unpickler, never plain pickle
     )
     return model.eval()
 

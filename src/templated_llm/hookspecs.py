@@ -46,15 +46,33 @@ def select_attention(
 
 
 @hookspec(firstresult=True)
-def load_tokenizer(spec: ModelSpec, snapshot: Path) -> Any:
-    """Load and return the tokenizer from a local snapshot directory."""
+def needs_remote_code(spec: ModelSpec, snapshot: Path) -> str | None:
+    """Say whether loading ``spec`` from ``snapshot`` would run Python code shipped in it.
+
+    Return a sentence naming the file and class that would run, or ``""`` when this plugin's
+    loaders run no snapshot code (for example because they use a native transformers class).
+    Called at log time, before anything is logged; without the user's ``trust_remote_code``
+    opt-in a non-empty answer refuses the snapshot.
+    """
 
 
 @hookspec(firstresult=True)
-def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str) -> Any:
+def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
+    """Load and return the tokenizer from a local snapshot directory.
+
+    ``trust_remote_code`` is the user's logged opt-in; an implementation may leave it out of
+    its parameters if it never runs snapshot code.
+    """
+
+
+@hookspec(firstresult=True)
+def load_model(
+    spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool
+) -> Any:
     """Load the causal LM from ``snapshot`` on ``device`` in ``dtype``, in eval mode.
 
-    ``attention`` is the backend returned by :func:`select_attention`.
+    ``attention`` is the backend returned by :func:`select_attention`; ``trust_remote_code`` is
+    as for :func:`load_tokenizer`.
     """
 
 

@@ -19,13 +19,19 @@ import templated_llm
 from templated_llm.artifact_link import link_uri
 from templated_llm.hf_defaults import check_attention_name
 from templated_llm.inputs import PROMPT_COLUMN
-from templated_llm.logged_config import LoggedConfig, default_device
+from templated_llm.logged_config import (
+    DEFAULT_MAX_ROWS_PER_REQUEST,
+    DEFAULT_MAX_TOKENS_LIMIT,
+    LoggedConfig,
+    default_device,
+)
 from templated_llm.params import GenerationParams, param_schema
 from templated_llm.plugin_manager import call_first, get_model_spec
 from templated_llm.pyfunc import OUTPUT_COLUMN, TemplatedLLM
 from templated_llm.snapshot import resolve_snapshot
+from templated_llm.snapshot_check import check_remote_code, check_snapshot
 from templated_llm.spec import ModelSpec
-from templated_llm.templates import PromptTemplate, find_template
+from templated_llm.templates import find_template, validate_template
 
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
@@ -80,6 +86,13 @@ def _signature(defaults: dict[str, Any]) -> ModelSignature:
     )
 
 
+def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
+    """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
+    check_snapshot(snapshot)
+    check_remote_code(call_first("needs_remote_code", spec=spec, snapshot=snapshot), trust_remote_code)
+    call_first("load_tokenizer", spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code)
+
+
 def log_llm(
     model: str,
     snapshot: str | os.PathLike[str] | None = None,
@@ -90,6 +103,9 @@ def log_llm(
     dtype: str | None = None,
     registered_model_name: str | None = None,
     extra_pip_requirements: list[str] | None = None,
+    trust_remote_code: bool = False,
+    max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -104,9 +120,16 @@ def log_llm(
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks per device at load.
         registered_model_name: also register a version under this name in the Model Registry.
         extra_pip_requirements: requirements added to the pinned defaults.
+        trust_remote_code: allow loading to run Python code shipped in the snapshot (an
+            ``auto_map`` in its config); off by default, recorded in the logged model, and
+            warned about on every load.
+        max_rows_per_request: most prompts one ``predict`` call (one request) may carry.
+        max_tokens_limit: the largest ``max_tokens`` a caller may ask for.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
+    The template, the snapshot's files and its need for remote code are checked first: a
+    failing check raises before anything is written to the store.
     """
     spec = get_model_spec(model)
     check_attention_name(attention)
@@ -116,7 +139,7 @@ def log_llm(
     template_path = find_template(template) if template is not None else Path(
         call_first("prompt_template", spec=spec)
     )
-    PromptTemplate.from_file(template_path).render(_INPUT_EXAMPLE[0])  # fail before logging
+    validate_template(template_path, prompt=_INPUT_EXAMPLE[0])  # fail before logging
     defaults = GenerationParams(**spec.generation_defaults).model_dump()
     config = LoggedConfig(
         model=spec.name,
@@ -126,8 +149,12 @@ def log_llm(
         dtype=dtype,
         generation_defaults=defaults,
         templated_llm_version=templated_llm.__version__,
+        trust_remote_code=trust_remote_code,
+        max_rows_per_request=max_rows_per_request,
+        max_tokens_limit=max_tokens_limit,
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
+    _check_snapshot(spec, snapshot_dir, trust_remote_code)
     requirements = [_pinned(p) for p in _RUNTIME_PACKAGES]
     requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
     return _ExampleNotRunModel.log(

@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+# Request limits a logged model enforces unless log_llm sets others: enough for interactive and
+# moderate batch use, small enough that one request cannot hold a server for long.
+DEFAULT_MAX_ROWS_PER_REQUEST = 64
+DEFAULT_MAX_TOKENS_LIMIT = 1024
 
 
 class LoggedConfig(BaseModel):
@@ -21,6 +26,20 @@ class LoggedConfig(BaseModel):
     device: str | None = None  # None: CUDA when present, else CPU
     generation_defaults: dict[str, Any] = {}
     templated_llm_version: str = ""
+    # The user's opt-in to run Python code shipped in the snapshot (see docs/security.md).
+    trust_remote_code: bool = False
+    max_rows_per_request: int = Field(DEFAULT_MAX_ROWS_PER_REQUEST, ge=1)
+    max_tokens_limit: int = Field(DEFAULT_MAX_TOKENS_LIMIT, ge=1)
+
+    @model_validator(mode="after")
+    def _default_max_tokens_within_limit(self) -> LoggedConfig:
+        default = self.generation_defaults.get("max_tokens")
+        if isinstance(default, int) and default > self.max_tokens_limit:
+            raise ValueError(
+                f"the model's default max_tokens ({default}) exceeds max_tokens_limit "
+                f"({self.max_tokens_limit}); raise max_tokens_limit to at least {default}"
+            )
+        return self
 
 
 def default_device() -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from templated_llm.templates import PromptTemplate
 _logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMN = "candidates"
+# JSON's "\udXXX" escapes can carry lone surrogates, which no tokenizer can encode.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class TemplatedLLM(mlflow.pyfunc.PythonModel):
@@ -39,9 +43,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             "select_attention", spec=spec, requested=config.attention, device=self.device,
             snapshot=snapshot,
         )
-        self.tokenizer = prepare_tokenizer(
-            call_first("load_tokenizer", spec=spec, snapshot=snapshot)
-        )
+        _warn_if_remote_code(config, snapshot)
+        self.tokenizer = prepare_tokenizer(call_first(
+            "load_tokenizer", spec=spec, snapshot=snapshot, trust_remote_code=config.trust_remote_code
+        ))
         self.model = call_first(
             "load_model",
             spec=spec,
@@ -49,6 +54,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             dtype=torch_dtype(config.dtype, self.device),
             device=self.device,
             attention=self.attention,
+            trust_remote_code=config.trust_remote_code,
         )
         self.attention = call_first(
             "configure_attention", spec=spec, model=self.model, attention=self.attention
@@ -56,6 +62,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.template = PromptTemplate.from_file(context.artifacts["template"])
         self.generation_defaults = config.generation_defaults
         self.context_length = context_length(self.model)
+        self.max_rows_per_request = config.max_rows_per_request
+        self.max_tokens_limit = config.max_tokens_limit
+        self._max_prompt_chars = _max_prompt_chars(self.tokenizer, self.context_length)
         # transformers' generate is not documented as thread-safe on a shared model; a served
         # model handles one batch at a time and gets its concurrency from batching.
         self._lock = threading.Lock()
@@ -77,11 +86,42 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         generation = validate_params(params, self.generation_defaults)
-        batch = encode(self.tokenizer, self.render(to_prompts(model_input)), self.device)
-        self._check_context(batch, generation.max_tokens)
+        prompts = to_prompts(model_input)
+        self._check_limits(len(prompts), generation.max_tokens)
+        _check_encodable(prompts)
+        rendered = self.render(prompts)
+        self._check_prompt_chars(rendered)
+        # Tokenizing too holds the lock: transformers reconfigures padding on the shared Rust
+        # tokenizer per call, and calls with other settings at once fail ("Already borrowed").
         with self._lock:
+            batch = encode(self.tokenizer, rendered, self.device)
+            self._check_context(batch, generation.max_tokens)
             texts = generate(self.model, self.tokenizer, batch, generation, self.device)
         return pd.DataFrame({OUTPUT_COLUMN: texts})
+
+    def _check_limits(self, rows: int, max_tokens: int) -> None:
+        # The limits logged with the model; checked before any tokenizing or generation.
+        if rows > self.max_rows_per_request:
+            raise MlflowException.invalid_parameter_value(
+                f"the request has {rows} prompts; this model accepts at most "
+                f"{self.max_rows_per_request} per request (max_rows_per_request, set when it was "
+                "logged). Split the request."
+            )
+        if max_tokens > self.max_tokens_limit:
+            raise MlflowException.invalid_parameter_value(
+                f"param 'max_tokens': at most {self.max_tokens_limit} for this model "
+                f"(max_tokens_limit, set when it was logged); received {max_tokens}"
+            )
+
+    def _check_prompt_chars(self, rendered: list[str]) -> None:
+        # Rejects, without tokenizing it, text too long to fit the context whatever its tokens.
+        for row, text in enumerate(rendered):
+            if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
+                raise MlflowException.invalid_parameter_value(
+                    f"the prompt at row {row} is {len(text)} characters after templating; no text "
+                    f"over {self._max_prompt_chars} characters fits the model's context of "
+                    f"{self.context_length} tokens. Shorten the prompt."
+                )
 
     def _check_context(self, batch: dict[str, Any], max_tokens: int) -> None:
         if self.context_length is None:
@@ -93,3 +133,39 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )
+
+
+def _max_prompt_chars(tokenizer: Any, context: int | None) -> int | None:
+    """A length no text that fits ``context`` tokens can exceed.
+
+    A token covers at most as many characters as its longest vocabulary entry (byte-level and
+    SentencePiece entries spell out at least the text they stand for); doubled for
+    normalizers that compose characters.
+    """
+    if context is None:
+        return None
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * context * max(longest, 1)
+
+
+def _check_encodable(prompts: list[str]) -> None:
+    for row, prompt in enumerate(prompts):
+        if found := _LONE_SURROGATE.search(prompt):
+            raise MlflowException.invalid_parameter_value(
+                f"prompt at row {row} is not valid Unicode: it holds the lone surrogate "
+                f"{found.group()!r} at character {found.start()}; send UTF-8 text"
+            )
+
+
+def _warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:
+    if config.trust_remote_code:
+        warnings.warn(
+            f"model {config.model!r} was logged with trust_remote_code=True: loading it may run "
+            f"Python code shipped in its snapshot ({snapshot}). Load it only if you trust that code.",
+            RemoteCodeWarning,
+            stacklevel=3,
+        )
+
+
+class RemoteCodeWarning(UserWarning):
+    """A model logged with ``trust_remote_code=True`` is being loaded."""

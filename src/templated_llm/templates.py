@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from templated_llm.errors import TemplateError
+from templated_llm.errors import TemplateError, TemplateSecurityError
 
 #: Templates shipped with templated-llm (the repository's top-level ``prompt_templates/``).
 TEMPLATES_DIR = Path(__file__).resolve().parent / "prompt_templates"
@@ -47,6 +48,7 @@ class PromptTemplate:
         self.source = source
         self.name = name
         try:
+            _check_sandbox(_ENVIRONMENT.parse(source), name)
             self._template = _ENVIRONMENT.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"prompt template {name} line {exc.lineno}: {exc.message}") from exc
@@ -61,3 +63,47 @@ class PromptTemplate:
             return self._template.render(prompt=prompt, **variables)
         except jinja2.TemplateError as exc:  # undefined variables, sandbox violations
             raise TemplateError(f"prompt template {self.name} failed to render: {exc}") from exc
+
+
+# Tags that read other template files: a prompt template is one self-contained file.
+_FILE_TAGS = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
+              nodes.Extends: "extends"}
+
+
+def _check_sandbox(tree: nodes.Template, name: str) -> None:
+    """Reject, before any rendering, what the sandbox would only refuse on the branch reaching it.
+
+    The sandbox blocks ``_private`` and ``__dunder__`` attributes and file access at render time;
+    checking the parsed template finds them in every branch, including ones a sample never takes.
+    """
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, *_FILE_TAGS)):
+        if isinstance(node, tuple(_FILE_TAGS)):
+            reached = f"the {_FILE_TAGS[type(node)]!r} tag (templates may not read other files)"
+        elif isinstance(node, nodes.Getattr):
+            reached = f"the attribute {node.attr!r}" if node.attr.startswith("_") else None
+        else:
+            key = node.arg.value if isinstance(node.arg, nodes.Const) else None
+            reached = f"the item {key!r}" if isinstance(key, str) and key.startswith("_") else None
+        if reached:
+            raise TemplateSecurityError(
+                f"prompt template {name} line {node.lineno} reaches for {reached}; prompt "
+                "templates render in a sandbox without private attributes, imports or file access"
+            )
+
+
+def validate_template(path: str | os.PathLike[str], **sample: Any) -> PromptTemplate:
+    """Load a template and render it once with ``sample`` variables, so it fails at log time.
+
+    Raises :class:`TemplateSecurityError` for a sandbox violation and :class:`TemplateError`,
+    naming the file and line, for a syntax error or an undefined variable.
+    """
+    template = PromptTemplate.from_file(path)
+    try:
+        template.render(**sample)
+    except TemplateError as exc:
+        if isinstance(exc.__cause__, SecurityError):
+            raise TemplateSecurityError(
+                f"prompt template {template.name} breaks the sandbox: {exc.__cause__}"
+            ) from exc.__cause__
+        raise
+    return template

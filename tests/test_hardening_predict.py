@@ -1,0 +1,87 @@
+"""A loaded model under hostile input and concurrent callers: limits, verbatim text, threads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
+
+from templated_llm import log_llm
+
+GREEDY = {"temperature": 0.0, "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def limited_model(tiny_snapshot):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="limited",
+                   max_rows_per_request=3, max_tokens_limit=300)
+    return mlflow.pyfunc.load_model(info.model_uri)
+
+
+@pytest.fixture
+def no_generation(limited_model, monkeypatch):
+    """Fails the test if generation starts: every limit is checked before it."""
+    model = limited_model.unwrap_python_model().model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation started before the request was rejected")
+
+    monkeypatch.setattr(model, "generate", refuse)
+
+
+@pytest.mark.parametrize(("prompts", "params", "message"), [
+    (["a", "b", "c", "d"], GREEDY, "4 prompts; this model accepts at most 3 per request"),
+    (["hi"], {"max_tokens": 301}, "'max_tokens': at most 300 .*received 301"),
+    (["word " * 1900], {"max_tokens": 200}, "exceeds the model's context of 2048 tokens"),
+    (["ok", "x" * 10**7], GREEDY, "row 1 is 10000.* characters after templating; no text over"),
+    (["ok", "bad \udcff"], GREEDY, "row 1 is not valid Unicode.*'\\\\udcff' at character 4"),
+])
+def test_each_limit_is_a_400_before_generation(limited_model, no_generation, prompts, params, message):
+    with pytest.raises(MlflowException, match=message) as caught:
+        limited_model.predict(prompts, params=params)
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_requests_within_the_limits_generate(limited_model):
+    assert len(limited_model.predict(["a", "b", "c"], params=GREEDY)) == 3
+
+
+hostile_text = st.one_of(
+    st.text(),
+    st.lists(st.sampled_from(["{{", "}}", "{%", "%}", "{#", "#}", "\x00", "\x1b[2J", "\r", "\u2028",
+                              "\ufeff", "\u202e", "<|endoftext|>", "### Response:", "\\", "'", '"'])
+             ).map("".join),
+    # What "text" decoded from arbitrary bytes looks like, minus lone surrogates (a 400 of its own).
+    st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
+    st.integers(1, 3000).map(lambda n: "{{ prompt }}" * n),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=hostile_text)
+def test_user_text_reaches_the_model_verbatim_and_unevaluated(loaded_model, text):
+    python_model = loaded_model.unwrap_python_model()
+    [rendered] = python_model.render([text])
+    before, _, after = python_model.render(["\0SENTINEL\0"])[0].partition("\0SENTINEL\0")
+    assert rendered == before + text + after
+
+
+def test_8_threads_get_the_greedy_results_of_serial_calls(loaded_model):
+    prompts = [[f"Name {n} rivers.", "Hi", f"What is {n} plus {n}?"][: 1 + n % 3] for n in range(8)]
+    serial = [loaded_model.predict(p, params=GREEDY)["candidates"].tolist() for p in prompts]
+    start = threading.Barrier(8)
+
+    def call(n: int) -> list[list[str]]:
+        start.wait()  # all threads call predict at the same moment
+        return [loaded_model.predict(prompts[n], params=GREEDY)["candidates"].tolist()
+                for _ in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(8)))
+    assert results == [[expected] * 3 for expected in serial]
