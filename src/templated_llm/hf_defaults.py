@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -106,14 +107,20 @@ def choose_auto(device: str, supported: tuple[str, ...] = ("flash", "sdpa", "eag
 
 
 def _model_class(snapshot: Path) -> type | None:
-    """The transformers class ``AutoModelForCausalLM`` would load from ``snapshot``, if known."""
-    if not (snapshot / "config.json").is_file():
-        return None
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The transformers class ``AutoModelForCausalLM`` would load from ``snapshot``, if known.
 
-    config = AutoConfig.from_pretrained(snapshot)
-    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # None: remote code, unknown
+    Read from ``config.json``'s ``model_type`` alone: building the config could run (or prompt
+    for) remote code before the remote-code check has had its say.
+    """
+    try:
+        model_type = json.loads((snapshot / "config.json").read_text(encoding="utf-8"))["model_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no readable config: the snapshot checks name the problem
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, class_name, None) if class_name else None  # None: remote code
 
 
 def _class_supports(model_class: type | None, backend: str) -> bool:
@@ -132,6 +139,9 @@ def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Pat
     # The model class is known only when the snapshot is local; otherwise loading checks it.
     model_class = _model_class(Path(snapshot)) if snapshot is not None else None
     if requested == "auto":
+        if model_class is None:
+            # Remote code or not yet downloaded: transformers picks what the class supports.
+            return "auto"
         return choose_auto(
             device, tuple(b for b in ("flash", "sdpa", "eager") if _class_supports(model_class, b))
         )
