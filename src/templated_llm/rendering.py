@@ -1,0 +1,77 @@
+"""From a request row (a prompt or a chat conversation) to the exact text the model sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from templated_llm.errors import TemplateError
+from templated_llm.inputs import Message
+from templated_llm.spec import ModelSpec
+from templated_llm.templates import PromptTemplate
+
+#: A request row: a prompt string, or an OpenAI-style list of chat messages.
+Row = str | list[Message]
+
+
+class PromptRenderer:
+    """Renders rows for one model, as its spec says: through its Jinja template, or through the
+    tokenizer's own chat template (the Jinja template then renders the user's last turn).
+
+    Template variables (``system`` and the spec's others) take the spec's defaults unless a
+    request overrides them; a conversation's leading ``system`` message sets ``system``.
+    """
+
+    def __init__(self, spec: ModelSpec, template: PromptTemplate, tokenizer: Any) -> None:
+        if spec.tokenizer_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                f"model {spec.name!r} renders prompts with the tokenizer's chat template, but "
+                "this snapshot's tokenizer has none (no chat_template in tokenizer_config.json "
+                "or chat_template.jinja); use a chat model's snapshot or another plugin"
+            )
+        self.spec = spec
+        self.template = template
+        self.tokenizer = tokenizer
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether tokenizing the rendered text adds the tokenizer's special tokens (its bos).
+
+        A tokenizer's chat template writes those itself, so they are not added twice.
+        """
+        return not self.spec.tokenizer_chat_template
+
+    def render(self, row: Row, variables: dict[str, str] | None = None) -> str:
+        values = {**self.spec.template_variables, **(variables or {})}
+        if isinstance(row, str):
+            turns: list[Message] = [{"role": "user", "content": row}]
+        else:
+            turns = self._chat_turns(row, values)
+        prompt = turns[-1]["content"]
+        if not self.spec.tokenizer_chat_template:
+            return self.template.render(prompt, messages=turns, **values)
+        system = values.pop("system", "")
+        last = {"role": "user", "content": self.template.render(prompt, messages=turns, **values)}
+        conversation = ([{"role": "system", "content": system}] if system else []) + turns[:-1] + [last]
+        try:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the model's own template refusing, e.g. a system role
+            raise MlflowException.invalid_parameter_value(
+                f"the chat template of model {self.spec.name!r} rejected the conversation: {exc}"
+            ) from exc
+
+    def _chat_turns(self, conversation: list[Message], values: dict[str, str]) -> list[Message]:
+        if not self.spec.chat:
+            raise MlflowException.invalid_parameter_value(
+                f"model {self.spec.name!r} does not take chat 'messages'; send a 'prompt' column "
+                "(or a list of prompt strings) instead"
+            )
+        if conversation[0]["role"] != "system":
+            return conversation
+        if "system" not in self.spec.template_variables:
+            raise MlflowException.invalid_parameter_value(
+                f"model {self.spec.name!r} takes no system prompt; remove the 'system' message"
+            )
+        values["system"] = conversation[0]["content"]
+        return conversation[1:]
