@@ -64,6 +64,8 @@ def has_messages(model_input: Any) -> bool:
     """Whether the input is chat ``messages`` rather than prompts."""
     if isinstance(model_input, pd.DataFrame):
         return MESSAGES_COLUMN in model_input.columns
+    if isinstance(model_input, list) and model_input:
+        return all(isinstance(r, dict) and MESSAGES_COLUMN in r for r in model_input)
     return isinstance(model_input, dict) and MESSAGES_COLUMN in model_input
 
 
@@ -90,13 +92,16 @@ def to_conversations(model_input: Any) -> list[list[Message]]:
     """The ``messages`` of every row: each a list of ``{"role", "content"}`` dicts.
 
     Accepted: a DataFrame with a ``messages`` column (a conversation per row, or, as MLflow
-    turns ``{"inputs": {"messages": [...]}}`` into, one row holding them all), or a dict with a
-    ``messages`` key holding one conversation or a list of them.
+    turns ``{"inputs": {"messages": [...]}}`` into, one row holding them all), a list of
+    ``{"messages": ...}`` records, or a dict with a ``messages`` key holding one conversation or
+    a list of them.
     """
     if isinstance(model_input, pd.DataFrame):
         values = _plain(model_input[MESSAGES_COLUMN].tolist())
         if len(values) == 1:
             values = _conversations(values[0])
+    elif isinstance(model_input, list):
+        values = [_plain(record[MESSAGES_COLUMN]) for record in model_input]
     else:
         values = _conversations(model_input[MESSAGES_COLUMN])
     if not values:
