@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -75,3 +77,45 @@ class PromptRenderer:
             )
         values["system"] = conversation[0]["content"]
         return conversation[1:]
+
+
+def render_prompt(
+    model: str,
+    row: Row,
+    *,
+    variables: dict[str, str] | None = None,
+    template: str | os.PathLike[str] | None = None,
+    snapshot: str | os.PathLike[str] | None = None,
+) -> str:
+    """The exact prompt model ``model`` sees for ``row``, without loading any weights.
+
+    With a local ``snapshot`` the text is what its tokenizer reads, special tokens it adds (a
+    ``<s>``) included; without one, the template's output. Models rendered by their tokenizer's
+    chat template need the snapshot.
+    """
+    from templated_llm.generation import prepare_tokenizer
+    from templated_llm.plugin_manager import call_first, get_model_spec
+    from templated_llm.templates import find_template
+
+    spec = get_model_spec(model)
+    unknown = sorted(set(variables or {}) - set(spec.template_variables))
+    if unknown:
+        raise TemplateError(
+            f"model {model!r} has no template variables {unknown}; its variables: "
+            f"{sorted(spec.template_variables) or 'none'}"
+        )
+    path = find_template(template) if template is not None else call_first("prompt_template", spec=spec)
+    tokenizer = None
+    if snapshot is not None:
+        tokenizer = prepare_tokenizer(call_first("load_tokenizer", spec=spec, snapshot=Path(snapshot)))
+    elif spec.tokenizer_chat_template:
+        raise TemplateError(
+            f"model {model!r} renders prompts with its tokenizer's chat template; pass the "
+            "snapshot whose tokenizer to use"
+        )
+    renderer = PromptRenderer(spec, PromptTemplate.from_file(path), tokenizer)
+    text = renderer.render(row, variables)
+    if tokenizer is None:
+        return text
+    ids = tokenizer(text, add_special_tokens=renderer.add_special_tokens).input_ids
+    return tokenizer.decode(ids)
