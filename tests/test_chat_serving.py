@@ -64,6 +64,8 @@ BODIES = {
                           ["plain", "system"]),
     "dataframe_split": ({"dataframe_split": {"columns": ["messages"], "data": [[CHAT]]}}, ["plain"]),
     "OpenAI-style body": ({"messages": CHAT, **GREEDY}, ["plain"]),
+    "OpenAI-style body with a system param": ({"messages": CHAT, **GREEDY, "system": "Be brief."},
+                                              ["system"]),
     "system as a param": ({"inputs": {"messages": CHAT}, "params": {"system": "Be brief."}}, ["system"]),
 }
 

@@ -1,4 +1,4 @@
-"""The small MPT snapshot: deterministic, MPT-shaped, and buildable from the CLI."""
+"""The small snapshots: deterministic, shaped like their families, and buildable from the CLI."""
 
 from __future__ import annotations
 
