@@ -72,6 +72,7 @@ def test_render_with_a_snapshot_shows_the_tokens_the_tokenizer_adds(tiny_model) 
         (["mpt-instruct", "--prompt", "hi", "--var", "system=x"], "no template variables ['system']"),
         (["mpt-instruct", "--prompt", "hi", "--var", "system"], "NAME=VALUE"),
         (["mpt-instruct"], "either --prompt or --messages"),
+        (["llama2-chat", "--messages", "[{"], "--messages is not JSON"),
     ],
 )
 def test_render_errors_are_one_line(args, message) -> None:

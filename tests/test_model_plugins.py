@@ -11,7 +11,7 @@ import pytest
 import transformers
 from mlflow.exceptions import MlflowException
 
-from templated_llm import TemplateError, log_llm
+from templated_llm import ModelSpec, TemplateError, log_llm
 from templated_llm.tiny import ZEPHYR_CHAT_TEMPLATE
 
 DOLLY_SPECIAL_TOKENS = ("### End", "### Instruction:", "### Response:")
@@ -123,3 +123,16 @@ def test_hf_chat_needs_a_tokenizer_with_a_chat_template(tiny_model) -> None:
     with pytest.raises(TemplateError, match="has none"):
         mlflow.pyfunc.load_model(info.model_uri)
 
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"template_variables": {"prompt": ""}}, "template variable 'prompt'"),
+        ({"template_variables": {"not an identifier": ""}}, "Python identifier"),
+        ({"tokenizer_chat_template": True}, "set chat=True too"),
+    ],
+)
+def test_a_spec_refuses_variables_the_core_owns_and_chat_templates_without_chat(fields, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(name="m", repo_id="o/m", template="t.jinja", **fields)

@@ -52,7 +52,11 @@ def _render(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError("pass either --prompt or --messages")
     row = args.prompt
     if args.messages is not None:
-        [row] = to_conversations({"messages": [json.loads(args.messages)]})
+        try:
+            messages = json.loads(args.messages)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--messages is not JSON: {exc}") from None
+        [row] = to_conversations({"messages": [messages]})
     variables = _variables(args.var)
     if args.system is not None:
         variables["system"] = args.system
@@ -193,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, MlflowException):
             exc = exc.message
-        elif not isinstance(exc, TemplatedLLMError | argparse.ArgumentTypeError | ValueError):
+        elif not isinstance(exc, TemplatedLLMError | argparse.ArgumentTypeError):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
