@@ -1,10 +1,11 @@
 # Two entry points: `make demo` runs the product end to end, `make test` runs the test suite.
-# Both create .venv and install the core and the MPT plugin with pinned versions.
+# Both create .venv and install the core and the model plugins with pinned versions.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+PLUGINS := $(wildcard plugins/*)
 
 .PHONY: demo test install clean
 
@@ -16,7 +17,7 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml plugins/mpt-instruct/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(PLUGINS:%=%/pyproject.toml) constraints.txt
 	@# Spark (batch inference tests) needs a Java runtime: Debian's, when the machine has none.
 	@command -v java >/dev/null || { echo "installing a Java runtime for Spark"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && \
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml plugins/mpt-instruct/pyproject.toml constraints.txt
 	@# Builds run without isolation, on these pinned backends: hatchling for our packages,
 	@# setuptools and wheel for pyspark, which ships only as an sdist.
 	$(PIP) install -q -c constraints.txt hatchling editables setuptools wheel
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]' -e plugins/mpt-instruct
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]' $(PLUGINS:%=-e %)
 	touch $(STAMP)
 
 clean:

@@ -16,12 +16,27 @@ import pytest  # noqa: E402
 
 from templated_llm import plugin_manager  # noqa: E402
 from templated_llm.log import log_llm  # noqa: E402
-from templated_llm.tiny import build_tiny_mpt  # noqa: E402
+from templated_llm.tiny import build_tiny_model, build_tiny_mpt  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_mpt(tmp_path_factory.mktemp("snapshots") / "tiny-mpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model(architecture, **options)``: a small random snapshot, built once per session."""
+    built: dict[tuple, Path] = {}
+
+    def build(architecture: str, **options) -> Path:
+        key = (architecture, *sorted((k, str(v)) for k, v in options.items()))
+        if key not in built:
+            path = tmp_path_factory.mktemp("snapshots") / architecture
+            built[key] = build_tiny_model(architecture, path, **options)
+        return built[key]
+
+    return build
 
 
 @pytest.fixture(scope="session", autouse=True)

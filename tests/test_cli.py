@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from templated_llm.cli import _parser
+from templated_llm.tiny import ZEPHYR_CHAT_TEMPLATE
+from venvs import venv_over_this_one
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,8 +39,85 @@ def test_errors_are_one_line_and_exit_1(tiny_snapshot) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["build-tiny-model", "plugins", "log", "serve", "demo"])
+@pytest.mark.parametrize("command", ["build-tiny-model", "new-plugin", "render", "plugins", "log",
+                                     "serve", "demo"])
 def test_every_option_has_help(command: str) -> None:
     subparsers = next(a for a in _parser()._actions if a.dest == "command")
     for action in subparsers.choices[command]._actions:
         assert action.help, f"{command} {action.dest} has no help"
+
+
+def test_render_prints_the_exact_prompt_with_system_and_variables() -> None:
+    result = _cli("render", "llama2-chat", "--prompt", "Name three rivers.", "--system", "Be brief.")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nName three rivers. [/INST]"
+    result = _cli("render", "dolly-v2", "--prompt", "Sum up.", "--var", "context=The Nile.")
+    assert result.stdout.endswith("### Instruction:\nSum up.\n\nInput:\nThe Nile.\n\n### Response:\n")
+
+
+def test_render_with_a_snapshot_shows_the_tokens_the_tokenizer_adds(tiny_model) -> None:
+    messages = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."},
+                           {"role": "user", "content": "Bye"}])
+    result = _cli("render", "mistral-instruct", "--messages", messages,
+                  "--snapshot", str(tiny_model("mistral")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "<s>[INST] Hi [/INST]Yo.</s>[INST] Bye [/INST]"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hf-chat", "--prompt", "hi"], "pass the snapshot"),
+        (["llama2-chat", "--messages", '[{"role": "bot", "content": "hi"}]'], "role 'bot'"),
+        (["mpt-instruct", "--prompt", "hi", "--var", "system=x"], "no template variables ['system']"),
+        (["mpt-instruct", "--prompt", "hi", "--var", "system"], "NAME=VALUE"),
+        (["mpt-instruct"], "either --prompt or --messages"),
+        (["llama2-chat", "--messages", "[{"], "--messages is not JSON"),
+    ],
+)
+def test_render_errors_are_one_line(args, message) -> None:
+    result = _cli("render", *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_build_tiny_model_builds_other_architectures_with_a_chat_template(tmp_path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text(ZEPHYR_CHAT_TEMPLATE)
+    result = _cli("build-tiny-model", str(tmp_path / "m"), "--architecture", "llama",
+                  "--chat-template", str(template), "--d-model", "32")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
+    assert "<|assistant|>" in (tmp_path / "m" / "chat_template.jinja").read_text()
+
+
+@pytest.mark.slow
+def test_new_plugin_writes_a_distribution_that_installs_editable_and_passes_its_test(tmp_path) -> None:
+    result = _cli("new-plugin", "vicuna-chat", "--directory", str(tmp_path / "kit"),
+                  "--repo-id", "lmsys/vicuna-7b-v1.5")
+    assert result.returncode == 0, result.stderr
+    python = venv_over_this_one(tmp_path / "venv")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "-e", str(tmp_path / "kit")], check=True)
+    listed = subprocess.run([str(python), "-m", "templated_llm.cli", "plugins"],
+                            capture_output=True, text=True, check=True)
+    assert "vicuna-chat: vicuna-chat" in listed.stdout
+    tests = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(tmp_path / "kit" / "tests")], capture_output=True, text=True,
+                           cwd=tmp_path / "kit")
+    assert tests.returncode == 0, tests.stdout[-4000:]
+    assert "2 passed" in tests.stdout
+    # Its template is the file the package ships: editing it changes what the model sees.
+    template = tmp_path / "kit" / "src" / "templated_llm_vicuna_chat" / "vicuna-chat.jinja"
+    template.write_text("USER: {{ prompt }} ASSISTANT:")
+    rendered = subprocess.run([str(python), "-m", "templated_llm.cli", "render", "vicuna-chat",
+                               "--prompt", "Hi"], capture_output=True, text=True, check=True)
+    assert rendered.stdout == "USER: Hi ASSISTANT:"
+
+
+def test_new_plugin_refuses_bad_names_and_non_empty_directories(tmp_path) -> None:
+    assert "lowercase letters" in _cli("new-plugin", "Bad_Name").stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    result = _cli("new-plugin", "ok", "--directory", str(tmp_path / "taken"))
+    assert result.returncode == 1 and "not empty" in result.stderr

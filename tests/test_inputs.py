@@ -3,9 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
-from templated_llm.inputs import to_prompts
+from templated_llm.inputs import has_messages, to_conversations, to_prompts
 
 
 @pytest.mark.parametrize(
@@ -51,3 +53,59 @@ def test_bad_input_is_an_invalid_parameter_error(model_input, message) -> None:
 
 def test_a_dict_of_lists_that_mlflow_packed_into_one_row() -> None:
     assert to_prompts(pd.DataFrame({"prompt": [["a", "b"]]})) == ["a", "b"]
+
+
+def _message(role: str):
+    return st.builds(lambda content: {"role": role, "content": content}, st.text(max_size=20))
+
+
+def _conversation():
+    """A valid chat: an optional system message, then user/assistant turns ending with user."""
+    turns = st.integers(0, 3).flatmap(
+        lambda n: st.tuples(*[st.tuples(_message("user"), _message("assistant"))] * n, _message("user"))
+    ).map(lambda t: [m for pair in t[:-1] for m in pair] + [t[-1]])
+    return st.tuples(st.none() | _message("system"), turns).map(lambda s: ([s[0]] if s[0] else []) + s[1])
+
+
+@settings(max_examples=50)
+@given(st.lists(_conversation(), min_size=1, max_size=4))
+def test_conversations_arrive_whole_in_every_input_shape(conversations) -> None:
+    shapes = [
+        {"messages": conversations},
+        pd.DataFrame({"messages": conversations}),
+        [{"messages": c} for c in conversations],
+        # numpy, as MLflow's JSON parsing and Spark hand nested lists over
+        pd.DataFrame({"messages": [np.array(c, dtype=object) for c in conversations]}),
+    ]
+    if len(conversations) == 1:
+        shapes.append({"messages": conversations[0]})
+    for shape in shapes:
+        assert has_messages(shape)
+        assert to_conversations(shape) == conversations
+
+
+@pytest.mark.parametrize(
+    ("conversation", "message"),
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "user"}], "keys 'role' and 'content'"),
+        ([{"role": "user", "content": "a", "name": "x"}], "keys 'role' and 'content'"),
+        ([{"role": "tool", "content": "a"}], "role 'tool'"),
+        ([{"role": "user", "content": None}], "content must be a string"),
+        ([{"role": "system", "content": "a"}], "roles are \\['system'\\]"),
+        ([{"role": "assistant", "content": "a"}], "roles are \\['assistant'\\]"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "roles are"),
+        ([{"role": "user", "content": "a"}] * 2, "roles are \\['user', 'user'\\]"),
+    ],
+)
+def test_malformed_conversations_name_the_row_and_the_problem(conversation, message) -> None:
+    with pytest.raises(MlflowException, match=message) as caught:
+        to_conversations({"messages": [[{"role": "user", "content": "ok"}], conversation]})
+    assert "messages at row 1" in str(caught.value)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_prompts_are_not_messages() -> None:
+    assert not has_messages(["a"]) and not has_messages({"prompt": ["a"]})
+    assert not has_messages(pd.DataFrame({"prompt": ["a"]}))

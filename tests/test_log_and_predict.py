@@ -122,11 +122,15 @@ def test_bad_params_through_pyfunc_are_invalid_parameter_errors(loaded_model, pa
 def test_the_logged_model_carries_signature_example_requirements_and_code(logged_model):
     model = mlflow.models.Model.load(logged_model.model_uri)
     assert model.signature.inputs is None  # predict validates inputs itself (any form)
-    assert model.signature.outputs.input_names() == ["candidates"]
+    # The usage columns come only with the param return_usage.
+    assert model.signature.outputs.input_names() == ["candidates", "prompt_tokens",
+                                                     "completion_tokens", "finish_reason"]
+    assert model.signature.outputs.optional_input_names() == ["prompt_tokens", "completion_tokens",
+                                                              "finish_reason"]
     params = {p.name: p.default for p in model.signature.params.params}
     assert params["temperature"] == 0.1 and params["max_tokens"] == 256  # the plugin's defaults
     assert set(params) == {"temperature", "max_tokens", "top_p", "top_k", "repetition_penalty",
-                           "stop", "seed"}
+                           "stop", "seed", "return_usage"}
     assert model.load_input_example() is not None
     local = Path(mlflow.artifacts.download_artifacts(logged_model.model_uri))
     requirements = (local / "requirements.txt").read_text().split()

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
-from templated_llm.params import GenerationParams, param_schema, validate_params
+from templated_llm import TemplateError
+from templated_llm.params import GenerationParams, param_schema, split_template_variables, validate_params
 
 BAD_PARAMS = [
     ("temperature", -0.1, "greater than or equal to 0"),
@@ -78,7 +79,7 @@ def test_any_valid_combination_is_accepted(temperature, max_tokens, top_p, top_k
     values = dict(temperature=temperature, max_tokens=max_tokens, top_p=top_p, top_k=top_k,
                   stop=stop, seed=seed)
     params = validate_params(values, {})
-    assert params.model_dump(exclude={"repetition_penalty"}) == values
+    assert params.model_dump(exclude={"repetition_penalty", "return_usage"}) == values
 
 
 def test_param_schema_has_every_param_with_the_model_defaults() -> None:
@@ -89,3 +90,19 @@ def test_param_schema_has_every_param_with_the_model_defaults() -> None:
     assert specs["max_tokens"].default == 64
     assert specs["stop"].shape == (-1,)
     assert specs["seed"].default is None
+
+
+def test_template_variables_are_string_params_with_the_spec_defaults() -> None:
+    schema = param_schema({}, {"system": "Be brief.", "context": ""})
+    specs = {spec.name: spec for spec in schema.params}
+    assert (specs["system"].dtype.name, specs["system"].default) == ("string", "Be brief.")
+    assert specs["context"].default == ""
+    variables, rest = split_template_variables({"system": "Hi", "max_tokens": 3}, ["system"])
+    assert (variables, rest) == ({"system": "Hi"}, {"max_tokens": 3})
+    with pytest.raises(MlflowException, match="'system' is a template variable and must be a string"):
+        split_template_variables({"system": 3}, ["system"])
+
+
+def test_a_template_variable_named_like_a_param_is_refused() -> None:
+    with pytest.raises(TemplateError, match=r"\['max_tokens'\] have the names of inference params"):
+        param_schema({}, {"max_tokens": "10"})

@@ -1,4 +1,4 @@
-"""The small MPT snapshot: deterministic, MPT-shaped, and buildable from the CLI."""
+"""The small snapshots: deterministic, shaped like their families, and buildable from the CLI."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
-from templated_llm.tiny import END_OF_TEXT, build_tiny_mpt
+from templated_llm.tiny import END_OF_TEXT, ZEPHYR_CHAT_TEMPLATE, build_tiny_model, build_tiny_mpt
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -42,3 +43,30 @@ def test_the_cli_builds_a_snapshot(tmp_path: Path) -> None:
     )
     assert result.stdout.strip() == str(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["d_model"] == 32
+
+
+@pytest.mark.parametrize(
+    ("architecture", "model_type", "bos_added"),
+    [("llama", "llama", True), ("mistral", "mistral", True), ("gpt_neox", "gpt_neox", False)],
+)
+def test_other_architectures_follow_their_familys_tokenizer(tiny_model, architecture, model_type, bos_added) -> None:
+    snapshot = tiny_model(architecture)
+    assert json.loads((snapshot / "config.json").read_text())["model_type"] == model_type
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    assert tokenizer.pad_token is None
+    ids = tokenizer("[INST] Hi [/INST]").input_ids
+    assert (ids[0] == tokenizer.bos_token_id) is bos_added
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "[INST] Hi [/INST]"
+
+
+def test_a_chat_template_and_special_tokens_travel_with_the_tokenizer(tmp_path: Path) -> None:
+    snapshot = build_tiny_model("gpt_neox", tmp_path / "m", chat_template=ZEPHYR_CHAT_TEMPLATE,
+                                extra_special_tokens=["### End"])
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    assert tokenizer.chat_template == ZEPHYR_CHAT_TEMPLATE
+    assert len(tokenizer("### End").input_ids) == 1
+
+
+def test_an_unknown_architecture_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'llama'"):
+        build_tiny_model("t5", tmp_path)

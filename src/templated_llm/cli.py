@@ -9,16 +9,60 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from templated_llm.hf_defaults import ATTENTION_BACKENDS
+from templated_llm.tiny import ARCHITECTURES
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
-    from templated_llm.tiny import build_tiny_mpt
+    from templated_llm.tiny import build_tiny_model
 
-    path = build_tiny_mpt(
-        args.path, seed=args.seed, d_model=args.d_model, n_layers=args.n_layers,
-        n_heads=args.n_heads, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
+    path = build_tiny_model(
+        args.architecture, args.path, seed=args.seed, hidden_size=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
+        max_seq_len=args.max_seq_len,
+        chat_template=args.chat_template.read_text() if args.chat_template else None,
     )
     print(path)
+
+
+def _new_plugin(args: argparse.Namespace) -> None:
+    from templated_llm.scaffold import write_plugin
+
+    path = write_plugin(args.name, args.directory, repo_id=args.repo_id, architecture=args.architecture)
+    print(path)
+    print(f"next: pip install -e '{path}[test]' && pytest {path / 'tests'}")
+
+
+def _variables(pairs: list[str]) -> dict[str, str]:
+    variables = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise argparse.ArgumentTypeError(f"--var takes NAME=VALUE; received {pair!r}")
+        variables[name] = value
+    return variables
+
+
+def _render(args: argparse.Namespace) -> None:
+    import json
+
+    from templated_llm.inputs import to_conversations
+    from templated_llm.rendering import render_prompt
+
+    if (args.prompt is None) == (args.messages is None):
+        raise argparse.ArgumentTypeError("pass either --prompt or --messages")
+    row = args.prompt
+    if args.messages is not None:
+        try:
+            messages = json.loads(args.messages)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--messages is not JSON: {exc}") from None
+        [row] = to_conversations({"messages": [messages]})
+    variables = _variables(args.var)
+    if args.system is not None:
+        variables["system"] = args.system
+    # end="": the prompt is printed exactly, a trailing newline only if the prompt has one.
+    print(render_prompt(args.model, row, variables=variables, template=args.template,
+                        snapshot=args.snapshot), end="")
 
 
 def _plugins(args: argparse.Namespace) -> None:
@@ -78,8 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("build-tiny-model", help="write a small random MPT snapshot")
+    tiny = commands.add_parser("build-tiny-model", help="write a small random model snapshot")
     tiny.add_argument("path", type=Path, help="directory to write the snapshot to")
+    tiny.add_argument("--architecture", choices=ARCHITECTURES, default="mpt",
+                      help="model family (default mpt)")
+    tiny.add_argument("--chat-template", type=Path,
+                      help="Jinja chat template file to store on the tokenizer")
     tiny.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tiny.add_argument("--d-model", type=int, default=64, help="hidden size (default 64)")
     tiny.add_argument("--n-layers", type=int, default=2, help="transformer blocks (default 2)")
@@ -87,6 +135,27 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary (default 1024)")
     tiny.add_argument("--max-seq-len", type=int, default=2048, help="context length (default 2048)")
     tiny.set_defaults(func=_build_tiny_model)
+
+    new_plugin = commands.add_parser("new-plugin", help="write a new model plugin distribution")
+    new_plugin.add_argument("name", help="the plugin's and its model's name, e.g. 'vicuna'")
+    new_plugin.add_argument("--directory", type=Path,
+                            help="where to write it (default ./templated-llm-NAME)")
+    new_plugin.add_argument("--repo-id", help="the model's Hugging Face repository")
+    new_plugin.add_argument("--architecture", choices=ARCHITECTURES, default="llama",
+                            help="architecture of the small model its test builds (default llama)")
+    new_plugin.set_defaults(func=_new_plugin)
+
+    render = commands.add_parser("render", help="print the exact prompt a model will see")
+    render.add_argument("model", help="model name, as listed by 'templated-llm plugins'")
+    render.add_argument("--prompt", help="the user's prompt")
+    render.add_argument("--messages", help="chat messages as JSON: [{\"role\": ..., \"content\": ...}]")
+    render.add_argument("--system", help="system prompt, for models that take one")
+    render.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                        help="another template variable; repeatable")
+    render.add_argument("--template", help="Jinja template file replacing the plugin's")
+    render.add_argument("--snapshot", type=Path,
+                        help="local snapshot: show what its tokenizer reads, special tokens included")
+    render.set_defaults(func=_render)
 
     plugins = commands.add_parser("plugins", help="list plugins, their models and load errors")
     plugins.set_defaults(func=_plugins)
@@ -132,9 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump traces
+        from mlflow.exceptions import MlflowException
+
         from templated_llm.errors import TemplatedLLMError
 
-        if not isinstance(exc, TemplatedLLMError):
+        if isinstance(exc, MlflowException):
+            exc = exc.message
+        elif not isinstance(exc, TemplatedLLMError | argparse.ArgumentTypeError):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria
 
 from templated_llm.params import GenerationParams
 
@@ -35,9 +38,15 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def encode(tokenizer: Any, prompts: list[str], device: str) -> dict[str, torch.Tensor]:
-    """Tokenize all prompts in one call, left-padded to a common length."""
-    return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+def encode(
+    tokenizer: Any, prompts: list[str], device: str, add_special_tokens: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tokenize all prompts in one call, left-padded to a common length.
+
+    ``add_special_tokens=False`` for text that already carries them (a chat template's output).
+    """
+    return tokenizer(prompts, return_tensors="pt", padding=True,
+                     add_special_tokens=add_special_tokens).to(device)
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:
@@ -79,9 +88,25 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
     return text[: min(positions)] if positions else text
 
 
-def generate(
+@dataclass(frozen=True)
+class Completion:
+    """One row's generated text, its token counts and why it ended (``stop`` or ``length``)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def _end_ids(config: Any, tokenizer: Any) -> set[int]:
+    eos = config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else {eos}
+    return {i for i in ids | {tokenizer.pad_token_id} if i is not None}
+
+
+def generate_completions(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams, device: str
-) -> list[str]:
+) -> list[Completion]:
     """Generate a completion for every row of an encoded batch in one ``generate`` call.
 
     The prompt is cut off by token position (not by matching text), so a completion that
@@ -92,4 +117,88 @@ def generate(
         output = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [_cut_at_stop(text, params.stop) for text in texts]
+    prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+    ends = _end_ids(config, tokenizer)
+    completions = []
+    for row, text in enumerate(texts):
+        tokens = new_tokens[row].tolist()
+        # A finished row ends with an end token, then padding while the others go on.
+        ended = next((i for i, t in enumerate(tokens) if t in ends), None)
+        cut = _cut_at_stop(text, params.stop)
+        completions.append(Completion(
+            text=cut,
+            prompt_tokens=int(prompt_tokens[row]),
+            completion_tokens=len(tokens) if ended is None else ended + 1,
+            finish_reason="stop" if ended is not None or cut != text else "length",
+        ))
+    return completions
+
+
+def generate(
+    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams, device: str
+) -> list[str]:
+    """The generated text of every row of an encoded batch (see :func:`generate_completions`)."""
+    return [c.text for c in generate_completions(model, tokenizer, batch, params, device)]
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+def stream(
+    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
+    device: str, lock: threading.Lock,
+) -> Iterator[str]:
+    """Yield one row's generated text in chunks as transformers' streamer decodes them.
+
+    ``generate`` runs in a thread holding ``lock``; text that could be the start of a stop
+    string is held back until it is known not to be, so the chunks join to what
+    :func:`generate` returns. Closing the iterator early stops the generation.
+    """
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    config = _generation_config(model, tokenizer, params)
+    cancelled = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with lock, torch.inference_mode(), _seeded(params.seed, device):
+                model.generate(**batch, generation_config=config, tokenizer=tokenizer,
+                               streamer=streamer, stopping_criteria=[_Cancelled(cancelled)])
+        except BaseException as exc:  # re-raised in the consumer's thread
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, name="templated-llm-stream", daemon=True)
+    thread.start()
+    try:
+        yield from _held_back_at_stop(streamer, params.stop)
+    finally:
+        cancelled.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _held_back_at_stop(chunks: Iterator[str], stop: list[str]) -> Iterator[str]:
+    hold = max((len(s) for s in stop), default=1) - 1
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        cut = _cut_at_stop(pending, stop)
+        if cut != pending:
+            if cut:
+                yield cut
+            return
+        ready = len(pending) - hold
+        if ready > 0:
+            yield pending[:ready]
+            pending = pending[ready:]
+    if pending:
+        yield pending

@@ -1,4 +1,4 @@
-"""Turns what ``predict`` receives into a list of prompt strings, or says clearly why not."""
+"""Turns what ``predict`` receives into prompt strings or chat conversations, or says clearly why not."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 PROMPT_COLUMN = "prompt"
+MESSAGES_COLUMN = "messages"
+#: A chat turn, as OpenAI's API takes it: ``{"role": "user", "content": "..."}``.
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
 
 
 def _column(model_input: Any) -> list[Any]:
@@ -54,3 +58,78 @@ def to_prompts(model_input: Any) -> list[str]:
                 f"prompt at row {row} must be a string; received {received}"
             )
     return prompts
+
+
+def has_messages(model_input: Any) -> bool:
+    """Whether the input is chat ``messages`` rather than prompts."""
+    if isinstance(model_input, pd.DataFrame):
+        return MESSAGES_COLUMN in model_input.columns
+    if isinstance(model_input, list) and model_input:
+        return all(isinstance(r, dict) and MESSAGES_COLUMN in r for r in model_input)
+    return isinstance(model_input, dict) and MESSAGES_COLUMN in model_input
+
+
+def _plain(value: Any) -> Any:
+    # pandas and Spark hand nested values over as numpy arrays; JSON as lists.
+    if isinstance(value, np.ndarray | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _conversations(value: Any) -> list[Any]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    value = _plain(value)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [value]
+    return value if isinstance(value, list) else [value]
+
+
+def to_conversations(model_input: Any) -> list[list[Message]]:
+    """The ``messages`` of every row: each a list of ``{"role", "content"}`` dicts.
+
+    Accepted: a DataFrame with a ``messages`` column (a conversation per row, or, as MLflow
+    turns ``{"inputs": {"messages": [...]}}`` into, one row holding them all), a list of
+    ``{"messages": ...}`` records, or a dict with a ``messages`` key holding one conversation or
+    a list of them.
+    """
+    if isinstance(model_input, pd.DataFrame):
+        values = _plain(model_input[MESSAGES_COLUMN].tolist())
+        if len(values) == 1:
+            values = _conversations(values[0])
+    elif isinstance(model_input, list):
+        values = [_plain(record[MESSAGES_COLUMN]) for record in model_input]
+    else:
+        values = _conversations(model_input[MESSAGES_COLUMN])
+    if not values:
+        raise MlflowException.invalid_parameter_value("input has no messages; send at least one conversation")
+    for row, conversation in enumerate(values):
+        _check_conversation(row, conversation)
+    return values
+
+
+def _check_conversation(row: int, conversation: Any) -> None:
+    def bad(problem: str) -> MlflowException:
+        return MlflowException.invalid_parameter_value(
+            f"messages at row {row}: {problem}. Send a list of {{'role', 'content'}} dicts, "
+            "an optional 'system' first, then 'user' and 'assistant' turns in turn, ending "
+            "with 'user'"
+        )
+
+    if not isinstance(conversation, list) or not conversation:
+        raise bad(f"expected a non-empty list of messages; received {conversation!r}")
+    for index, message in enumerate(conversation):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise bad(f"message {index} must be a dict with keys 'role' and 'content'; received {message!r}")
+        if message["role"] not in ROLES:
+            raise bad(f"message {index} has role {message['role']!r}; allowed roles: {list(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise bad(f"message {index} content must be a string; received {message['content']!r}")
+    turns = conversation[1:] if conversation[0]["role"] == "system" else conversation
+    expected = ["user", "assistant"] * len(turns)
+    roles = [m["role"] for m in turns]
+    if roles != expected[: len(roles)] or not roles or roles[-1] != "user":
+        raise bad(f"the roles are {[m['role'] for m in conversation]}")

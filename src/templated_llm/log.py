@@ -76,13 +76,19 @@ class _ExampleNotRunModel(Model):
         return None
 
 
-def _signature(defaults: dict[str, Any]) -> ModelSignature:
+def _signature(defaults: dict[str, Any], template_variables: dict[str, str]) -> ModelSignature:
     return ModelSignature(
         # No input schema: MLflow accepts either a plain list of prompts (unnamed schema) or
         # a 'prompt' column (named schema), never both; predict checks the input itself.
         inputs=None,
-        outputs=Schema([ColSpec("string", OUTPUT_COLUMN)]),
-        params=param_schema(defaults),
+        outputs=Schema([
+            ColSpec("string", OUTPUT_COLUMN),
+            # Only with the param return_usage.
+            ColSpec("long", "prompt_tokens", required=False),
+            ColSpec("long", "completion_tokens", required=False),
+            ColSpec("string", "finish_reason", required=False),
+        ]),
+        params=param_schema(defaults, template_variables),
     )
 
 
@@ -139,7 +145,8 @@ def log_llm(
     template_path = find_template(template) if template is not None else Path(
         call_first("prompt_template", spec=spec)
     )
-    validate_template(template_path, prompt=_INPUT_EXAMPLE[0])  # fail before logging
+    # Fail before logging: sandbox checks, and one render with the spec's template variables.
+    validate_template(template_path, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
     defaults = GenerationParams(**spec.generation_defaults).model_dump()
     config = LoggedConfig(
         model=spec.name,
@@ -165,7 +172,7 @@ def log_llm(
         python_model=TemplatedLLM(),
         artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_path)},
         model_config=config.model_dump(),
-        signature=_signature(defaults),
+        signature=_signature(defaults, spec.template_variables),
         input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
         pip_requirements=requirements,
         code_paths=_code_paths(spec),

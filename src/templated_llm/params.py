@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ParamSchema, ParamSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from templated_llm.errors import TemplateError
 
 
 class GenerationParams(BaseModel):
@@ -22,6 +25,9 @@ class GenerationParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16, description="stop strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for repeatable sampling")
+    return_usage: bool = Field(
+        False, description="add prompt_tokens, completion_tokens and finish_reason columns"
+    )
 
     @property
     def greedy(self) -> bool:
@@ -29,17 +35,44 @@ class GenerationParams(BaseModel):
 
 
 _MLFLOW_TYPES = {"temperature": "double", "top_p": "double", "repetition_penalty": "double",
-                 "max_tokens": "long", "top_k": "long", "seed": "long", "stop": "string"}
+                 "max_tokens": "long", "top_k": "long", "seed": "long", "stop": "string",
+                 "return_usage": "boolean"}
 
 
-def param_schema(defaults: dict[str, Any]) -> ParamSchema:
-    """The ParamSchema of a logged model, one ParamSpec per inference param."""
+def param_schema(defaults: dict[str, Any], template_variables: dict[str, str] | None = None) -> ParamSchema:
+    """The ParamSchema of a logged model: one ParamSpec per inference param, and one string
+    param per template variable (MLflow drops params its schema does not list)."""
     values = GenerationParams(**defaults)
+    clashing = sorted(set(template_variables or {}) & set(GenerationParams.model_fields))
+    if clashing:
+        raise TemplateError(
+            f"template variables {clashing} have the names of inference params; rename them "
+            f"(inference params: {list(GenerationParams.model_fields)})"
+        )
     return ParamSchema([
-        ParamSpec(name, _MLFLOW_TYPES[name], getattr(values, name),
-                  (-1,) if name == "stop" else None)
-        for name in GenerationParams.model_fields
+        *(ParamSpec(name, _MLFLOW_TYPES[name], getattr(values, name),
+                    (-1,) if name == "stop" else None)
+          for name in GenerationParams.model_fields),
+        *(ParamSpec(name, "string", default) for name, default in (template_variables or {}).items()),
     ])
+
+
+def split_template_variables(
+    params: dict[str, Any] | None, names: Iterable[str]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Separate a request's template variables (strings) from its inference params."""
+    names = set(names)
+    variables, rest = {}, {}
+    for key, value in (params or {}).items():
+        if key not in names:
+            rest[key] = value
+        elif isinstance(value, str):
+            variables[key] = value
+        elif value is not None:
+            raise MlflowException.invalid_parameter_value(
+                f"param {key!r} is a template variable and must be a string; received {value!r}"
+            )
+    return variables, rest
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,7 @@ import logging
 import re
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,19 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from templated_llm.generation import context_length, encode, generate, prepare_tokenizer
-from templated_llm.inputs import to_prompts
+from templated_llm.generation import (
+    Completion,
+    context_length,
+    encode,
+    generate_completions,
+    prepare_tokenizer,
+    stream,
+)
+from templated_llm.inputs import has_messages, to_conversations, to_prompts
 from templated_llm.logged_config import LoggedConfig, default_device, torch_dtype
-from templated_llm.params import validate_params
+from templated_llm.params import GenerationParams, split_template_variables, validate_params
 from templated_llm.plugin_manager import call_first, get_model_spec
+from templated_llm.rendering import PromptRenderer, Row
 from templated_llm.templates import PromptTemplate
 
 _logger = logging.getLogger(__name__)
@@ -25,6 +34,8 @@ _logger = logging.getLogger(__name__)
 OUTPUT_COLUMN = "candidates"
 # JSON's "\udXXX" escapes can carry lone surrogates, which no tokenizer can encode.
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+#: Columns added to ``candidates`` when a request sets ``return_usage``.
+USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "finish_reason")
 
 
 class TemplatedLLM(mlflow.pyfunc.PythonModel):
@@ -60,6 +71,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             "configure_attention", spec=spec, model=self.model, attention=self.attention
         )
         self.template = PromptTemplate.from_file(context.artifacts["template"])
+        self.renderer = PromptRenderer(spec, self.template, self.tokenizer)
         self.generation_defaults = config.generation_defaults
         self.context_length = context_length(self.model)
         self.max_rows_per_request = config.max_rows_per_request
@@ -73,9 +85,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             spec.name, spec.plugin_name, self.device, self.attention,
         )
 
-    def render(self, prompts: list[str]) -> list[str]:
-        """The exact text the model sees for each user prompt."""
-        return [self.template.render(prompt) for prompt in prompts]
+    def render(self, rows: list[Row], variables: dict[str, str] | None = None) -> list[str]:
+        """The exact text the model sees for each row: a prompt, or a list of chat messages.
+
+        ``variables`` override the template variables' defaults (``system``, ...).
+        """
+        return [self.renderer.render(row, variables) for row in rows]
 
     def predict(
         self,
@@ -85,19 +100,49 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        generation = validate_params(params, self.generation_defaults)
-        prompts = to_prompts(model_input)
-        self._check_limits(len(prompts), generation.max_tokens)
-        _check_encodable(prompts)
-        rendered = self.render(prompts)
-        self._check_prompt_chars(rendered)
+        rendered, generation = self._prepare(model_input, params)
         # Tokenizing too holds the lock: transformers reconfigures padding on the shared Rust
         # tokenizer per call, and calls with other settings at once fail ("Already borrowed").
         with self._lock:
-            batch = encode(self.tokenizer, rendered, self.device)
-            self._check_context(batch, generation.max_tokens)
-            texts = generate(self.model, self.tokenizer, batch, generation, self.device)
-        return pd.DataFrame({OUTPUT_COLUMN: texts})
+            batch = self._encode(rendered, generation)
+            completions = generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+        return _output(completions, generation.return_usage)
+
+    def predict_stream(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: Any,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Yield the completion of one prompt (or one conversation) in chunks as it generates."""
+        rendered, generation = self._prepare(model_input, params)
+        if len(rendered) != 1:
+            raise MlflowException.invalid_parameter_value(
+                f"predict_stream takes one prompt or conversation; received {len(rendered)}"
+            )
+        with self._lock:
+            batch = self._encode(rendered, generation)
+        return stream(self.model, self.tokenizer, batch, generation, self.device, self._lock)
+
+    def _prepare(
+        self, model_input: Any, params: dict[str, Any] | None
+    ) -> tuple[list[str], GenerationParams]:
+        """Validated params and the rendered rows: every check that needs no tokenizer."""
+        variables, params = split_template_variables(params, self.renderer.spec.template_variables)
+        generation = validate_params(params, self.generation_defaults)
+        rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
+        self._check_limits(len(rows), generation.max_tokens)
+        rendered = self.render(rows, variables)
+        _check_encodable(rendered)
+        self._check_prompt_chars(rendered)
+        return rendered, generation
+
+    def _encode(self, rendered: list[str], generation: GenerationParams) -> dict[str, Any]:
+        """Tokenize under the lock, then check prompt plus max_tokens fits the context."""
+        batch = encode(self.tokenizer, rendered, self.device,
+                       add_special_tokens=self.renderer.add_special_tokens)
+        self._check_context(batch, generation.max_tokens)
+        return batch
 
     def _check_limits(self, rows: int, max_tokens: int) -> None:
         # The limits logged with the model; checked before any tokenizing or generation.
@@ -169,3 +214,10 @@ def _warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:
 
 class RemoteCodeWarning(UserWarning):
     """A model logged with ``trust_remote_code=True`` is being loaded."""
+
+
+def _output(completions: list[Completion], usage: bool) -> pd.DataFrame:
+    columns = {OUTPUT_COLUMN: [c.text for c in completions]}
+    if usage:
+        columns.update({name: [getattr(c, name) for c in completions] for name in USAGE_COLUMNS})
+    return pd.DataFrame(columns)

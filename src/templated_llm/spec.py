@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Variables every template receives from the core; a spec cannot declare them.
+CORE_TEMPLATE_VARIABLES = ("prompt", "messages")
 
 
 class ModelSpec(BaseModel):
@@ -13,6 +16,13 @@ class ModelSpec(BaseModel):
     ``name`` is what users pass to :func:`templated_llm.log_llm`; ``repo_id`` is the Hugging Face
     repository downloaded when no local snapshot is given; ``template`` names a file in the
     shipped ``prompt_templates/`` folder (or is a path to a Jinja file).
+
+    ``chat`` declares that the template renders OpenAI-style ``messages`` (the variable
+    ``messages``: user and assistant turns, the last the user's), so the model takes ``messages``
+    input; ``tokenizer_chat_template`` renders the conversation with the tokenizer's own chat
+    template instead, the Jinja template then rendering only the user's last turn.
+    ``template_variables`` are the template's further variables (``system`` for a system prompt,
+    or any other) with their defaults; each is also a request param of the same name.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -24,6 +34,26 @@ class ModelSpec(BaseModel):
     generation_defaults: dict[str, Any] = Field(default_factory=dict)
     pip_requirements: tuple[str, ...] = ()
     description: str = ""
+    chat: bool = False
+    tokenizer_chat_template: bool = False
+    template_variables: dict[str, str] = Field(default_factory=dict)
     # Filled in by the plugin manager: which plugin declared the spec and in which module it lives.
     plugin_name: str = ""
     plugin_module: str = ""
+
+    @field_validator("template_variables")
+    @classmethod
+    def _variable_names(cls, variables: dict[str, str]) -> dict[str, str]:
+        for name in variables:
+            if not name.isidentifier() or name in CORE_TEMPLATE_VARIABLES:
+                raise ValueError(
+                    f"template variable {name!r} must be a Python identifier other than "
+                    f"{list(CORE_TEMPLATE_VARIABLES)}"
+                )
+        return variables
+
+    @model_validator(mode="after")
+    def _chat_template_is_chat(self) -> ModelSpec:
+        if self.tokenizer_chat_template and not self.chat:
+            raise ValueError("tokenizer_chat_template=True renders messages: set chat=True too")
+        return self

@@ -59,6 +59,8 @@ class PromptTemplate:
         return cls(path.read_text(encoding="utf-8"), name=str(path))
 
     def render(self, prompt: str, **variables: Any) -> str:
+        """Render with the user's ``prompt``; ``messages`` defaults to it as the one user turn."""
+        variables.setdefault("messages", [{"role": "user", "content": prompt}])
         try:
             return self._template.render(prompt=prompt, **variables)
         except jinja2.TemplateError as exc:  # undefined variables, sandbox violations

@@ -1,18 +1,37 @@
-"""Builds a small, randomly initialised MPT snapshot for tests, demos and benchmarks.
+"""Builds small, randomly initialised model snapshots for tests, demos and benchmarks.
 
-Real MPT-instruct weights are many gigabytes; this writes a model of the same architecture and
-file layout (config, safetensors weights, GPT-NeoX-style byte-level BPE tokenizer with
-``<|endoftext|>`` and no pad token, ``use_cache: false`` as MPT ships it) in a second, and the
-same bytes for the same seed.
+Real checkpoints are many gigabytes; these have the architecture, file layout and tokenizer
+conventions of the real ones (config, safetensors weights, byte-level BPE tokenizer with the
+family's special tokens) in a second, and the same bytes for the same seed:
+
+- ``mpt``: MPT-instruct; ``<|endoftext|>`` as bos, eos and unk, no pad token, ``use_cache:
+  false`` as mosaicml ships it.
+- ``gpt_neox``: Dolly v2 and Pythia; GPT-NeoX's ``<|endoftext|>`` conventions.
+- ``llama`` and ``mistral``: Llama 2 and Mistral; ``<unk>``, ``<s>``, ``</s>`` with ``<s>``
+  added in front of every encoded text, no pad token.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 END_OF_TEXT = "<|endoftext|>"
+
+#: Zephyr's chat template (a Mistral fine-tune), for a tokenizer that carries its own template.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
 
 _WORDS = (
     "the a an of to and in is was for on with as by at from that this it be are or which "
@@ -25,6 +44,22 @@ _WORDS = (
 ).split()
 
 
+@dataclass(frozen=True)
+class _Vocabulary:
+    """A family's special tokens; ``add_bos``: the tokenizer puts ``bos`` before every text."""
+
+    bos: str
+    eos: str
+    unk: str
+    add_bos: bool
+
+
+_GPT_NEOX = _Vocabulary(END_OF_TEXT, END_OF_TEXT, END_OF_TEXT, add_bos=False)
+_LLAMA = _Vocabulary("<s>", "</s>", "<unk>", add_bos=True)
+_VOCABULARIES = {"mpt": _GPT_NEOX, "gpt_neox": _GPT_NEOX, "llama": _LLAMA, "mistral": _LLAMA}
+ARCHITECTURES = tuple(_VOCABULARIES)
+
+
 def _corpus(seed: int, lines: int) -> list[str]:
     rng = random.Random(seed)
     corpus = []
@@ -35,25 +70,102 @@ def _corpus(seed: int, lines: int) -> list[str]:
     return corpus
 
 
-def _train_tokenizer(seed: int, vocab_size: int):
+def _train_tokenizer(seed: int, vocab_size: int, vocabulary: _Vocabulary = _GPT_NEOX,
+                     extra_special_tokens: Sequence[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = list(dict.fromkeys([vocabulary.unk, vocabulary.bos, vocabulary.eos]))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
+        special_tokens=special + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(seed, 2000), trainer)
-    # Like GPT-NeoX's tokenizer (MPT's): end-of-text is bos, eos and unk; there is no pad token.
+    post_processors = [processors.ByteLevel(trim_offsets=False)]
+    if vocabulary.add_bos:
+        bos = (vocabulary.bos, tokenizer.token_to_id(vocabulary.bos))
+        post_processors.append(processors.TemplateProcessing(
+            single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos]))
+    tokenizer.post_processor = processors.Sequence(post_processors)
+    # No pad token, as neither GPT-NeoX's nor Llama's tokenizer has one.
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT
+        tokenizer_object=tokenizer, bos_token=vocabulary.bos, eos_token=vocabulary.eos,
+        unk_token=vocabulary.unk, additional_special_tokens=list(extra_special_tokens),
     )
+
+
+def _config(architecture: str, tokenizer, hidden_size: int, n_layers: int, n_heads: int,
+            max_seq_len: int):
+    import transformers
+
+    # Wider than the usual 0.02 so a random model has clear argmaxes: greedy decoding is then
+    # stable across batch shapes, which the equivalence tests rely on.
+    common = {"vocab_size": len(tokenizer), "initializer_range": 0.5,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if architecture == "mpt":
+        return transformers.MptConfig(
+            d_model=hidden_size, n_heads=n_heads, n_layers=n_layers, max_seq_len=max_seq_len,
+            use_cache=False,  # as mosaicml's MPT checkpoints ship
+            **common,
+        )
+    if architecture == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=hidden_size, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=4 * hidden_size, max_position_embeddings=max_seq_len,
+            rotary_pct=0.25, use_parallel_residual=True,  # as Pythia, Dolly v2's base
+            **common,
+        )
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
+    return config_class[architecture](
+        hidden_size=hidden_size, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        # Mistral uses grouped-query attention; Llama 2 7B/13B one key/value head per head.
+        num_key_value_heads=n_heads // 2 if architecture == "mistral" else n_heads,
+        intermediate_size=4 * hidden_size, max_position_embeddings=max_seq_len, **common,
+    )
+
+
+def build_tiny_model(
+    architecture: str,
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    vocab_size: int = 1024,
+    max_seq_len: int = 2048,
+    chat_template: str | None = None,
+    extra_special_tokens: Sequence[str] = (),
+) -> Path:
+    """Write a random snapshot of ``architecture`` (one of :data:`ARCHITECTURES`) to ``path``.
+
+    ``chat_template`` is stored on the tokenizer, as instruct models ship theirs;
+    ``extra_special_tokens`` are added as special tokens (Dolly's ``### End``). The defaults
+    give a model of a few hundred thousand parameters for second-long tests.
+    """
+    if architecture not in _VOCABULARIES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(seed, vocab_size, _VOCABULARIES[architecture], extra_special_tokens)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = _config(architecture, tokenizer, hidden_size, n_layers, n_heads, max_seq_len)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if architecture == "mpt":
+        model.generation_config.use_cache = False
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def build_tiny_mpt(
@@ -71,26 +183,5 @@ def build_tiny_mpt(
     The defaults give a ~0.2M-parameter model for second-long tests; raise ``d_model`` and
     ``n_layers`` for benchmarks (``d_model=512, n_layers=8`` is about 25M parameters).
     """
-    import torch
-    from transformers import MptConfig, MptForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(seed, vocab_size)
-    config = MptConfig(
-        d_model=d_model,
-        n_heads=n_heads,
-        n_layers=n_layers,
-        max_seq_len=max_seq_len,
-        vocab_size=len(tokenizer),
-        use_cache=False,  # as mosaicml's MPT checkpoints ship
-        # Wider than the usual 0.02 so a random model has clear argmaxes: greedy decoding is
-        # then stable across batch shapes, which the equivalence tests rely on.
-        initializer_range=0.5,
-    )
-    torch.manual_seed(seed)
-    model = MptForCausalLM(config).eval()
-    model.generation_config.use_cache = False
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_model("mpt", path, seed=seed, hidden_size=d_model, n_layers=n_layers,
+                            n_heads=n_heads, vocab_size=vocab_size, max_seq_len=max_seq_len)

@@ -1,0 +1,49 @@
+"""The Dolly v2 plugin for templated-llm: databricks/dolly-v2-3b, -7b and -12b.
+
+Dolly is a GPT-NeoX model, loaded by the core's generic hooks; what differs is its prompt (an
+intro line, ``### Instruction:``, an optional ``Input:`` context, ``### Response:``) and its end
+of answer: the special token ``### End``, which the plugin adds to the model's end tokens as
+databricks' own pipeline does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from templated_llm import ModelSpec, hookimpl
+from templated_llm import hf_defaults
+
+MODEL_NAME = "dolly-v2"
+END_KEY = "### End"
+
+
+@hookimpl
+def register_models(register):
+    register(
+        ModelSpec(
+            name=MODEL_NAME,
+            repo_id="databricks/dolly-v2-3b",
+            template="dolly-v2.jinja",
+            generation_defaults={"temperature": 0.0, "max_tokens": 256},
+            # The optional context of a closed-QA or summarisation instruction.
+            template_variables={"context": ""},
+            description="Dolly v2, instruction-tuned GPT-NeoX, '### Instruction' format",
+        )
+    )
+
+
+@hookimpl
+def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str) -> Any:
+    if spec.name != MODEL_NAME:
+        return None
+    from transformers import AutoTokenizer
+
+    model = hf_defaults.load_model(spec, snapshot, dtype, device, attention)
+    end = AutoTokenizer.from_pretrained(snapshot).convert_tokens_to_ids(END_KEY)
+    config = model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
+    eos = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    if isinstance(end, int) and end not in eos:
+        config.eos_token_id = [*eos, end]
+    return model

@@ -1,0 +1,107 @@
+"""Chat ``messages`` and template variables through a real ``mlflow models serve``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import mlflow
+import pytest
+import requests
+
+from serving import free_port, running_server
+from templated_llm import log_llm
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a river."}]
+SYSTEM = {"role": "system", "content": "Be brief."}
+GREEDY = {"temperature": 0.0, "max_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def logged(tiny_model):
+    return log_llm("llama2-chat", snapshot=tiny_model("llama"), name="chat-served")
+
+
+@pytest.fixture(scope="module")
+def expected(logged):
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    plain = model.predict({"messages": [CHAT]}, params=GREEDY)["candidates"][0]
+    system = model.predict({"messages": [[SYSTEM, *CHAT]]}, params=GREEDY)["candidates"][0]
+    return {"plain": plain, "system": system}
+
+
+@pytest.fixture(scope="module")
+def server(logged):
+    port = free_port()
+    command = [sys.executable, "-m", "templated_llm.cli", "serve", logged.model_uri, "--port", str(port)]
+    with running_server(command, port) as url:
+        yield url
+
+
+def _post(url: str, body: object) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=json.dumps(body),
+                         headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def _candidates(response: requests.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    rows = body["predictions"] if isinstance(body, dict) else body  # unified LLM input: unwrapped
+    return [row["candidates"] for row in rows]
+
+
+BODIES = {
+    "inputs, one conversation": ({"inputs": {"messages": CHAT}}, ["plain"]),
+    "inputs, conversations": ({"inputs": {"messages": [CHAT, CHAT]}}, ["plain", "plain"]),
+    # MLflow makes one array of the conversations above: they must be of one length. Records
+    # take conversations of any lengths.
+    "inputs, records": ({"inputs": [{"messages": CHAT}, {"messages": [SYSTEM, *CHAT]}]},
+                        ["plain", "system"]),
+    "dataframe_records": ({"dataframe_records": [{"messages": CHAT}, {"messages": [SYSTEM, *CHAT]}]},
+                          ["plain", "system"]),
+    "dataframe_split": ({"dataframe_split": {"columns": ["messages"], "data": [[CHAT]]}}, ["plain"]),
+    "OpenAI-style body": ({"messages": CHAT, **GREEDY}, ["plain"]),
+    "OpenAI-style body with a system param": ({"messages": CHAT, **GREEDY, "system": "Be brief."},
+                                              ["system"]),
+    "system as a param": ({"inputs": {"messages": CHAT}, "params": {"system": "Be brief."}}, ["system"]),
+}
+
+
+@pytest.mark.parametrize("form", BODIES)
+def test_every_request_format_takes_messages(server, expected, form):
+    body, names = BODIES[form]
+    body = {**body, "params": {**GREEDY, **body.get("params", {})}} if "messages" not in body else body
+    assert _candidates(_post(server, body)) == [expected[n] for n in names]
+
+
+BAD = {
+    "unknown role": [{"role": "bot", "content": "hi"}],
+    "ends with the assistant": CHAT[:2],
+    "two user turns in a row": [CHAT[0], CHAT[0]],
+    "content not a string": [{"role": "user", "content": 3}],
+    "missing content": [{"role": "user"}],
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_malformed_conversations_are_400_naming_the_problem(server, case):
+    response = _post(server, {"inputs": {"messages": [BAD[case]]}, "params": GREEDY})
+    assert response.status_code == 400, response.text
+    assert "messages at row 0" in response.json()["message"]
+
+
+def test_a_template_variable_must_be_a_string(server):
+    response = _post(server, {"inputs": {"messages": CHAT}, "params": {"system": 3}})
+    assert response.status_code == 400, response.text
+
+
+def test_usage_columns_come_back_when_asked_for(server, expected):
+    response = _post(server, {"inputs": {"messages": CHAT}, "params": {**GREEDY, "return_usage": True}})
+    assert response.status_code == 200, response.text
+    [row] = response.json()["predictions"]
+    assert row["candidates"] == expected["plain"]
+    assert row["prompt_tokens"] > 0 and 1 <= row["completion_tokens"] <= GREEDY["max_tokens"]
+    assert row["finish_reason"] in ("stop", "length")

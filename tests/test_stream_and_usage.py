@@ -1,0 +1,88 @@
+"""``predict_stream`` (transformers' streamer) and the optional usage columns."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
+
+from templated_llm import log_llm
+from templated_llm.generation import _cut_at_stop, _held_back_at_stop
+
+PROMPT = "Name three rivers."
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+@settings(max_examples=300)
+@given(
+    pieces=st.lists(st.text(alphabet="ab c\n", max_size=5), max_size=12),
+    stop=st.lists(st.text(alphabet="ab c", min_size=1, max_size=3), max_size=3),
+)
+def test_held_back_chunks_join_to_the_text_cut_at_the_first_stop(pieces, stop) -> None:
+    chunks = list(_held_back_at_stop(iter(pieces), stop))
+    assert "".join(chunks) == _cut_at_stop("".join(pieces), stop)
+    assert all(chunks)
+
+
+def test_streamed_chunks_join_to_the_predicted_text(loaded_model) -> None:
+    expected = loaded_model.predict([PROMPT], params=GREEDY)["candidates"][0]
+    chunks = list(loaded_model.predict_stream(PROMPT, params=GREEDY))
+    assert len(chunks) > 1 and all(isinstance(c, str) for c in chunks)
+    assert "".join(chunks) == expected
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_a_stop_string_ends_the_stream_where_it_ends_predict(loaded_model, data) -> None:
+    text = loaded_model.predict([PROMPT], params=GREEDY)["candidates"][0]
+    start = data.draw(st.integers(0, len(text) - 2))
+    stop = text[start : start + data.draw(st.integers(1, 3))]
+    params = {**GREEDY, "stop": [stop]}
+    streamed = "".join(loaded_model.predict_stream(PROMPT, params=params))
+    assert streamed == loaded_model.predict([PROMPT], params=params)["candidates"][0]
+    assert streamed == text[: text.find(stop)]
+
+
+def test_closing_a_stream_early_frees_the_model(loaded_model) -> None:
+    stream = loaded_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
+    next(stream)
+    stream.close()
+    # The generation stopped and let go of the model's lock: predict does not wait on it.
+    assert loaded_model.unwrap_python_model()._lock.acquire(timeout=30)
+    loaded_model.unwrap_python_model()._lock.release()
+
+
+def test_stream_takes_one_prompt_and_validates_params(loaded_model) -> None:
+    python_model = loaded_model.unwrap_python_model()
+    with pytest.raises(MlflowException, match="one prompt or conversation; received 2"):
+        python_model.predict_stream(None, ["a", "b"], GREEDY)
+    with pytest.raises(MlflowException, match="max_tokens"):
+        python_model.predict_stream(None, ["a"], {"max_tokens": 0})
+
+
+def test_chat_messages_stream_too(tiny_model) -> None:
+    model = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=tiny_model("llama"), name="s").model_uri)
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    expected = model.predict(chat, params=GREEDY)["candidates"][0]
+    assert "".join(model.predict_stream(chat, params=GREEDY)) == expected
+
+
+def test_usage_counts_tokens_and_says_why_each_row_ended(loaded_model) -> None:
+    prompts = [PROMPT, "Hi"]
+    plain = loaded_model.predict(prompts, params=GREEDY)
+    assert list(plain.columns) == ["candidates"]  # the default output is unchanged
+    out = loaded_model.predict(prompts, params={**GREEDY, "return_usage": True})
+    assert list(out.columns) == ["candidates", "prompt_tokens", "completion_tokens", "finish_reason"]
+    assert out["candidates"].tolist() == plain["candidates"].tolist()
+    python_model = loaded_model.unwrap_python_model()
+    rendered = python_model.render(prompts)
+    assert out["prompt_tokens"].tolist() == [len(python_model.tokenizer(t).input_ids) for t in rendered]
+    for _, row in out.iterrows():
+        assert 1 <= row.completion_tokens <= GREEDY["max_tokens"]
+        assert row.finish_reason == ("length" if row.completion_tokens == GREEDY["max_tokens"] else "stop")
+    stop = out["candidates"][0][3:5]
+    stopped = loaded_model.predict([PROMPT], params={**GREEDY, "stop": [stop], "return_usage": True})
+    assert stopped["finish_reason"].tolist() == ["stop"]
+    assert stopped["completion_tokens"][0] < GREEDY["max_tokens"]
