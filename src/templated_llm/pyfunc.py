@@ -132,8 +132,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         generation = validate_params(params, self.generation_defaults)
         rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
         self._check_limits(len(rows), generation.max_tokens)
+        _check_encodable(rows)
         rendered = self.render(rows, variables)
-        _check_encodable(rendered)
         self._check_prompt_chars(rendered)
         return rendered, generation
 
@@ -193,9 +193,10 @@ def _max_prompt_chars(tokenizer: Any, context: int | None) -> int | None:
     return 2 * context * max(longest, 1)
 
 
-def _check_encodable(prompts: list[str]) -> None:
-    for row, prompt in enumerate(prompts):
-        if found := _LONE_SURROGATE.search(prompt):
+def _check_encodable(rows: list[Row]) -> None:
+    for row, value in enumerate(rows):
+        texts = [value] if isinstance(value, str) else [m["content"] for m in value]
+        if found := next(filter(None, map(_LONE_SURROGATE.search, texts)), None):
             raise MlflowException.invalid_parameter_value(
                 f"prompt at row {row} is not valid Unicode: it holds the lone surrogate "
                 f"{found.group()!r} at character {found.start()}; send UTF-8 text"

@@ -107,7 +107,9 @@ def render_prompt(
     path = find_template(template) if template is not None else call_first("prompt_template", spec=spec)
     tokenizer = None
     if snapshot is not None:
-        tokenizer = prepare_tokenizer(call_first("load_tokenizer", spec=spec, snapshot=Path(snapshot)))
+        tokenizer = prepare_tokenizer(call_first(
+            "load_tokenizer", spec=spec, snapshot=Path(snapshot), trust_remote_code=False
+        ))
     elif spec.tokenizer_chat_template:
         raise TemplateError(
             f"model {model!r} renders prompts with its tokenizer's chat template; pass the "

@@ -34,13 +34,14 @@ def register_models(register):
 
 
 @hookimpl
-def load_model(spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str) -> Any:
+def load_model(
+    spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool
+) -> Any:
     if spec.name != MODEL_NAME:
         return None
-    from transformers import AutoTokenizer
-
-    model = hf_defaults.load_model(spec, snapshot, dtype, device, attention)
-    end = AutoTokenizer.from_pretrained(snapshot).convert_tokens_to_ids(END_KEY)
+    model = hf_defaults.load_model(spec, snapshot, dtype, device, attention, trust_remote_code)
+    tokenizer = hf_defaults.load_tokenizer(spec, snapshot, trust_remote_code)
+    end = tokenizer.convert_tokens_to_ids(END_KEY)
     config = model.generation_config
     eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
     eos = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
