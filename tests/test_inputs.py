@@ -109,3 +109,14 @@ def test_malformed_conversations_name_the_row_and_the_problem(conversation, mess
 def test_prompts_are_not_messages() -> None:
     assert not has_messages(["a"]) and not has_messages({"prompt": ["a"]})
     assert not has_messages(pd.DataFrame({"prompt": ["a"]}))
+
+
+@pytest.mark.parametrize(
+    "model_input",
+    [np.array(5), {"prompt": {"nested": "object"}}, {"prompt": np.array({"a": 1}, dtype=object)}],
+    ids=["0-d array", "dict as the prompt", "0-d object array as the prompt"],
+)
+def test_scalars_and_objects_where_prompts_belong_are_named_in_the_error(model_input):
+    with pytest.raises(MlflowException, match="prompt at row 0 must be a string; received") as info:
+        to_prompts(model_input)
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"

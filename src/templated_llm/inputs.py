@@ -15,6 +15,16 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 
+def _rows(value: Any) -> list[Any]:
+    """A value as rows: a sequence as its items, anything else (a string, a 0-d array MLflow
+    makes of a JSON scalar or object, ...) as one row, which ``to_prompts`` then checks."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, list | tuple | pd.Series | np.ndarray):
+        return list(value)
+    return [value]
+
+
 def _column(model_input: Any) -> list[Any]:
     if isinstance(model_input, pd.DataFrame):
         if [str(c) for c in model_input.columns] == ["0"]:
@@ -35,12 +45,9 @@ def _column(model_input: Any) -> list[Any]:
             raise MlflowException.invalid_parameter_value(
                 f"input must have a {PROMPT_COLUMN!r} key; received keys {list(model_input)}"
             )
-        value = model_input[PROMPT_COLUMN]
-        return [value] if isinstance(value, str) else list(value)
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, list | tuple | pd.Series | np.ndarray):
-        return list(model_input)
+        return _rows(model_input[PROMPT_COLUMN])
+    if isinstance(model_input, str | list | tuple | pd.Series | np.ndarray):
+        return _rows(model_input)
     raise MlflowException.invalid_parameter_value(
         "input must be a DataFrame with a 'prompt' column, a list of strings or a dict of lists; "
         f"received {type(model_input).__name__}"
