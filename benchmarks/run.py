@@ -1,0 +1,82 @@
+"""One benchmark run: build the contenders, measure every figure, return the results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import contenders as c
+from benchmarks import figures as f
+from benchmarks.measure import weight_bytes
+from benchmarks.report import figure, finish
+from benchmarks.settings import Settings
+from benchmarks.snapshot import parameters, snapshot
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    path = snapshot(settings)
+    weights = weight_bytes(path)
+    _say(f"snapshot {path.name}: {parameters(path) / 1e6:.1f}M parameters")
+    results: dict[str, Any] = {
+        "settings": settings.as_dict(), "machine": f.machine(),
+        "snapshot": {"parameters": parameters(path), "weight_bytes": weights},
+        "contenders": {}, "templated_backends_unavailable": {}, "figures": {}, "details": {},
+    }
+    figures, details = results["figures"], results["details"]
+
+    _say("logging and loading the contenders")
+    templated, unavailable = c.templated(path)
+    results["templated_backends_unavailable"] = unavailable
+    plain = c.plain(path)
+    everyone = [c.tutorial(path), plain, c.transformers_flavor(path), *templated]
+
+    for contender in everyone:
+        _say(f"throughput: {contender.label}")
+        results["contenders"][contender.name] = {"label": contender.label, **f.throughput(contender, settings)}
+    tokens_per_s = {name: r["tokens_per_s"] for name, r in results["contenders"].items()}
+    best = max(templated, key=lambda t: tokens_per_s[t.name])
+    backend = best.name.removeprefix("templated_")
+    for key, other in (("tokens_per_s_vs_tutorial", "tutorial"), ("tokens_per_s_vs_plain", "plain"),
+                       ("tokens_per_s_vs_transformers_flavor", "transformers_flavor")):
+        figures[key] = figure(tokens_per_s[best.name] / tokens_per_s[other], f"TemplatedLLM with {backend} attention")
+        details[key] = {t.name: tokens_per_s[t.name] / tokens_per_s[other] for t in templated}
+    generated = f.new_tokens_generated(plain, settings)
+    details["new_tokens_generated"] = {"generated": generated,
+                                      "requested": settings.prompts * settings.new_tokens}
+
+    _say("one prompt")
+    details["one_prompt"] = f.one_prompt(best, plain, settings)
+    figures["one_prompt_predict_over_generate"] = figure(details["one_prompt"]["ratio"], f"{backend} attention")
+
+    _say("prefill")
+    details["prefill_seconds"] = f.prefill(templated, settings)
+    if {"sdpa", "eager"} <= details["prefill_seconds"].keys():
+        seconds = details["prefill_seconds"]
+        figures["prefill_sdpa_over_eager"] = figure(seconds["eager"] / seconds["sdpa"],
+                                                    f"{settings.prefill_tokens}-token prompt, one forward pass")
+    else:
+        figures["prefill_sdpa_over_eager"] = figure(
+            None, "sdpa is not available for this model here: " + unavailable.get("sdpa", "not logged"))
+
+    _say("log_llm against a copy")
+    details["log"] = f.log_versus_copy(path, settings)
+    figures["log_over_copy"] = figure(details["log"]["ratio"], f"{weights / 1e6:.0f} MB snapshot")
+    figures["loads_during_log"] = figure(f.loads_during_log(path), "from_pretrained and load_context calls")
+
+    _say("load memory, each in a fresh process")
+    details["load_memory"] = {}
+    for contender in (best, everyone[0], everyone[2]):
+        details["load_memory"][contender.name] = f.load_memory(contender, path, settings.serve_tokens)
+    memory = details["load_memory"][best.name]
+    figures["load_peak_rss_over_weights"] = figure(
+        memory["load_ratio"], f"weights memory-mapped; with a first predict: {memory['load_and_predict_ratio']:.2f}")
+
+    _say("served requests/s")
+    details["served"] = {x.name: f.served_requests_per_s(x, settings) for x in (best, everyone[2])}
+    figures["served_rps_vs_transformers_flavor"] = figure(
+        details["served"][best.name]["requests_per_s"] / details["served"]["transformers_flavor"]["requests_per_s"],
+        f"{settings.clients} clients, {settings.serve_tokens} new tokens per request, one server worker")
+    return finish(results)
