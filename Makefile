@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml plugins/mpt-instruct/pyproject.toml constraints.txt
 	@# Builds run without isolation, on these pinned backends: hatchling for our packages,
 	@# setuptools and wheel for pyspark, which ships only as an sdist.
 	$(PIP) install -q -c constraints.txt hatchling editables setuptools wheel
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]' -e plugins/mpt-instruct
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test,bench]' -e plugins/mpt-instruct
 	touch $(STAMP)
 
 clean:

@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"prompts timed for one-prompt-at-a-time contenders (default {d.serial_prompts})")
     p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients when served (default {d.clients})")
     p.add_argument("--serve-tokens", type=int, default=d.serve_tokens, help=f"new tokens per served request (default {d.serve_tokens})")
+    p.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused (default .cache/benchmarks)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
     return p
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.run import run
         from benchmarks.report import write
 
-        results = run(settings)
+        results = run(settings, args.cache)
         write(results, args.out)
         print((args.out / "latest.md").read_text())
     finally:

@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 def throughput(contender: Contender, settings: Settings) -> dict[str, Any]:
     """Tokens/s generating ``new_tokens`` for each prompt; serial contenders on a sample."""
     count = settings.serial_prompts if contender.serial else settings.prompts
-    # A sample spread over the prompt list, so its prompt lengths are the list's.
-    texts = prompts(settings.prompts)[:: max(1, settings.prompts // count)][:count]
+    # A sample spread evenly over the prompt list (first to last), so its lengths span the list's.
+    every = prompts(settings.prompts)
+    texts = [every[round(j * (len(every) - 1) / max(1, count - 1))] for j in range(count)]
     repeats = 1 if contender.serial else settings.repeats
     seconds = median_seconds(lambda: contender.complete(texts, settings.new_tokens), repeats,
                              warmup=lambda: contender.complete(texts[:1], 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from benchmarks import contenders as c
@@ -11,13 +12,15 @@ from benchmarks.report import figure, finish
 from benchmarks.settings import Settings
 from benchmarks.snapshot import parameters, snapshot
 
+MPT_7B_BYTES = 13.3e9
+
 
 def _say(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 
 
-def run(settings: Settings) -> dict[str, Any]:
-    path = snapshot(settings)
+def run(settings: Settings, cache: Path) -> dict[str, Any]:
+    path = snapshot(settings, cache)
     weights = weight_bytes(path)
     _say(f"snapshot {path.name}: {parameters(path) / 1e6:.1f}M parameters")
     results: dict[str, Any] = {
@@ -63,7 +66,14 @@ def run(settings: Settings) -> dict[str, Any]:
 
     _say("log_llm against a copy")
     details["log"] = f.log_versus_copy(path, settings)
-    figures["log_over_copy"] = figure(details["log"]["ratio"], f"{weights / 1e6:.0f} MB snapshot")
+    log = details["log"]
+    # Logging costs a copy plus a fixed overhead (MLflow's metadata, requirements, the store);
+    # the projection scales the copy to MPT-7B-instruct's 13.3 GB of weights.
+    copy_7b = log["copy_seconds"] * MPT_7B_BYTES / weights
+    log["projected_mpt_7b_ratio"] = (log["log_seconds"] - log["copy_seconds"] + copy_7b) / copy_7b
+    figures["log_over_copy"] = figure(
+        log["ratio"], f"{weights / 1e6:.0f} MB snapshot: {log['log_seconds']:.2f} s against "
+        f"{log['copy_seconds']:.2f} s; projected for MPT-7B's 13.3 GB: {log['projected_mpt_7b_ratio']:.2f}")
     figures["loads_during_log"] = figure(f.loads_during_log(path), "from_pretrained and load_context calls")
 
     _say("load memory, each in a fresh process")
@@ -71,8 +81,11 @@ def run(settings: Settings) -> dict[str, Any]:
     for contender in (best, everyone[0], everyone[2]):
         details["load_memory"][contender.name] = f.load_memory(contender, path, settings.serve_tokens)
     memory = details["load_memory"][best.name]
+    first = memory["first_load_in_process"]["load_and_predict_peak_bytes"] / weights
     figures["load_peak_rss_over_weights"] = figure(
-        memory["load_ratio"], f"weights memory-mapped; with a first predict: {memory['load_and_predict_ratio']:.2f}")
+        memory["load_and_predict_ratio"],
+        f"load and a first predict; load alone {memory['load_ratio']:.2f} (weights memory-mapped, "
+        f"paged in by the first predict); {first:.2f} for a process's first model, with its imports")
 
     _say("served requests/s")
     details["served"] = {x.name: f.served_requests_per_s(x, settings) for x in (best, everyone[2])}

@@ -17,10 +17,10 @@ class Settings:
     # Contenders that generate one prompt at a time (the tutorial pyfunc, the transformers
     # flavor) do the same work per prompt whatever the batch, so their tokens/s is timed on this
     # many of the prompts, once: on 2 CPU cores each of their prompts takes most of a minute.
-    serial_prompts: int = 4
+    serial_prompts: int = 2
     prefill_tokens: int = 1024
     clients: int = 8
-    requests_per_client: int = 2
+    requests_per_client: int = 1
     serve_tokens: int = 32
 
     def as_dict(self) -> dict:

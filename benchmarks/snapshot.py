@@ -8,11 +8,10 @@ from pathlib import Path
 from benchmarks.settings import Settings
 from templated_llm.tiny import build_tiny_mpt
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
 
-
-def snapshot(settings: Settings) -> Path:
-    path = CACHE / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
+def snapshot(settings: Settings, cache: Path) -> Path:
+    """The snapshot of ``settings``' size under ``cache``, built there the first time."""
+    path = cache / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
     if not (path / "config.json").is_file():
         build_tiny_mpt(path, d_model=settings.d_model, n_layers=settings.n_layers,
                        n_heads=settings.n_heads)

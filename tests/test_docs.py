@@ -32,7 +32,8 @@ def _python(page: str) -> str:
 @pytest.mark.parametrize(
     ("page", "printed"),
     [("quickstart.md", ["models:/", "param 'temperature'"]),
-     ("serving.md", ["candidates", "completion"])],
+     ("serving.md", ["candidates", "completion"]),
+     ("scaling.md", ["replicas:"])],
 )
 def test_page_python_runs(page: str, printed: list[str], tmp_path: Path) -> None:
     if page == "serving.md":

@@ -35,9 +35,14 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def encode(tokenizer: Any, prompts: list[str], device: str) -> dict[str, torch.Tensor]:
-    """Tokenize all prompts in one call, left-padded to a common length."""
-    return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+def tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of all prompts, in one tokenizer call, unpadded."""
+    return tokenizer(prompts)["input_ids"]
+
+
+def pad(tokenizer: Any, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    """One batch of token ids, left-padded to a common length, with its attention mask."""
+    return tokenizer.pad({"input_ids": input_ids}, return_tensors="pt").to(device)
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,11 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from templated_llm.generation import context_length, encode, generate, prepare_tokenizer
+from templated_llm.batching import MicroBatcher
+from templated_llm.generation import context_length, generate, pad, prepare_tokenizer, tokenize
 from templated_llm.inputs import to_prompts
 from templated_llm.logged_config import LoggedConfig, default_device, torch_dtype
-from templated_llm.params import validate_params
+from templated_llm.params import GenerationParams, validate_params
 from templated_llm.plugin_manager import call_first, get_model_spec
 from templated_llm.templates import PromptTemplate
 
@@ -55,9 +55,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.template = PromptTemplate.from_file(context.artifacts["template"])
         self.generation_defaults = config.generation_defaults
         self.context_length = context_length(self.model)
-        # transformers' generate is not documented as thread-safe on a shared model; a served
-        # model handles one batch at a time and gets its concurrency from batching.
-        self._lock = threading.Lock()
+        # transformers' generate is not documented as thread-safe on a shared model: one batch
+        # runs at a time, and concurrent requests (a server's threads) join the next batch.
+        self._batcher = MicroBatcher(self._generate)
         _logger.info(
             "loaded %s (plugin %s) on %s with %s attention",
             spec.name, spec.plugin_name, self.device, self.attention,
@@ -76,16 +76,18 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         generation = validate_params(params, self.generation_defaults)
-        batch = encode(self.tokenizer, self.render(to_prompts(model_input)), self.device)
-        self._check_context(batch, generation.max_tokens)
-        with self._lock:
-            texts = generate(self.model, self.tokenizer, batch, generation, self.device)
-        return pd.DataFrame({OUTPUT_COLUMN: texts})
+        input_ids = tokenize(self.tokenizer, self.render(to_prompts(model_input)))
+        self._check_context(input_ids, generation.max_tokens)
+        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(input_ids, generation)})
 
-    def _check_context(self, batch: dict[str, Any], max_tokens: int) -> None:
+    def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[str]:
+        batch = pad(self.tokenizer, input_ids, self.device)
+        return generate(self.model, self.tokenizer, batch, generation, self.device)
+
+    def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
         if self.context_length is None:
             return
-        longest = int(batch["attention_mask"].sum(dim=1).max())
+        longest = max(len(ids) for ids in input_ids)
         if longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="
