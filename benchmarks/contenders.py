@@ -4,7 +4,6 @@ and answering ``complete(prompts, max_tokens)`` with greedy completions."""
 from __future__ import annotations
 
 import importlib.metadata
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +124,7 @@ def templated(snapshot: Path) -> tuple[list[Contender], dict[str, str]]:
         if backend == "auto":
             continue
         try:
-            start = time.perf_counter()
             info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{backend}", attention=backend)
-            log_seconds = time.perf_counter() - start
             model = mlflow.pyfunc.load_model(info.model_uri)
         except (TemplatedLLMError, ValueError, ImportError, RuntimeError) as exc:
             unavailable[backend] = str(exc).splitlines()[0]
@@ -143,5 +140,5 @@ def templated(snapshot: Path) -> tuple[list[Contender], dict[str, str]]:
 
         contenders.append(Contender(f"templated_{backend}", f"4. TemplatedLLM ({backend})",
                                     complete, serial=False, model_uri=info.model_uri,
-                                    extra={"pyfunc": model, "log_seconds": log_seconds}))
+                                    extra={"pyfunc": model}))
     return contenders, unavailable

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,7 +19,7 @@ import requests
 import torch
 
 from benchmarks.contenders import GREEDY, MODEL, Contender, render
-from benchmarks.measure import median_seconds
+from benchmarks.measure import interleaved_seconds, median_ratio
 from benchmarks.settings import Settings, prompts
 from templated_llm.cli import serve_command
 from templated_llm.local_server import free_port, running_server
@@ -26,17 +28,36 @@ from templated_llm.log import log_llm
 REPO = Path(__file__).resolve().parents[1]
 
 
-def throughput(contender: Contender, settings: Settings) -> dict[str, Any]:
-    """Tokens/s generating ``new_tokens`` for each prompt; serial contenders on a sample."""
-    count = settings.serial_prompts if contender.serial else settings.prompts
-    # A sample spread evenly over the prompt list (first to last), so its lengths span the list's.
+def _sample(settings: Settings, count: int) -> list[str]:
+    """``count`` prompts spread evenly over the list (first to last), so their lengths span it."""
     every = prompts(settings.prompts)
-    texts = [every[round(j * (len(every) - 1) / max(1, count - 1))] for j in range(count)]
-    repeats = 1 if contender.serial else settings.repeats
-    seconds = median_seconds(lambda: contender.complete(texts, settings.new_tokens), repeats,
-                             warmup=lambda: contender.complete(texts[:1], 2))
-    return {"prompts": len(texts), "repeats": repeats, "seconds": seconds,
-            "tokens_per_s": len(texts) * settings.new_tokens / seconds}
+    return [every[round(j * (len(every) - 1) / max(1, count - 1))] for j in range(count)]
+
+
+def _tokens_per_s(count: int, settings: Settings, times: list[float]) -> dict[str, Any]:
+    seconds = statistics.median(times)
+    return {"prompts": count, "repeats": len(times), "seconds": seconds, "all_seconds": times,
+            "tokens_per_s": count * settings.new_tokens / seconds}
+
+
+def throughput(contenders: list[Contender], settings: Settings) -> dict[str, dict[str, Any]]:
+    """Tokens/s generating ``new_tokens`` per prompt, the contenders taking turns in each round.
+
+    A batching contender gets every prompt in one call. One that generates one prompt at a time
+    does the same work per prompt whatever the batch, so it gets ``serial_prompts`` of them.
+    """
+    work = {c.name: prompts(settings.prompts) if not c.serial else _sample(settings, settings.serial_prompts)
+            for c in contenders}
+    times = interleaved_seconds(
+        {c.name: (lambda c=c: c.complete(work[c.name], settings.new_tokens)) for c in contenders},
+        settings.repeats)
+    return {name: _tokens_per_s(len(work[name]), settings, t) for name, t in times.items()}
+
+
+def throughput_ratio(faster: dict[str, Any], slower: dict[str, Any]) -> float:
+    """Median over rounds of the tokens/s ratio of two contenders measured in the same rounds."""
+    return median_ratio([s / slower["prompts"] for s in slower["all_seconds"]],
+                        [s / faster["prompts"] for s in faster["all_seconds"]])
 
 
 def new_tokens_generated(plain: Contender, settings: Settings) -> int:
@@ -48,33 +69,38 @@ def new_tokens_generated(plain: Contender, settings: Settings) -> int:
 
 def one_prompt(templated: Contender, plain: Contender, settings: Settings) -> dict[str, Any]:
     text = prompts(1)
-    predict = median_seconds(lambda: templated.complete(text, settings.new_tokens), settings.repeats)
-    generate = median_seconds(lambda: plain.complete(text, settings.new_tokens), settings.repeats)
-    return {"predict_seconds": predict, "generate_seconds": generate, "ratio": predict / generate}
+    times = interleaved_seconds({"predict": lambda: templated.complete(text, settings.new_tokens),
+                                 "generate": lambda: plain.complete(text, settings.new_tokens)},
+                                settings.repeats)
+    return {"predict_seconds": statistics.median(times["predict"]),
+            "generate_seconds": statistics.median(times["generate"]),
+            "ratio": median_ratio(times["predict"], times["generate"]), "all_seconds": times}
 
 
-def prefill(templated: list[Contender], settings: Settings) -> dict[str, Any]:
+def prefill(templated: list[Contender], settings: Settings) -> dict[str, list[float]]:
     """Seconds of one forward pass over a ``prefill_tokens``-token prompt, per backend."""
     ids = torch.randint(1, 200, (1, settings.prefill_tokens), generator=torch.Generator().manual_seed(0))
-    seconds = {}
-    for contender in templated:
-        model = contender.extra["pyfunc"].unwrap_python_model().model
 
-        def forward(model=model) -> None:
-            with torch.inference_mode():
-                model(input_ids=ids, use_cache=False)
+    def forward(model) -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
 
-        seconds[contender.name.removeprefix("templated_")] = median_seconds(forward, settings.repeats)
-    return seconds
+    return interleaved_seconds(
+        {c.name.removeprefix("templated_"): (lambda m=c.extra["pyfunc"].unwrap_python_model().model: forward(m))
+         for c in templated},
+        settings.repeats)
 
 
 def log_versus_copy(snapshot: Path, settings: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         copies = iter(range(1_000_000))
-        copy = median_seconds(lambda: shutil.copytree(snapshot, Path(scratch) / str(next(copies))),
-                              settings.repeats)
-    log = median_seconds(lambda: log_llm(MODEL, snapshot=snapshot, name="timed"), settings.repeats)
-    return {"log_seconds": log, "copy_seconds": copy, "ratio": log / copy}
+        times = interleaved_seconds(
+            {"log": lambda: log_llm(MODEL, snapshot=snapshot, name="timed"),
+             "copy": lambda: shutil.copytree(snapshot, Path(scratch) / str(next(copies)))},
+            settings.repeats)
+    return {"log_seconds": statistics.median(times["log"]),
+            "copy_seconds": statistics.median(times["copy"]),
+            "ratio": median_ratio(times["log"], times["copy"])}
 
 
 def loads_during_log(snapshot: Path) -> int:
@@ -133,33 +159,40 @@ def _body(contender: Contender, prompt: str, max_tokens: int) -> dict[str, Any]:
     return {"inputs": request["input"], **({"params": request["params"]} if "params" in request else {})}
 
 
-def served_requests_per_s(contender: Contender, settings: Settings) -> dict[str, Any]:
-    """Requests/s of ``clients`` concurrent clients, each sending one-prompt requests in turn,
-    to the contender behind ``mlflow models serve`` (one worker)."""
-    port = free_port()
-    command = serve_command(contender.model_uri, host="127.0.0.1", port=port, workers=1,
-                            env_manager="local")
+def served_requests_per_s(contenders: list[Contender], settings: Settings) -> dict[str, dict[str, Any]]:
+    """Requests/s of ``clients`` concurrent clients, each sending one-prompt requests in turn, to
+    each contender behind its own ``mlflow models serve`` (one worker). The servers run at once and
+    take turns at the rounds of requests."""
     # mlflow starts `uvicorn` from PATH: this interpreter's.
     env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     texts = prompts(settings.clients * settings.requests_per_client)
 
-    def client(index: int) -> None:
+    def client(url: str, contender: Contender, index: int) -> None:
         for r in range(settings.requests_per_client):
-            body = _body(contender, texts[index * settings.requests_per_client + r],
-                         settings.serve_tokens)
+            body = _body(contender, texts[index * settings.requests_per_client + r], settings.serve_tokens)
             response = requests.post(f"{url}/invocations", json=body, timeout=900)
             if response.status_code != 200:
                 raise RuntimeError(f"{contender.name} answered {response.status_code}: {response.text[:500]}")
 
-    def round_of_requests() -> None:
+    def round_of_requests(url: str, contender: Contender) -> None:
         with ThreadPoolExecutor(settings.clients) as pool:
-            list(pool.map(client, range(settings.clients)))
+            list(pool.map(lambda i: client(url, contender, i), range(settings.clients)))
 
-    with running_server(command, port, env=env, timeout=600) as url:
-        seconds = median_seconds(round_of_requests, settings.repeats, warmup=lambda: client(0))
-    requests_sent = settings.clients * settings.requests_per_client
-    return {"seconds": seconds, "requests": requests_sent, "requests_per_s": requests_sent / seconds}
+    with contextlib.ExitStack() as servers:
+        urls = {}
+        for contender in contenders:
+            port = free_port()
+            command = serve_command(contender.model_uri, host="127.0.0.1", port=port, workers=1,
+                                    env_manager="local")
+            urls[contender.name] = servers.enter_context(running_server(command, port, env=env, timeout=600))
+        times = interleaved_seconds(
+            {c.name: (lambda c=c: round_of_requests(urls[c.name], c)) for c in contenders},
+            settings.repeats)
+    sent = settings.clients * settings.requests_per_client
+    return {name: {"requests": sent, "seconds": statistics.median(t), "all_seconds": t,
+                   "requests_per_s": sent / statistics.median(t), "per_round_requests_per_s": [sent / x for x in t]}
+            for name, t in times.items()}
 
 
 def machine() -> dict[str, Any]:

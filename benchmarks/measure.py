@@ -1,4 +1,4 @@
-"""Timing and memory measurements: medians after a warm-up, peak RSS from /proc."""
+"""Timing and memory measurements: runs taking turns after a warm-up, peak RSS from /proc."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``repeats`` calls of ``run``, after one call of ``warmup`` (or ``run``)."""
-    (warmup or run)()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each run, ``repeats`` rounds after a warm-up round, the runs taking turns
+    (their order rotating every round) so that load from elsewhere hits them all alike."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    names, times = list(runs), {name: [] for name in runs}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios: robust to a round slowed down for everyone."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
 def _status_bytes(field: str) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks import contenders as c
 from benchmarks import figures as f
-from benchmarks.measure import weight_bytes
+from benchmarks.measure import median_ratio, weight_bytes
 from benchmarks.report import figure, finish
 from benchmarks.settings import Settings
 from benchmarks.snapshot import parameters, snapshot
@@ -36,16 +36,16 @@ def run(settings: Settings, cache: Path) -> dict[str, Any]:
     plain = c.plain(path)
     everyone = [c.tutorial(path), plain, c.transformers_flavor(path), *templated]
 
-    for contender in everyone:
-        _say(f"throughput: {contender.label}")
-        results["contenders"][contender.name] = {"label": contender.label, **f.throughput(contender, settings)}
-    tokens_per_s = {name: r["tokens_per_s"] for name, r in results["contenders"].items()}
-    best = max(templated, key=lambda t: tokens_per_s[t.name])
+    _say("throughput: every contender, taking turns")
+    for name, measured in f.throughput(everyone, settings).items():
+        results["contenders"][name] = {"label": next(x.label for x in everyone if x.name == name), **measured}
+    measured = results["contenders"]
+    best = max(templated, key=lambda t: measured[t.name]["tokens_per_s"])
     backend = best.name.removeprefix("templated_")
     for key, other in (("tokens_per_s_vs_tutorial", "tutorial"), ("tokens_per_s_vs_plain", "plain"),
                        ("tokens_per_s_vs_transformers_flavor", "transformers_flavor")):
-        figures[key] = figure(tokens_per_s[best.name] / tokens_per_s[other], f"TemplatedLLM with {backend} attention")
-        details[key] = {t.name: tokens_per_s[t.name] / tokens_per_s[other] for t in templated}
+        details[key] = {t.name: f.throughput_ratio(measured[t.name], measured[other]) for t in templated}
+        figures[key] = figure(details[key][best.name], f"TemplatedLLM with {backend} attention")
     generated = f.new_tokens_generated(plain, settings)
     details["new_tokens_generated"] = {"generated": generated,
                                       "requested": settings.prompts * settings.new_tokens}
@@ -58,7 +58,7 @@ def run(settings: Settings, cache: Path) -> dict[str, Any]:
     details["prefill_seconds"] = f.prefill(templated, settings)
     if {"sdpa", "eager"} <= details["prefill_seconds"].keys():
         seconds = details["prefill_seconds"]
-        figures["prefill_sdpa_over_eager"] = figure(seconds["eager"] / seconds["sdpa"],
+        figures["prefill_sdpa_over_eager"] = figure(median_ratio(seconds["eager"], seconds["sdpa"]),
                                                     f"{settings.prefill_tokens}-token prompt, one forward pass")
     else:
         figures["prefill_sdpa_over_eager"] = figure(
@@ -88,8 +88,8 @@ def run(settings: Settings, cache: Path) -> dict[str, Any]:
         f"paged in by the first predict); {first:.2f} for a process's first model, with its imports")
 
     _say("served requests/s")
-    details["served"] = {x.name: f.served_requests_per_s(x, settings) for x in (best, everyone[2])}
+    details["served"] = served = f.served_requests_per_s([best, everyone[2]], settings)
     figures["served_rps_vs_transformers_flavor"] = figure(
-        details["served"][best.name]["requests_per_s"] / details["served"]["transformers_flavor"]["requests_per_s"],
+        median_ratio(served["transformers_flavor"]["all_seconds"], served[best.name]["all_seconds"]),
         f"{settings.clients} clients, {settings.serve_tokens} new tokens per request, one server worker")
     return finish(results)

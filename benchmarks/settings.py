@@ -16,7 +16,7 @@ class Settings:
     repeats: int = 3
     # Contenders that generate one prompt at a time (the tutorial pyfunc, the transformers
     # flavor) do the same work per prompt whatever the batch, so their tokens/s is timed on this
-    # many of the prompts, once: on 2 CPU cores each of their prompts takes most of a minute.
+    # many of the prompts: on 2 busy CPU cores one of their prompts can take minutes.
     serial_prompts: int = 2
     prefill_tokens: int = 1024
     clients: int = 8
