@@ -60,7 +60,8 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['snapshot']['weight_bytes'] / 1e6:.0f} MB of weights; {s['prompts']} prompts x "
               f"{s['new_tokens']} new tokens, median of {s['repeats']} after a warm-up; "
               f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
-              f"{results['machine']['date']}."]
+              f"{results['machine']['date']}. The contenders take turns in every round; a ratio is the "
+              "median of the per-round ratios, so it need not equal the ratio of two medians above."]
     return "\n".join(lines) + "\n"
 
 

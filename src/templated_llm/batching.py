@@ -5,9 +5,10 @@ one shared model runs one batch at a time. Requests that arrive while a batch ge
 next one to run takes every waiting request with the same params along, so eight concurrent
 one-prompt requests cost about one eight-prompt ``generate`` instead of eight in a row.
 
-Merging never changes a result: prompts are padded on the left and masked, so greedy decoding
-gives each prompt the completion it gets alone, and a seeded request, whose random draws depend
-on its batch, always runs alone.
+Merging does not change what a request gets: prompts are padded on the left and masked, so
+greedy decoding gives each prompt the completion it gets alone (as rows of one request already
+are, up to the floating-point rounding a different batch shape may bring), and a seeded request,
+whose random draws depend on its batch, always runs alone.
 """
 
 from __future__ import annotations
