@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(PLUGINS:%=%/pyproject.toml) constraints.txt
 	@# Builds run without isolation, on these pinned backends: hatchling for our packages,
 	@# setuptools and wheel for pyspark, which ships only as an sdist.
 	$(PIP) install -q -c constraints.txt hatchling editables setuptools wheel
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]' $(PLUGINS:%=-e %)
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test,bench]' $(PLUGINS:%=-e %)
 	touch $(STAMP)
 
 clean:

@@ -39,7 +39,8 @@ def _python(page: str) -> str:
      ("security.md", ["hostile.jinja line 1", "broken-mpt/model.safetensors", "400 the request has 5",
                       "400 param 'max_tokens': at most 512"]),
      ("chat-and-streaming.md", ["<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Name three rivers. [/INST]",
-                                "chunks", "'finish_reason'"])],
+                                "chunks", "'finish_reason'"]),
+     ("scaling.md", ["replicas:"])],
 )
 def test_page_python_runs(page: str, printed: list[str], tmp_path: Path) -> None:
     if page == "serving.md":

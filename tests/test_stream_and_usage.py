@@ -49,9 +49,10 @@ def test_closing_a_stream_early_frees_the_model(loaded_model) -> None:
     stream = loaded_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
     next(stream)
     stream.close()
-    # The generation stopped and let go of the model's lock: predict does not wait on it.
-    assert loaded_model.unwrap_python_model()._lock.acquire(timeout=30)
-    loaded_model.unwrap_python_model()._lock.release()
+    # The generation stopped and let go of the model: predict does not wait on it.
+    lock = loaded_model.unwrap_python_model()._batcher.lock
+    assert lock.acquire(timeout=30)
+    lock.release()
 
 
 def test_stream_takes_one_prompt_and_validates_params(loaded_model) -> None:

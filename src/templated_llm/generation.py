@@ -38,15 +38,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def encode(
-    tokenizer: Any, prompts: list[str], device: str, add_special_tokens: bool = True
-) -> dict[str, torch.Tensor]:
-    """Tokenize all prompts in one call, left-padded to a common length.
+def tokenize(tokenizer: Any, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of all prompts, in one tokenizer call, unpadded.
 
     ``add_special_tokens=False`` for text that already carries them (a chat template's output).
     """
-    return tokenizer(prompts, return_tensors="pt", padding=True,
-                     add_special_tokens=add_special_tokens).to(device)
+    return tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def pad(tokenizer: Any, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    """One batch of token ids, left-padded to a common length, with its attention mask."""
+    return tokenizer.pad({"input_ids": input_ids}, return_tensors="pt").to(device)
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:

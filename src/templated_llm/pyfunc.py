@@ -14,13 +14,15 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from templated_llm.batching import MicroBatcher
 from templated_llm.generation import (
     Completion,
     context_length,
-    encode,
     generate_completions,
+    pad,
     prepare_tokenizer,
     stream,
+    tokenize,
 )
 from templated_llm.inputs import has_messages, to_conversations, to_prompts
 from templated_llm.logged_config import LoggedConfig, default_device, torch_dtype
@@ -77,9 +79,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.max_rows_per_request = config.max_rows_per_request
         self.max_tokens_limit = config.max_tokens_limit
         self._max_prompt_chars = _max_prompt_chars(self.tokenizer, self.context_length)
-        # transformers' generate is not documented as thread-safe on a shared model; a served
-        # model handles one batch at a time and gets its concurrency from batching.
-        self._lock = threading.Lock()
+        # transformers reconfigures the shared Rust tokenizer per call, and calls at once can
+        # fail ("Already borrowed"): tokenizing is serialised, and cheap next to generating.
+        self._tokenizer_lock = threading.Lock()
+        # transformers' generate is not documented as thread-safe on a shared model: one batch
+        # runs at a time, and concurrent requests (a server's threads) join the next batch.
+        self._batcher = MicroBatcher(self._generate)
         _logger.info(
             "loaded %s (plugin %s) on %s with %s attention",
             spec.name, spec.plugin_name, self.device, self.attention,
@@ -100,13 +105,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        rendered, generation = self._prepare(model_input, params)
-        # Tokenizing too holds the lock: transformers reconfigures padding on the shared Rust
-        # tokenizer per call, and calls with other settings at once fail ("Already borrowed").
-        with self._lock:
-            batch = self._encode(rendered, generation)
-            completions = generate_completions(self.model, self.tokenizer, batch, generation, self.device)
-        return _output(completions, generation.return_usage)
+        input_ids, generation = self._prepare(model_input, params)
+        return _output(self._batcher.submit(input_ids, generation), generation.return_usage)
 
     def predict_stream(
         self,
@@ -115,19 +115,19 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> Iterator[str]:
         """Yield the completion of one prompt (or one conversation) in chunks as it generates."""
-        rendered, generation = self._prepare(model_input, params)
-        if len(rendered) != 1:
+        input_ids, generation = self._prepare(model_input, params)
+        if len(input_ids) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes one prompt or conversation; received {len(rendered)}"
+                f"predict_stream takes one prompt or conversation; received {len(input_ids)}"
             )
-        with self._lock:
-            batch = self._encode(rendered, generation)
-        return stream(self.model, self.tokenizer, batch, generation, self.device, self._lock)
+        batch = pad(self.tokenizer, input_ids, self.device)
+        # The model alone for the whole stream: no batch runs beside it.
+        return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock)
 
     def _prepare(
         self, model_input: Any, params: dict[str, Any] | None
-    ) -> tuple[list[str], GenerationParams]:
-        """Validated params and the rendered rows: every check that needs no tokenizer."""
+    ) -> tuple[list[list[int]], GenerationParams]:
+        """Validated params and each row's token ids, every limit checked before generation."""
         variables, params = split_template_variables(params, self.renderer.spec.template_variables)
         generation = validate_params(params, self.generation_defaults)
         rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
@@ -135,14 +135,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         _check_encodable(rows)
         rendered = self.render(rows, variables)
         self._check_prompt_chars(rendered)
-        return rendered, generation
-
-    def _encode(self, rendered: list[str], generation: GenerationParams) -> dict[str, Any]:
-        """Tokenize under the lock, then check prompt plus max_tokens fits the context."""
-        batch = encode(self.tokenizer, rendered, self.device,
-                       add_special_tokens=self.renderer.add_special_tokens)
-        self._check_context(batch, generation.max_tokens)
-        return batch
+        with self._tokenizer_lock:
+            input_ids = tokenize(self.tokenizer, rendered, self.renderer.add_special_tokens)
+        self._check_context(input_ids, generation.max_tokens)
+        return input_ids, generation
 
     def _check_limits(self, rows: int, max_tokens: int) -> None:
         # The limits logged with the model; checked before any tokenizing or generation.
@@ -168,10 +164,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                     f"{self.context_length} tokens. Shorten the prompt."
                 )
 
-    def _check_context(self, batch: dict[str, Any], max_tokens: int) -> None:
+    def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
+        batch = pad(self.tokenizer, input_ids, self.device)
+        return generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+
+    def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
         if self.context_length is None:
             return
-        longest = int(batch["attention_mask"].sum(dim=1).max())
+        longest = max(len(ids) for ids in input_ids)
         if longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="

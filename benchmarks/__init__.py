@@ -1,0 +1,1 @@
+"""Benchmarks: templated-llm against the other ways to serve the same model (``python -m benchmarks``)."""

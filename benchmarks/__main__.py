@@ -1,0 +1,72 @@
+"""``python -m benchmarks``: every contender on the same snapshot and prompts, side by side.
+
+Writes latest.json, latest.md and latest.png to benchmarks/results/ (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from benchmarks.settings import Settings
+
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model and workload: checks the harness runs")
+    p.add_argument("--d-model", type=int, default=d.d_model, help=f"hidden size (default {d.d_model})")
+    p.add_argument("--n-layers", type=int, default=d.n_layers, help=f"blocks (default {d.n_layers}: ~25M parameters)")
+    p.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts per batch (default {d.prompts})")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help=f"new tokens per prompt (default {d.new_tokens})")
+    p.add_argument("--repeats", type=int, default=d.repeats, help=f"timed runs per figure, median taken (default {d.repeats})")
+    p.add_argument("--serial-prompts", type=int, default=d.serial_prompts,
+                   help=f"prompts timed for one-prompt-at-a-time contenders (default {d.serial_prompts})")
+    p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients when served (default {d.clients})")
+    p.add_argument("--serve-tokens", type=int, default=d.serve_tokens, help=f"new tokens per served request (default {d.serve_tokens})")
+    p.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused (default .cache/benchmarks)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from benchmarks.settings import SMOKE, Settings
+
+    settings = SMOKE if args.smoke else Settings(
+        d_model=args.d_model, n_layers=args.n_layers, prompts=args.prompts,
+        new_tokens=args.new_tokens, repeats=args.repeats, serial_prompts=args.serial_prompts,
+        clients=args.clients, serve_tokens=args.serve_tokens,
+    )
+    store = Path(tempfile.mkdtemp(prefix="templated-llm-bench-"))
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+        import mlflow
+
+        experiment = mlflow.create_experiment("benchmarks", artifact_location=(store / "artifacts").as_uri())
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
+        mlflow.set_experiment(experiment_id=experiment)
+        from benchmarks.run import run
+        from benchmarks.report import write
+
+        results = run(settings, args.cache)
+        write(results, args.out)
+        print((args.out / "latest.md").read_text())
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Timing and memory measurements: runs taking turns after a warm-up, peak RSS from /proc."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each run, ``repeats`` rounds after a warm-up round, the runs taking turns
+    (their order rotating every round) so that load from elsewhere hits them all alike."""
+    for run in runs.values():
+        run()
+    names, times = list(runs), {name: [] for name in runs}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios: robust to a round slowed down for everyone."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
+
+
+def _status_bytes(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+
+
+def current_rss() -> int:
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's high-water mark (VmHWM) at the current RSS (Linux 4.0+)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
+
+
+def weight_bytes(snapshot: Path) -> int:
+    return sum(f.stat().st_size for f in snapshot.iterdir() if f.suffix in (".safetensors", ".bin"))

@@ -1,0 +1,90 @@
+"""Merges concurrent ``predict`` calls that share their params into one ``generate`` batch.
+
+``mlflow models serve`` runs each request's ``predict`` on a thread of its own, and generation on
+one shared model runs one batch at a time. Requests that arrive while a batch generates wait; the
+next one to run takes every waiting request with the same params along, so eight concurrent
+one-prompt requests cost about one eight-prompt ``generate`` instead of eight in a row.
+
+Merging does not change what a request gets: prompts are padded on the left and masked, so
+greedy decoding gives each prompt the completion it gets alone (as rows of one request already
+are, up to the floating-point rounding a different batch shape may bring), and a seeded request,
+whose random draws depend on its batch, always runs alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from templated_llm.params import GenerationParams
+
+# Most prompts one merged batch takes (one request alone may have more): bounds the KV cache.
+MAX_MERGED_PROMPTS = 64
+
+# Token ids of every prompt in a batch -> one result per prompt, in order.
+Generate = Callable[[list[list[int]], GenerationParams], Sequence[Any]]
+
+
+@dataclass(eq=False)
+class _Request:
+    input_ids: list[list[int]]
+    params: GenerationParams
+    results: Sequence[Any] | None = None
+    error: BaseException | None = None
+
+    def joins(self, leader: _Request) -> bool:
+        return self.params == leader.params and self.params.seed is None
+
+
+class MicroBatcher:
+    """Runs ``generate`` for one batch at a time, merging the requests waiting for it."""
+
+    def __init__(self, generate: Generate, max_prompts: int = MAX_MERGED_PROMPTS) -> None:
+        self._generate = generate
+        self._max_prompts = max_prompts
+        self._waiting: list[_Request] = []
+        self._waiting_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a batch generates: hold it to use the model alone (streaming does)."""
+        return self._generate_lock
+
+    def submit(self, input_ids: list[list[int]], params: GenerationParams) -> Sequence[Any]:
+        """The results for ``input_ids`` (token ids, unpadded), generated with ``params``."""
+        request = _Request(input_ids, params)
+        with self._waiting_lock:
+            self._waiting.append(request)
+        with self._generate_lock:
+            if request.results is None and request.error is None:
+                self._run(self._take(request))
+        if request.error is not None:
+            raise request.error
+        return request.results
+
+    def _take(self, leader: _Request) -> list[_Request]:
+        with self._waiting_lock:
+            batch, size = [leader], len(leader.input_ids)
+            if leader.params.seed is None:
+                for other in self._waiting:
+                    if other is not leader and other.joins(leader) \
+                            and size + len(other.input_ids) <= self._max_prompts:
+                        batch.append(other)
+                        size += len(other.input_ids)
+            self._waiting = [r for r in self._waiting if r not in batch]
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            results = self._generate([ids for r in batch for ids in r.input_ids], batch[0].params)
+        except Exception as exc:  # noqa: BLE001 - raised again in every request's own thread
+            for request in batch:
+                request.error = exc
+            return
+        start = 0
+        for request in batch:
+            request.results = results[start : start + len(request.input_ids)]
+            start += len(request.input_ids)

@@ -1,0 +1,41 @@
+"""The benchmark harness runs end to end in its tiny configuration (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import FIGURE_IDS
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path / "results"),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, check=True, timeout=900, capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    results = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert set(results["figures"]) == set(FIGURE_IDS)
+    for key, entry in results["figures"].items():
+        if entry["value"] is None:  # skipped, and it says why
+            assert entry["note"] and entry["met"] is None, key
+        else:
+            assert math.isfinite(entry["value"]) and entry["value"] >= 0, key
+            assert isinstance(entry["met"], bool) and entry["target"], key
+    assert {"tutorial", "plain", "transformers_flavor", "templated_eager"} <= set(results["contenders"])
+    assert all(c["tokens_per_s"] > 0 for c in results["contenders"].values())
+    assert results["figures"]["loads_during_log"]["value"] == 0
+    table = (tmp_path / "results" / "latest.md").read_text()
+    assert all(entry["description"] in table for entry in results["figures"].values())
+    assert (tmp_path / "results" / "latest.png").read_bytes().startswith(b"\x89PNG")
