@@ -70,11 +70,13 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
     contenders = list(results["contenders"].values())
     left.barh([c["label"] for c in contenders], [c["tokens_per_s"] for c in contenders], color="#4c72b0")
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     left.set_xlabel("tokens/s (log scale)")
     left.invert_yaxis()
     left.set_title("Generation throughput, same snapshot, greedy")
