@@ -27,7 +27,7 @@ from templated_llm.logged_config import (
 )
 from templated_llm.params import GenerationParams, param_schema
 from templated_llm.plugin_manager import call_first, get_model_spec
-from templated_llm.pyfunc import OUTPUT_COLUMN, TemplatedLLM
+from templated_llm.pyfunc import OUTPUT_COLUMN
 from templated_llm.snapshot import resolve_snapshot
 from templated_llm.snapshot_check import check_remote_code, check_snapshot
 from templated_llm.spec import ModelSpec
@@ -38,6 +38,8 @@ _RUNTIME_PACKAGES = (
     "mlflow", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
     "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas",
 )
+# MLflow runs this file to build the model where it loads (the code travels in code_paths too).
+_MODEL_CODE = Path(__file__).with_name("model_code.py")
 _INPUT_EXAMPLE = ["What is machine learning?", "Name three rivers."]
 
 
@@ -169,7 +171,7 @@ def log_llm(
         flavor=mlflow.pyfunc,
         flavor_name="pyfunc",
         name=name,
-        python_model=TemplatedLLM(),
+        python_model=str(_MODEL_CODE),
         artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_path)},
         model_config=config.model_dump(),
         signature=_signature(defaults, spec.template_variables),
