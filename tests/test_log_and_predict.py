@@ -222,3 +222,15 @@ def test_a_custom_template_replaces_the_plugins(tiny_snapshot, tmp_path):
     info = log_llm("mpt-instruct", snapshot=tiny_snapshot, template=template, name="terse")
     python_model = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
     assert python_model.render(["{{ x }}"]) == ["Q: {{ x }}\nA:"]
+
+
+def test_a_loaded_model_runs_the_code_it_was_logged_with(logged_model):
+    # templated-llm is installed here too: the model's own copy (its code_paths) must win.
+    code = f"""
+import json, sys, mlflow
+mlflow.pyfunc.load_model({logged_model.model_uri!r})
+print(json.dumps([sys.modules[m].__file__ for m in ("templated_llm", "templated_llm_mpt")]))
+"""
+    core, plugin = run_python(code)
+    assert "/code/templated_llm/" in Path(core).as_posix()
+    assert "/code/templated_llm_mpt/" in Path(plugin).as_posix()

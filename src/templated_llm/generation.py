@@ -189,18 +189,29 @@ def stream(
 
 
 def _held_back_at_stop(chunks: Iterator[str], stop: list[str]) -> Iterator[str]:
-    hold = max((len(s) for s in stop), default=1) - 1
     pending = ""
     for chunk in chunks:
         pending += chunk
-        cut = _cut_at_stop(pending, stop)
-        if cut != pending:
-            if cut:
-                yield cut
+        position, complete = _first_stop(pending, stop)
+        if position:
+            yield pending[:position]
+            pending = pending[position:]
+        if complete:
             return
-        ready = len(pending) - hold
-        if ready > 0:
-            yield pending[:ready]
-            pending = pending[ready:]
-    if pending:
-        yield pending
+    if cut := _cut_at_stop(pending, stop):
+        yield cut
+
+
+def _first_stop(text: str, stop: list[str]) -> tuple[int, bool]:
+    """Where the first stop string in ``text`` starts or may start, and whether it is complete.
+
+    Everything before that position can be sent: no stop string can begin there, whatever
+    follows. ``(len(text), False)`` when no stop string begins in ``text`` at all.
+    """
+    for start in range(len(text)):
+        rest = text[start:]
+        if any(rest.startswith(s) for s in stop):
+            return start, True
+        if any(s.startswith(rest) for s in stop):
+            return start, False
+    return len(text), False

@@ -16,7 +16,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
 
 import templated_llm
-from templated_llm.artifact_link import link_uri
+from templated_llm_link import link_uri
 from templated_llm.hf_defaults import check_attention_name
 from templated_llm.inputs import PROMPT_COLUMN
 from templated_llm.logged_config import (

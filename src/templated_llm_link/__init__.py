@@ -4,6 +4,10 @@
 copies that directory into the artifact store: two full copies of multi-gigabyte weights.
 Staging the snapshot through this repository puts symlinks in the temporary directory, so the
 weights are read and written once, by the final upload (which follows the links).
+
+It is a package of its own, outside ``templated_llm``: MLflow imports every registered artifact
+repository when it starts, and importing ``templated_llm`` then would make an installed
+templated-llm shadow the code a logged model carries in its ``code_paths``.
 """
 
 from __future__ import annotations
