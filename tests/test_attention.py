@@ -15,6 +15,7 @@ from templated_llm import AttentionUnavailableError
 from templated_llm.hf_defaults import attention_unavailable
 from templated_llm.log import log_llm
 from templated_llm.plugin_manager import call_first, get_model_spec
+from templated_llm_mpt import kernels
 from templated_llm_mpt.attention import install_attention
 
 TOLERANCE = 1e-4  # float32 logits
@@ -73,6 +74,31 @@ def _assert_matches_eager(eager, fast, batch, new_tokens: int) -> None:
 )
 def test_sdpa_matches_eager(eager, sdpa, lengths, new_tokens, seed):
     _assert_matches_eager(eager, sdpa, _batch(lengths, eager.config.vocab_size, seed), new_tokens)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
+    chunk=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_sdpa_in_query_chunks_matches_eager(eager, sdpa, lengths, chunk, seed):
+    # Long prefills run in chunks of queries; small chunks exercise that on short prompts.
+    default, kernels.PREFILL_CHUNK = kernels.PREFILL_CHUNK, chunk
+    try:
+        _assert_matches_eager(eager, sdpa, _batch(lengths, eager.config.vocab_size, seed), 2)
+    finally:
+        kernels.PREFILL_CHUNK = default
+
+
+def test_a_long_left_padded_prefill_in_chunks_matches_eager(eager, sdpa):
+    batch = _batch([3 * kernels.PREFILL_CHUNK + 5, kernels.PREFILL_CHUNK + 1, 1],
+                   eager.config.vocab_size, seed=5)
+    with torch.inference_mode():
+        want = eager(**batch, use_cache=False).logits
+        have = sdpa(**batch, use_cache=False).logits
+    real = batch["attention_mask"].bool()
+    assert (want - have)[real].abs().max().item() < TOLERANCE
 
 
 def test_sdpa_prefill_matches_eager_without_a_cache(eager, sdpa):

@@ -16,9 +16,9 @@ class Alibi:
     def __init__(self, slopes: torch.Tensor, bias: torch.Tensor) -> None:
         self.slopes = slopes  # (n_heads,), float32
         self.bias = bias  # (n_heads, 1, max_len), float32
-        # The additive mask of the forward pass under way: every block gets the same boolean
-        # mask object from transformers, so the first block builds it and the others reuse it.
-        self._mask_of: tuple[torch.Tensor, torch.Tensor] | None = None
+        # What the forward pass under way built from its mask (the additive mask, the query
+        # chunks): the first block builds it and the others reuse it.
+        self._pass: tuple[torch.Tensor, dict] | None = None
 
     @classmethod
     def for_model(cls, model) -> Alibi:
@@ -40,11 +40,33 @@ class Alibi:
         masked (a padding query) then averages instead of turning into NaN, which would reach
         real tokens through the values. Built once per forward pass; see :meth:`release`.
         """
-        if self._mask_of is None or self._mask_of[0] is not masked:
+        state = self._state(masked)
+        if "additive" not in state:
             bias = self.for_keys(masked.shape[-1], dtype)
-            self._mask_of = (masked, bias.masked_fill(masked, torch.finfo(dtype).min))
-        return self._mask_of[1]
+            state["additive"] = bias.masked_fill(masked, torch.finfo(dtype).min)
+        return state["additive"]
+
+    def query_chunks(self, masked: torch.Tensor, size: int) -> list[tuple[int, int, int]]:
+        """``(start, end, keys)`` for every run of ``size`` queries: no query of the run sees a
+        key at or after ``keys`` (under a causal mask early queries see few). Once per pass."""
+        state = self._state(masked)
+        if "chunks" not in state:
+            visible = (~masked[:, 0]).any(dim=0)  # (q, kv): seen by some row of the batch
+            chunks = []
+            for start in range(0, visible.shape[0], size):
+                end = min(start + size, visible.shape[0])
+                seen = visible[start:end].any(dim=0).nonzero()
+                # A run of padding queries sees nothing; one key keeps its output finite.
+                chunks.append((start, end, int(seen[-1]) + 1 if len(seen) else 1))
+            state["chunks"] = chunks
+        return state["chunks"]
+
+    def _state(self, masked: torch.Tensor) -> dict:
+        # Every block gets the same boolean mask object from transformers within one pass.
+        if self._pass is None or self._pass[0] is not masked:
+            self._pass = (masked, {})
+        return self._pass[1]
 
     def release(self) -> None:
-        """Drop the forward pass's additive mask (the last block calls this)."""
-        self._mask_of = None
+        """Drop what the forward pass built (the last block calls this)."""
+        self._pass = None
