@@ -66,43 +66,31 @@ def _assert_matches_eager(eager, fast, batch, new_tokens: int) -> None:
         assert diff < TOLERANCE, f"step {step}: logits differ by {diff}"
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
     new_tokens=st.integers(1, 4),
-    seed=st.integers(0, 2**16),
-)
-def test_sdpa_matches_eager(eager, sdpa, lengths, new_tokens, seed):
-    _assert_matches_eager(eager, sdpa, _batch(lengths, eager.config.vocab_size, seed), new_tokens)
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
-    chunk=st.integers(1, 8),
-    seed=st.integers(0, 2**16),
-)
-def test_sdpa_in_query_chunks_matches_eager(eager, sdpa, lengths, chunk, seed):
     # Long prefills run in chunks of queries; small chunks exercise that on short prompts.
-    default, kernels.PREFILL_CHUNK = kernels.PREFILL_CHUNK, chunk
+    chunk=st.none() | st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_sdpa_matches_eager(eager, sdpa, lengths, new_tokens, chunk, seed):
+    default = kernels.PREFILL_CHUNK
+    kernels.PREFILL_CHUNK = chunk or default
     try:
-        _assert_matches_eager(eager, sdpa, _batch(lengths, eager.config.vocab_size, seed), 2)
+        _assert_matches_eager(eager, sdpa, _batch(lengths, eager.config.vocab_size, seed), new_tokens)
     finally:
         kernels.PREFILL_CHUNK = default
 
 
-def test_a_long_left_padded_prefill_in_chunks_matches_eager(eager, sdpa):
-    batch = _batch([3 * kernels.PREFILL_CHUNK + 5, kernels.PREFILL_CHUNK + 1, 1],
-                   eager.config.vocab_size, seed=5)
-    with torch.inference_mode():
-        want = eager(**batch, use_cache=False).logits
-        have = sdpa(**batch, use_cache=False).logits
-    real = batch["attention_mask"].bool()
-    assert (want - have)[real].abs().max().item() < TOLERANCE
-
-
-def test_sdpa_prefill_matches_eager_without_a_cache(eager, sdpa):
-    batch = _batch([30, 7, 1], eager.config.vocab_size, seed=1)
+@pytest.mark.parametrize(
+    ("lengths", "seed"),
+    [([30, 7, 1], 1),
+     ([3 * kernels.PREFILL_CHUNK + 5, kernels.PREFILL_CHUNK + 1, 1], 5)],
+    ids=["short", "long, in query chunks"],
+)
+def test_sdpa_prefill_with_left_padding_matches_eager_without_a_cache(eager, sdpa, lengths, seed):
+    batch = _batch(lengths, eager.config.vocab_size, seed)
     with torch.inference_mode():
         want = eager(**batch, use_cache=False).logits
         have = sdpa(**batch, use_cache=False).logits
