@@ -136,13 +136,6 @@ def generate_completions(
     return completions
 
 
-def generate(
-    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams, device: str
-) -> list[str]:
-    """The generated text of every row of an encoded batch (see :func:`generate_completions`)."""
-    return [c.text for c in generate_completions(model, tokenizer, batch, params, device)]
-
-
 class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
@@ -158,8 +151,8 @@ def stream(
     """Yield one row's generated text in chunks as transformers' streamer decodes them.
 
     ``generate`` runs in a thread holding ``lock``; text that could be the start of a stop
-    string is held back until it is known not to be, so the chunks join to what
-    :func:`generate` returns. Closing the iterator early stops the generation.
+    string is held back until it is known not to be, so the chunks join to the text
+    :func:`generate_completions` returns. Closing the iterator early stops the generation.
     """
     from transformers import TextIteratorStreamer
 
