@@ -48,8 +48,9 @@ class PromptTemplate:
         self.source = source
         self.name = name
         try:
-            _check_sandbox(_ENVIRONMENT.parse(source), name)
-            self._template = _ENVIRONMENT.from_string(source)
+            tree = _ENVIRONMENT.parse(source)
+            _check_sandbox(tree, name)
+            self._template = _ENVIRONMENT.from_string(tree)  # compiles the tree parsed once
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"prompt template {name} line {exc.lineno}: {exc.message}") from exc
 
