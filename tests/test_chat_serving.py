@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import requests
 
-from serving import free_port, running_server
 from templated_llm import log_llm
+from templated_llm.local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving import free_port, running_server
 from templated_llm import log_llm
+from templated_llm.local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 
