@@ -1,12 +1,12 @@
 """Attention benchmark: the MPT plugin's ``sdpa`` against transformers' eager MPT, on CPU.
 
-Prints, measured side by side in one run (medians after warm-up, runs interleaved):
+Prints, measured side by side in one run (medians after warm-up, runs taking turns):
 
 - prefill of a 1024-token prompt, eager time / sdpa time (target >= 2);
 - decode throughput at batch 8, sdpa tokens/s / eager tokens/s (target >= 1);
 - with ``--profile``, the share of decode time spent in ``aten::cat`` for each.
 
-Run: ``python benchmarks/attention.py [--d-model 64 --n-layers 2 --threads 1 --profile]``.
+Run: ``python -m benchmarks.attention [--d-model 64 --n-layers 2 --threads 1 --profile]``.
 The model is the small random MPT from ``templated_llm.tiny`` (no download).
 """
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
+
+from benchmarks.measure import interleaved_seconds
 
 
 def _load(snapshot, backend: str):
@@ -33,15 +34,7 @@ def _load(snapshot, backend: str):
 
 
 def _medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for call in calls.values():  # warm-up
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):  # interleaved, so load on the machine hits both alike
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in interleaved_seconds(calls, repeats).items()}
 
 
 def _cat_share(generate: Callable[[], object]) -> float:
