@@ -114,6 +114,7 @@ def log_llm(
     trust_remote_code: bool = False,
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    pack_weights: bool = True,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -133,6 +134,9 @@ def log_llm(
             warned about on every load.
         max_rows_per_request: most prompts one ``predict`` call (one request) may carry.
         max_tokens_limit: the largest ``max_tokens`` a caller may ask for.
+        pack_weights: on CPU, reorder the linear layers' weights once at load into oneDNN's
+            layout (about 2x faster matmuls; same arithmetic, rounding may differ in the
+            last bits). ``False`` keeps ``nn.Linear``.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
@@ -161,6 +165,7 @@ def log_llm(
         trust_remote_code=trust_remote_code,
         max_rows_per_request=max_rows_per_request,
         max_tokens_limit=max_tokens_limit,
+        pack_weights=pack_weights,
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
     _check_snapshot(spec, snapshot_dir, trust_remote_code)

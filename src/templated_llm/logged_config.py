@@ -30,6 +30,8 @@ class LoggedConfig(BaseModel):
     trust_remote_code: bool = False
     max_rows_per_request: int = Field(DEFAULT_MAX_ROWS_PER_REQUEST, ge=1)
     max_tokens_limit: int = Field(DEFAULT_MAX_TOKENS_LIMIT, ge=1)
+    # On CPU, reorder linear weights once for oneDNN at load (see packed_linear.py).
+    pack_weights: bool = True
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:

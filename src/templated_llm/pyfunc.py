@@ -26,6 +26,7 @@ from templated_llm.generation import (
 )
 from templated_llm.inputs import has_messages, to_conversations, to_prompts
 from templated_llm.logged_config import LoggedConfig, default_device, torch_dtype
+from templated_llm.packed_linear import pack_linear_layers
 from templated_llm.params import GenerationParams, split_template_variables, validate_params
 from templated_llm.plugin_manager import call_first, get_model_spec
 from templated_llm.rendering import PromptRenderer, Row
@@ -72,6 +73,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.attention = call_first(
             "configure_attention", spec=spec, model=self.model, attention=self.attention
         )
+        if config.pack_weights and self.device == "cpu":
+            pack_linear_layers(self.model)
         self.template = PromptTemplate.from_file(context.artifacts["template"])
         self.renderer = PromptRenderer(spec, self.template, self.tokenizer)
         self.generation_defaults = config.generation_defaults

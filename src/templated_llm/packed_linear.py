@@ -1,0 +1,110 @@
+"""Linear layers whose weights are prepacked for oneDNN: faster matmuls for CPU inference.
+
+``nn.Linear`` on CPU hands the weight to the BLAS as a transposed view on every call. oneDNN can
+instead reorder each weight once, at load, into the blocked layout its kernels read; the decode
+and prefill matmuls of the benchmark's MPT then ran about twice as fast (docs/benchmarks.md).
+The arithmetic is the same float32 (or bfloat16) multiply-add in a different summation order,
+so outputs agree with ``nn.Linear`` to rounding. This is the packing torch.compile's CPU
+backend applies when it freezes weights, without the compile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+from collections import Counter
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+_MADV_DONTNEED = 4  # Linux
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear``'s forward on a weight reordered once for oneDNN. Inference only."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        # A plain attribute, not a parameter: the packed layout is opaque to state_dict, .to()
+        # and autograd, and nothing but this forward may read it.
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def packing_available(dtype: torch.dtype) -> bool:
+    """Whether this CPU build can pack weights of ``dtype``."""
+    if dtype not in _PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory mappings (Linux; else none)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Hand back the pages of a replaced weight that lies in a memory-mapped weights file.
+
+    transformers memory-maps safetensors; reading a weight to pack it faults its pages in, and
+    the mapping keeps them resident while any other tensor of the file lives, so packed and
+    original weights would both count. Dropping the pages that lie wholly inside this (now
+    unused) weight keeps peak memory near one copy of the weights; they are file-backed, so
+    the kernel can always read them again.
+    """
+    start, end = weight.data_ptr(), weight.data_ptr() + weight.nbytes
+    if not any(low <= start and end <= high for low, high in mappings):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def pack_linear_layers(model: nn.Module) -> int:
+    """Replace the model's CPU ``nn.Linear`` layers by :class:`PackedLinear`; return how many.
+
+    Left as they are: layers whose weight another module shares (an output layer tied to the
+    embeddings, which must keep reading the same tensor), off-CPU or meta weights, and dtypes
+    oneDNN cannot pack here.
+    """
+    mappings = _file_mappings()
+    owners = Counter(
+        id(p) for _, p in model.named_parameters(remove_duplicate=False)
+    )
+    packed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            weight = child.weight
+            if (weight.device.type != "cpu" or owners[id(weight)] > 1
+                    or not packing_available(weight.dtype)):
+                continue
+            setattr(parent, name, PackedLinear(child))
+            _release_file_pages(weight, mappings)
+            packed += 1
+    _logger.info("packed %d linear layers for oneDNN", packed)
+    return packed

@@ -1,0 +1,99 @@
+"""Linear layers packed for oneDNN: same results as nn.Linear, weights not kept twice in memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers import MptForCausalLM
+
+from templated_llm.log import log_llm
+from templated_llm.packed_linear import PackedLinear, pack_linear_layers, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    in_features=st.integers(1, 96),
+    out_features=st.integers(1, 96),
+    leading=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    bias=st.booleans(),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_linear_computes_what_nn_linear_does(in_features, out_features, leading, bias, transposed, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).eval()
+    x = torch.randn(*leading, in_features)
+    if transposed and x.dim() == 3:  # a non-contiguous input, as attention's outputs can be
+        x = torch.randn(leading[1], leading[0], in_features).transpose(0, 1)
+    with torch.inference_mode():
+        want = linear(x)
+        have = PackedLinear(linear)(x)
+    assert have.shape == want.shape
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this CPU has no oneDNN bfloat16")
+def test_packed_linear_in_bfloat16():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, dtype=torch.bfloat16).eval()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=2e-2, atol=2e-2)
+
+
+def test_packing_mpt_keeps_the_tied_output_layer_and_its_logits(tiny_snapshot):
+    plain = MptForCausalLM.from_pretrained(tiny_snapshot).eval()
+    packed = MptForCausalLM.from_pretrained(tiny_snapshot).eval()
+    blocks = len(packed.transformer.blocks)
+    # Wqkv, out_proj, up_proj and down_proj per block; lm_head shares the embeddings' weight.
+    assert pack_linear_layers(packed) == 4 * blocks
+    assert type(packed.lm_head) is nn.Linear
+    assert packed.lm_head.weight is packed.transformer.wte.weight
+    ids = torch.randint(1, plain.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _resident_bytes(path) -> int:
+    """Bytes of ``path``'s memory mappings resident in this process (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_packing_hands_back_the_memory_mapped_originals(tiny_snapshot, tmp_path):
+    snapshot = shutil.copytree(tiny_snapshot, tmp_path / "snapshot")  # mapped by this test only
+    weights = snapshot / "model.safetensors"
+    model = MptForCausalLM.from_pretrained(snapshot).eval()
+    linear_bytes = sum(m.weight.nbytes for m in model.modules()
+                       if type(m) is nn.Linear and m is not model.lm_head)
+    pack_linear_layers(model)
+    with torch.inference_mode():
+        model(torch.ones(1, 4, dtype=torch.long))
+    # Packing read every linear weight; what stays mapped is the rest (embeddings, norms).
+    assert _resident_bytes(weights.resolve()) <= weights.stat().st_size - linear_bytes + 64 * 1024
+
+
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_log_llm_packs_on_cpu_unless_told_not_to(tiny_snapshot, pack_weights):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name=f"pack-{pack_weights}",
+                   pack_weights=pack_weights)
+    model = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().model
+    # By name: the loaded model runs the copy of templated_llm it carries, not this import.
+    expected = "PackedLinear" if pack_weights else "Linear"
+    assert type(model.transformer.blocks[0].ffn.up_proj).__name__ == expected
