@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import sys
@@ -43,9 +44,13 @@ _MODEL_CODE = Path(__file__).with_name("model_code.py")
 _INPUT_EXAMPLE = ["What is machine learning?", "Name three rivers."]
 
 
-def _pinned(package: str) -> str:
-    version = importlib.metadata.version(package)
-    return f"{package}=={version.split('+')[0]}"  # drop local labels such as +cpu
+@functools.cache
+def _runtime_requirements() -> tuple[str, ...]:
+    # Once per process: each version lookup scans the installed distributions' metadata.
+    return tuple(
+        f"{package}=={importlib.metadata.version(package).split('+')[0]}"  # drop labels such as +cpu
+        for package in _RUNTIME_PACKAGES
+    )
 
 
 def _package_dir(module_name: str) -> Path | None:
@@ -169,7 +174,7 @@ def log_llm(
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
     _check_snapshot(spec, snapshot_dir, trust_remote_code)
-    requirements = [_pinned(p) for p in _RUNTIME_PACKAGES]
+    requirements = list(_runtime_requirements())
     requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
     return _ExampleNotRunModel.log(
         artifact_path=None,
