@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import mlflow
 import pytest
 
 from templated_llm.cli import _parser
@@ -25,11 +26,14 @@ def test_plugins_lists_plugins_and_their_models() -> None:
 
 
 def test_log_prints_the_model_uri_and_the_serve_command(tiny_snapshot) -> None:
-    result = _cli("log", "mpt-instruct", "--snapshot", str(tiny_snapshot), "--attention", "eager")
+    result = _cli("log", "mpt-instruct", "--snapshot", str(tiny_snapshot), "--attention", "eager",
+                  "--no-pack-weights")
     assert result.returncode == 0, result.stderr
     uri, serve = result.stdout.strip().splitlines()[-2:]
     assert uri.startswith("models:/m-")
     assert f"mlflow models serve -m {uri}" in serve
+    config = mlflow.models.Model.load(uri).flavors["python_function"]["config"]
+    assert (config["attention"], config["pack_weights"]) == ("eager", False)
 
 
 def test_errors_are_one_line_and_exit_1(tiny_snapshot) -> None:

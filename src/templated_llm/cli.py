@@ -84,6 +84,7 @@ def _log(args: argparse.Namespace) -> None:
         attention=args.attention, dtype=args.dtype,
         registered_model_name=args.registered_model_name,
         trust_remote_code=args.trust_remote_code,
+        pack_weights=args.pack_weights,
         # Unset limits keep log_llm's defaults.
         **{k: v for k in ("max_rows_per_request", "max_tokens_limit")
            if (v := getattr(args, k)) is not None},
@@ -176,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="most prompts per request (default 64)")
     log.add_argument("--max-tokens-limit", type=int,
                      help="largest max_tokens a request may ask for (default 1024)")
+    log.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
+                     help="on CPU, keep nn.Linear instead of packing weights for oneDNN at load")
     log.set_defaults(func=_log)
 
     serve = commands.add_parser("serve", help="serve a logged model with 'mlflow models serve'")
