@@ -73,7 +73,8 @@ def run(settings: Settings, cache: Path) -> dict[str, Any]:
     log["projected_mpt_7b_ratio"] = (log["log_seconds"] - log["copy_seconds"] + copy_7b) / copy_7b
     figures["log_over_copy"] = figure(
         log["ratio"], f"{weights / 1e6:.0f} MB snapshot: {log['log_seconds']:.2f} s against "
-        f"{log['copy_seconds']:.2f} s (copying at {weights / log['copy_seconds'] / 1e6:.0f} MB/s); projected for MPT-7B's 13.3 GB: {log['projected_mpt_7b_ratio']:.2f}")
+        f"{log['copy_seconds']:.2f} s (copying at {weights / log['copy_seconds'] / 1e6:.0f} MB/s); "
+        f"projected for MPT-7B's 13.3 GB: {log['projected_mpt_7b_ratio']:.2f}")
     figures["loads_during_log"] = figure(f.loads_during_log(path), "from_pretrained and load_context calls")
 
     _say("load memory, each in a fresh process")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import mlflow
 import pytest
@@ -75,7 +76,7 @@ def _resident_bytes(path) -> int:
     return total
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_packing_hands_back_the_memory_mapped_originals(tiny_snapshot, tmp_path):
     snapshot = shutil.copytree(tiny_snapshot, tmp_path / "snapshot")  # mapped by this test only
     weights = snapshot / "model.safetensors"

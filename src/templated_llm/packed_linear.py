@@ -11,6 +11,7 @@ backend applies when it freezes weights, without the compile.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import sys
@@ -65,6 +66,11 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
 def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
     """Hand back the pages of a replaced weight that lies in a memory-mapped weights file.
 
@@ -80,7 +86,7 @@ def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def pack_linear_layers(model: nn.Module) -> int:
@@ -91,9 +97,7 @@ def pack_linear_layers(model: nn.Module) -> int:
     oneDNN cannot pack here.
     """
     mappings = _file_mappings()
-    owners = Counter(
-        id(p) for _, p in model.named_parameters(remove_duplicate=False)
-    )
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     packed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
