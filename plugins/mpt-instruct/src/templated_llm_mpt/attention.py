@@ -90,5 +90,8 @@ def install_attention(model: nn.Module, backend: str) -> str:
     # use_cache=false, which would void it; templated-llm always generates with the cache.)
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
+    # With a static cache on CUDA, generate would torch.compile the forward (cudagraphs): the
+    # data-dependent key ranges above (a new int every decode step) would recompile per step.
+    model.generation_config.disable_compile = True
     _logger.info("installed %s attention into %d MPT blocks", backend, len(model.transformer.blocks))
     return backend
