@@ -7,7 +7,7 @@ Prints, measured side by side in one run (medians after warm-up, runs taking tur
 - with ``--profile``, the share of decode time spent in ``aten::cat`` for each.
 
 Run: ``python -m benchmarks.attention [--d-model 64 --n-layers 2 --threads 1 --profile]``.
-The model is the small random MPT from ``templated_llm.tiny`` (no download).
+The model is the small random MPT from ``templated_llm.devtools.tiny`` (no download).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from templated_llm.tiny import build_tiny_mpt
+    from templated_llm.devtools.tiny import build_tiny_mpt
 
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = build_tiny_mpt(tmp, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)

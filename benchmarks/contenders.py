@@ -15,9 +15,9 @@ import torch
 
 from benchmarks import tutorial_mpt
 from templated_llm.errors import TemplatedLLMError
-from templated_llm.hf_defaults import ATTENTION_BACKENDS
-from templated_llm.log import log_llm
-from templated_llm.templates import PromptTemplate, find_template
+from templated_llm.plugins.hf_defaults import ATTENTION_BACKENDS
+from templated_llm.model_logging.log import log_llm
+from templated_llm.runtime.templates import PromptTemplate, find_template
 
 MODEL = "mpt-instruct"
 GREEDY = {"temperature": 0.0}

@@ -22,8 +22,8 @@ from benchmarks.contenders import GREEDY, MODEL, Contender, render
 from benchmarks.measure import interleaved_seconds, median_ratio
 from benchmarks.settings import Settings, prompts
 from templated_llm.cli import serve_command
-from templated_llm.local_server import free_port, running_server
-from templated_llm.log import log_llm
+from tests.local_server import free_port, running_server
+from templated_llm.model_logging.log import log_llm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def loads_during_log(snapshot: Path) -> int:
     """Models loaded while logging: calls of from_pretrained and of the pyfunc's load_context."""
     from transformers import PreTrainedModel
 
-    from templated_llm.pyfunc import TemplatedLLM
+    from templated_llm.runtime.pyfunc import TemplatedLLM
 
     calls = []
     original_from_pretrained = PreTrainedModel.from_pretrained.__func__

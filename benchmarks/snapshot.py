@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks.settings import Settings
-from templated_llm.tiny import build_tiny_mpt
+from templated_llm.devtools.tiny import build_tiny_mpt
 
 
 def snapshot(settings: Settings, cache: Path) -> Path:

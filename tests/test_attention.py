@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from transformers import MptForCausalLM, StaticCache
 
 from templated_llm import AttentionUnavailableError
-from templated_llm.hf_defaults import attention_unavailable
-from templated_llm.log import log_llm
-from templated_llm.plugin_manager import call_first, get_model_spec
+from templated_llm.plugins.hf_defaults import attention_unavailable
+from templated_llm.model_logging.log import log_llm
+from templated_llm.plugins.manager import call_first, get_model_spec
 from templated_llm_mpt import kernels
 from templated_llm_mpt.attention import install_attention
 

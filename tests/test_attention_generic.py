@@ -10,7 +10,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl, register_plugin
-from templated_llm.log import log_llm
+from templated_llm.model_logging.log import log_llm
 
 
 class TinyLlamaPlugin:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from templated_llm.batching import MicroBatcher
-from templated_llm.params import GenerationParams
+from templated_llm.runtime.batching import MicroBatcher
+from templated_llm.runtime.params import GenerationParams
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=4)
 

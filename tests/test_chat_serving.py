@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from templated_llm import log_llm
-from templated_llm.local_server import free_port, running_server
+from local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from templated_llm.cli import _parser
-from templated_llm.tiny import ZEPHYR_CHAT_TEMPLATE
+from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
 from venvs import venv_over_this_one
 
 

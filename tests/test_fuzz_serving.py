@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from templated_llm import log_llm
-from templated_llm.local_server import free_port, running_server
+from local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from templated_llm import (
     hookimpl,
     log_llm,
 )
-from templated_llm.plugin_manager import register_plugin
-from templated_llm.pyfunc import RemoteCodeWarning
+from templated_llm.plugins.manager import register_plugin
+from templated_llm.runtime.pyfunc import RemoteCodeWarning
 
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
-from templated_llm.inputs import has_messages, to_conversations, to_prompts
+from templated_llm.runtime.inputs import has_messages, to_conversations, to_prompts
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from mlflow.exceptions import MlflowException
 
 from conftest import run_python
 from templated_llm import hookimpl, log_llm
-from templated_llm.plugin_manager import register_plugin, unregister_plugin
-from templated_llm.pyfunc import TemplatedLLM
+from templated_llm.plugins.manager import register_plugin, unregister_plugin
+from templated_llm.runtime.pyfunc import TemplatedLLM
 
 PROMPTS = ["What is machine learning?", "Name three rivers.", "Hi", "Explain {{ attention }} in layers."]
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -138,7 +138,7 @@ def test_the_logged_model_carries_signature_example_requirements_and_code(logged
     assert f"transformers=={transformers.__version__}" in requirements
     assert any(r.startswith("accelerate==") for r in requirements)
     code = local / "code"
-    assert (code / "templated_llm" / "pyfunc.py").is_file()
+    assert (code / "templated_llm" / "runtime" / "pyfunc.py").is_file()
     assert (code / "templated_llm_mpt" / "__init__.py").is_file()
     config = model.flavors["python_function"]["config"] if "config" in model.flavors["python_function"] else None
     assert config is None or "model" in config

@@ -12,7 +12,7 @@ import transformers
 from mlflow.exceptions import MlflowException
 
 from templated_llm import ModelSpec, TemplateError, log_llm
-from templated_llm.tiny import ZEPHYR_CHAT_TEMPLATE
+from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
 
 DOLLY_SPECIAL_TOKENS = ("### End", "### Instruction:", "### Response:")
 # plugin -> (distribution, architecture of its models, snapshot options)

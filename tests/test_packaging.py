@@ -21,8 +21,8 @@ def test_the_wheel_ships_templates_and_entry_points(tmp_path: Path) -> None:
     shipped = {p.name for p in (ROOT / "prompt_templates").glob("*.jinja")}
     assert shipped and all(f"templated_llm/prompt_templates/{n}" in names for n in shipped)
     # The files `templated-llm new-plugin` writes from.
-    kit = {p.name for p in (ROOT / "src" / "templated_llm" / "plugin_kit").iterdir()}
-    assert kit and all(f"templated_llm/plugin_kit/{n}" in names for n in kit)
+    kit = {p.name for p in (ROOT / "src" / "templated_llm" / "devtools" / "plugin_kit").iterdir()}
+    assert kit and all(f"templated_llm/devtools/plugin_kit/{n}" in names for n in kit)
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))
     ).decode()

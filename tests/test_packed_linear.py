@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import MptForCausalLM
 
-from templated_llm.log import log_llm
-from templated_llm.packed_linear import PackedLinear, pack_linear_layers, packing_available
+from templated_llm.model_logging.log import log_llm
+from templated_llm.runtime.packed_linear import PackedLinear, pack_linear_layers, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
 

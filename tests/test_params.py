@@ -8,7 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
 from templated_llm import TemplateError
-from templated_llm.params import GenerationParams, param_schema, split_template_variables, validate_params
+from templated_llm.runtime.params import GenerationParams, param_schema, split_template_variables, validate_params
 
 BAD_PARAMS = [
     ("temperature", -0.1, "greater than or equal to 0"),

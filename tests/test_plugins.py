@@ -10,8 +10,8 @@ import pytest
 
 from conftest import run_python
 from templated_llm import ModelSpec, PluginError, UnknownModelError, hookimpl, log_llm
-from templated_llm import plugin_manager
-from templated_llm.plugin_manager import (
+from templated_llm.plugins import manager as plugin_manager
+from templated_llm.plugins.manager import (
     PLUGINS_ENV_VAR,
     PluginLoadWarning,
     call_first,
@@ -28,7 +28,7 @@ def test_the_mpt_plugin_is_found_through_its_installed_entry_point() -> None:
         ("templated_llm", "mpt-instruct", "templated_llm_mpt")
     ]
     found = run_python(
-        "import json; from templated_llm.plugin_manager import model_specs; "
+        "import json; from templated_llm.plugins.manager import model_specs; "
         "s = model_specs()['mpt-instruct']; "
         "print(json.dumps([s.plugin_name, s.plugin_module, s.repo_id]))"
     )
@@ -37,7 +37,7 @@ def test_the_mpt_plugin_is_found_through_its_installed_entry_point() -> None:
 
 def test_without_its_entry_point_the_core_does_not_know_the_mpt_model() -> None:
     names = run_python(
-        "import json; from templated_llm.plugin_manager import model_specs; "
+        "import json; from templated_llm.plugins.manager import model_specs; "
         "print(json.dumps(sorted(model_specs())))",
         env={PLUGINS_ENV_VAR: ""},
     )

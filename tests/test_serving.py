@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from templated_llm import log_llm
 from templated_llm.cli import serve_command
-from templated_llm.local_server import free_port, running_server
+from local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from templated_llm import log_llm
-from templated_llm.generation import _cut_at_stop, _held_back_at_stop
+from templated_llm.runtime.generation import _cut_at_stop, _held_back_at_stop
 
 PROMPT = "Name three rivers."
 GREEDY = {"temperature": 0.0, "max_tokens": 12}

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from templated_llm import TemplateError
-from templated_llm.templates import PromptTemplate, available_templates, find_template
+from templated_llm.runtime.templates import PromptTemplate, available_templates, find_template
 
 MPT = PromptTemplate.from_file(find_template("mpt-instruct.jinja"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from templated_llm.tiny import END_OF_TEXT, ZEPHYR_CHAT_TEMPLATE, build_tiny_model, build_tiny_mpt
+from templated_llm.devtools.tiny import END_OF_TEXT, ZEPHYR_CHAT_TEMPLATE, build_tiny_model, build_tiny_mpt
 
 
 def _files(path: Path) -> dict[str, bytes]:

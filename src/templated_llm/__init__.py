@@ -1,5 +1,7 @@
 """templated-llm: any Hugging Face causal LM as a production MLflow model, through plugins."""
 
+import importlib
+
 from templated_llm.errors import (
     AttentionUnavailableError,
     PluginError,
@@ -10,7 +12,7 @@ from templated_llm.errors import (
     TemplateSecurityError,
     UnknownModelError,
 )
-from templated_llm.hookspecs import hookimpl
+from templated_llm.plugins.hookspecs import hookimpl
 from templated_llm.spec import ModelSpec
 
 __version__ = "0.1.0"
@@ -34,22 +36,17 @@ __all__ = [
 ]
 
 
+# Heavy imports (mlflow, torch) wait until used, so plugins can import hookimpl cheaply.
+_LAZY = {
+    "log_llm": "templated_llm.model_logging.log",
+    "TemplatedLLM": "templated_llm.runtime.pyfunc",
+    "register_plugin": "templated_llm.plugins.manager",
+    "model_specs": "templated_llm.plugins.manager",
+    "build_tiny_mpt": "templated_llm.devtools.tiny",
+}
+
+
 def __getattr__(name: str):
-    # Heavy imports (mlflow, torch) wait until used, so plugins can import hookimpl cheaply.
-    if name == "log_llm":
-        from templated_llm.log import log_llm
-
-        return log_llm
-    if name == "TemplatedLLM":
-        from templated_llm.pyfunc import TemplatedLLM
-
-        return TemplatedLLM
-    if name in ("register_plugin", "model_specs"):
-        from templated_llm import plugin_manager
-
-        return getattr(plugin_manager, name)
-    if name == "build_tiny_mpt":
-        from templated_llm.tiny import build_tiny_mpt
-
-        return build_tiny_mpt
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'templated_llm' has no attribute {name!r}")

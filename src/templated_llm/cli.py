@@ -8,12 +8,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from templated_llm.hf_defaults import ATTENTION_BACKENDS
-from templated_llm.tiny import ARCHITECTURES
+from templated_llm.plugins.hf_defaults import ATTENTION_BACKENDS
+from templated_llm.devtools.tiny import ARCHITECTURES
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
-    from templated_llm.tiny import build_tiny_model
+    from templated_llm.devtools.tiny import build_tiny_model
 
     path = build_tiny_model(
         args.architecture, args.path, seed=args.seed, hidden_size=args.d_model,
@@ -25,7 +25,7 @@ def _build_tiny_model(args: argparse.Namespace) -> None:
 
 
 def _new_plugin(args: argparse.Namespace) -> None:
-    from templated_llm.scaffold import write_plugin
+    from templated_llm.devtools.scaffold import write_plugin
 
     path = write_plugin(args.name, args.directory, repo_id=args.repo_id, architecture=args.architecture)
     print(path)
@@ -45,8 +45,8 @@ def _variables(pairs: list[str]) -> dict[str, str]:
 def _render(args: argparse.Namespace) -> None:
     import json
 
-    from templated_llm.inputs import to_conversations
-    from templated_llm.rendering import render_prompt
+    from templated_llm.runtime.inputs import to_conversations
+    from templated_llm.runtime.prompts import render_prompt
 
     if (args.prompt is None) == (args.messages is None):
         raise argparse.ArgumentTypeError("pass either --prompt or --messages")
@@ -66,7 +66,7 @@ def _render(args: argparse.Namespace) -> None:
 
 
 def _plugins(args: argparse.Namespace) -> None:
-    from templated_llm.plugin_manager import model_specs, plugin_load_errors, plugin_names
+    from templated_llm.plugins.manager import model_specs, plugin_load_errors, plugin_names
 
     specs = model_specs()
     for name in plugin_names():
@@ -77,7 +77,7 @@ def _plugins(args: argparse.Namespace) -> None:
 
 
 def _log(args: argparse.Namespace) -> None:
-    from templated_llm.log import log_llm
+    from templated_llm.model_logging.log import log_llm
 
     info = log_llm(
         args.model, args.snapshot, name=args.name, template=args.template,
@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from templated_llm.demo import run_demo
+    from templated_llm.devtools.demo import run_demo
 
     run_demo(args.snapshot)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from templated_llm import ModelSpec, hookimpl
-from templated_llm import hf_defaults
+from templated_llm.plugins import hf_defaults
 
 MODEL_NAME = "dolly-v2"
 END_KEY = "### End"

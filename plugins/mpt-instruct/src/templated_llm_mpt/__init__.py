@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from templated_llm import ModelSpec, hookimpl
-from templated_llm.hf_defaults import check_attention_available, check_attention_name, choose_auto
+from templated_llm.plugins.hf_defaults import check_attention_available, check_attention_name, choose_auto
 
 MODEL_NAME = "mpt-instruct"
 

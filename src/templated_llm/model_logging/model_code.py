@@ -6,6 +6,6 @@ object, so loading depends on no pickle format and runs nothing but this.
 
 import mlflow.models
 
-from templated_llm.pyfunc import TemplatedLLM
+from templated_llm.runtime.pyfunc import TemplatedLLM
 
 mlflow.models.set_model(TemplatedLLM())

@@ -16,23 +16,22 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
 
-import templated_llm
 from templated_llm_link import link_uri
-from templated_llm.hf_defaults import check_attention_name
-from templated_llm.inputs import PROMPT_COLUMN
-from templated_llm.logged_config import (
+from templated_llm.plugins.hf_defaults import check_attention_name
+from templated_llm.runtime.inputs import PROMPT_COLUMN
+from templated_llm.model_logging.config import (
     DEFAULT_MAX_ROWS_PER_REQUEST,
     DEFAULT_MAX_TOKENS_LIMIT,
     LoggedConfig,
     default_device,
 )
-from templated_llm.params import GenerationParams, param_schema
-from templated_llm.plugin_manager import call_first, get_model_spec
-from templated_llm.pyfunc import OUTPUT_COLUMN
-from templated_llm.snapshot import resolve_snapshot
-from templated_llm.snapshot_check import check_remote_code, check_snapshot
+from templated_llm.runtime.params import GenerationParams, param_schema
+from templated_llm.plugins.manager import call_first, get_model_spec
+from templated_llm.runtime.pyfunc import OUTPUT_COLUMN
+from templated_llm.model_logging.snapshot import resolve_snapshot
+from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot
 from templated_llm.spec import ModelSpec
-from templated_llm.templates import find_template, validate_template
+from templated_llm.runtime.templates import find_template, validate_template
 
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
@@ -64,7 +63,7 @@ def _package_dir(module_name: str) -> Path | None:
 
 
 def _code_paths(spec: ModelSpec) -> list[str]:
-    paths = [Path(templated_llm.__file__).parent]
+    paths = [_package_dir(__name__)]
     plugin = _package_dir(spec.plugin_module)
     if plugin is not None and plugin not in paths:
         paths.append(plugin)
@@ -166,7 +165,7 @@ def log_llm(
         attention=attention,
         dtype=dtype,
         generation_defaults=defaults,
-        templated_llm_version=templated_llm.__version__,
+        templated_llm_version=importlib.metadata.version("templated-llm"),
         trust_remote_code=trust_remote_code,
         max_rows_per_request=max_rows_per_request,
         max_tokens_limit=max_tokens_limit,

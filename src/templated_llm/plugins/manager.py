@@ -13,14 +13,14 @@ from typing import Any
 
 import pluggy
 
-from templated_llm import hf_defaults, hookspecs
+from templated_llm.plugins import hf_defaults, hookspecs
 from templated_llm.errors import PluginError, TemplatedLLMError, UnknownModelError
 from templated_llm.spec import ModelSpec
 
 ENTRY_POINT_GROUP = "templated_llm"
 # Comma-separated entry-point names to load; unset loads all of them, an empty value loads none.
 PLUGINS_ENV_VAR = "TEMPLATED_LLM_PLUGINS"
-_DEFAULTS_NAME = "templated_llm.hf_defaults"
+_DEFAULTS_NAME = "templated_llm.plugins.hf_defaults"
 
 
 class PluginLoadWarning(UserWarning):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from templated_llm.params import GenerationParams
+from templated_llm.runtime.params import GenerationParams
 
 # Most prompts one merged batch takes (one request alone may have more): bounds the KV cache.
 MAX_MERGED_PROMPTS = 64

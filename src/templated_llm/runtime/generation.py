@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from templated_llm.params import GenerationParams
+from templated_llm.runtime.params import GenerationParams
 
 _CONTEXT_ATTRIBUTES = ("max_seq_len", "max_position_embeddings", "n_positions", "seq_length")
 

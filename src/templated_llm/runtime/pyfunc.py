@@ -14,8 +14,8 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from templated_llm.batching import MicroBatcher
-from templated_llm.generation import (
+from templated_llm.runtime.batching import MicroBatcher
+from templated_llm.runtime.generation import (
     Completion,
     context_length,
     generate_completions,
@@ -24,13 +24,13 @@ from templated_llm.generation import (
     stream,
     tokenize,
 )
-from templated_llm.inputs import has_messages, to_conversations, to_prompts
-from templated_llm.logged_config import LoggedConfig, default_device, torch_dtype
-from templated_llm.packed_linear import pack_linear_layers
-from templated_llm.params import GenerationParams, split_template_variables, validate_params
-from templated_llm.plugin_manager import call_first, get_model_spec
-from templated_llm.rendering import PromptRenderer, Row
-from templated_llm.templates import PromptTemplate
+from templated_llm.runtime.inputs import has_messages, to_conversations, to_prompts
+from templated_llm.model_logging.config import LoggedConfig, default_device, torch_dtype
+from templated_llm.runtime.packed_linear import pack_linear_layers
+from templated_llm.runtime.params import GenerationParams, split_template_variables, validate_params
+from templated_llm.plugins.manager import call_first, get_model_spec
+from templated_llm.runtime.prompts import PromptRenderer, Row
+from templated_llm.runtime.templates import PromptTemplate
 
 _logger = logging.getLogger(__name__)
 

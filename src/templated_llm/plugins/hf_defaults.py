@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from templated_llm.errors import AttentionUnavailableError
-from templated_llm.hookspecs import hookimpl
-from templated_llm.snapshot_check import remote_code_reason
+from templated_llm.plugins.hookspecs import hookimpl
+from templated_llm.model_logging.snapshot import remote_code_reason
 from templated_llm.spec import ModelSpec
-from templated_llm.templates import find_template
+from templated_llm.runtime.templates import find_template
 
 _logger = logging.getLogger(__name__)
 

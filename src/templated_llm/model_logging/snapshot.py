@@ -1,6 +1,7 @@
-"""Checks a model snapshot before it is logged: config, tokenizer files, weights, remote code.
+"""The model snapshot to log: found (a local directory, or a download from the Hugging Face
+Hub), then checked: config, tokenizer files, weights, and its need for remote code.
 
-Everything here reads files only; no model code runs and no weights are loaded into memory
+The checks read files only; no model code runs and no weights are loaded into memory
 (safetensors headers are read through a memory map, ``.bin`` files through torch's
 weights-only loader, which refuses pickled code).
 """
@@ -8,10 +9,12 @@ weights-only loader, which refuses pickled code).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from templated_llm.errors import RemoteCodeError, SnapshotError
+from templated_llm.spec import ModelSpec
 
 _JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json",
                "generation_config.json", "added_tokens.json", "vocab.json")
@@ -20,6 +23,30 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.
                     "vocab.txt", "tiktoken.model")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def resolve_snapshot(spec: ModelSpec, snapshot: str | os.PathLike[str] | None) -> Path:
+    """Return a local snapshot directory for ``spec``.
+
+    A given directory is used as is (never copied here); ``None`` downloads the spec's
+    repository with ``huggingface_hub`` (progress bars on, the Hub cache reused).
+    """
+    if snapshot is None:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=spec.repo_id, revision=spec.revision))
+    path = Path(snapshot).expanduser()
+    if not path.is_dir():
+        raise SnapshotError(
+            f"snapshot {str(snapshot)!r} is not a directory; pass a local snapshot directory, or "
+            f"snapshot=None to download {spec.repo_id!r} from the Hugging Face Hub"
+        )
+    if not (path / "config.json").is_file():
+        raise SnapshotError(
+            f"snapshot {str(path)!r} has no config.json; it does not look like a Hugging Face "
+            "model directory"
+        )
+    return path
 
 
 def check_snapshot(snapshot: Path) -> None:

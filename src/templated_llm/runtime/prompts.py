@@ -9,9 +9,9 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from templated_llm.errors import TemplateError
-from templated_llm.inputs import Message
+from templated_llm.runtime.inputs import Message
 from templated_llm.spec import ModelSpec
-from templated_llm.templates import PromptTemplate
+from templated_llm.runtime.templates import PromptTemplate
 
 #: A request row: a prompt string, or an OpenAI-style list of chat messages.
 Row = str | list[Message]
@@ -93,9 +93,9 @@ def render_prompt(
     ``<s>``) included; without one, the template's output. Models rendered by their tokenizer's
     chat template need the snapshot.
     """
-    from templated_llm.generation import prepare_tokenizer
-    from templated_llm.plugin_manager import call_first, get_model_spec
-    from templated_llm.templates import find_template
+    from templated_llm.runtime.generation import prepare_tokenizer
+    from templated_llm.plugins.manager import call_first, get_model_spec
+    from templated_llm.runtime.templates import find_template
 
     spec = get_model_spec(model)
     unknown = sorted(set(variables or {}) - set(spec.template_variables))

@@ -13,7 +13,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from templated_llm.errors import TemplateError, TemplateSecurityError
 
 #: Templates shipped with templated-llm (the repository's top-level ``prompt_templates/``).
-TEMPLATES_DIR = Path(__file__).resolve().parent / "prompt_templates"
+# Shipped at the package root: plugins name them in their specs.
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "prompt_templates"
 
 _ENVIRONMENT = ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined,
