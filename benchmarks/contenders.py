@@ -15,8 +15,8 @@ import torch
 
 from benchmarks import tutorial_mpt
 from templated_llm.errors import TemplatedLLMError
-from templated_llm.plugins.hf_defaults import ATTENTION_BACKENDS
 from templated_llm.model_logging.log import log_llm
+from templated_llm.plugins.attention import backends
 from templated_llm.runtime.templates import PromptTemplate, find_template
 
 MODEL = "mpt-instruct"
@@ -120,9 +120,7 @@ def transformers_flavor(snapshot: Path) -> Contender:
 def templated(snapshot: Path) -> tuple[list[Contender], dict[str, str]]:
     """Contender 4, once per attention backend that logs and loads here; why the others do not."""
     contenders, unavailable = [], {}
-    for backend in ATTENTION_BACKENDS:
-        if backend == "auto":
-            continue
+    for backend in (entry.name for entry in backends()):
         try:
             info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{backend}", attention=backend)
             model = mlflow.pyfunc.load_model(info.model_uri)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from transformers import MptForCausalLM, StaticCache
 
 from templated_llm import AttentionUnavailableError
-from templated_llm.plugins.hf_defaults import attention_unavailable
+from templated_llm.plugins.attention import unavailable as attention_unavailable
 from templated_llm.model_logging.log import log_llm
-from templated_llm.plugins.manager import call_first, get_model_spec
+from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm_mpt import kernels
 from templated_llm_mpt.attention import install_attention
 
@@ -142,7 +142,7 @@ def test_greedy_predictions_through_templated_llm_match_eager(tiny_snapshot):
 def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
     spec = get_model_spec("mpt-instruct")
     with caplog.at_level("INFO"):
-        chosen = call_first("select_attention", spec=spec, requested="auto", device="cpu", snapshot=None)
+        chosen = hooks().select_attention(spec=spec, requested="auto", device="cpu", snapshot=None)
     assert chosen == "sdpa"
     assert "attention 'auto' chose 'sdpa'" in caplog.text
 
@@ -150,7 +150,7 @@ def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
 def test_an_explicit_backend_that_cannot_run_fails_naming_what_is_missing(tiny_snapshot, monkeypatch):
     spec = get_model_spec("mpt-instruct")
     with pytest.raises(AttentionUnavailableError, match="needs a CUDA GPU"):
-        call_first("select_attention", spec=spec, requested="flash", device="cpu", snapshot=None)
+        hooks().select_attention(spec=spec, requested="flash", device="cpu", snapshot=None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(AttentionUnavailableError, match="C\\+\\+ compiler"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, attention="triton")
@@ -159,3 +159,24 @@ def test_an_explicit_backend_that_cannot_run_fails_naming_what_is_missing(tiny_s
 def test_flash_refuses_float32_weights(tiny_snapshot):
     with pytest.raises(AttentionUnavailableError, match="bfloat16"):
         _model(tiny_snapshot, "flash")
+
+
+def test_a_plugin_adds_a_backend_to_the_table_and_names_are_checked_there(monkeypatch):
+    from templated_llm.plugins import attention
+
+    monkeypatch.setattr(attention, "_TABLE", dict(attention._TABLE))  # this test's additions only
+    attention.register_attention(attention.AttentionBackend(
+        "paged", needs="a CUDA GPU", auto_rank=10,
+        unavailable=lambda device: None if device.startswith("cuda") else "'paged' needs a CUDA GPU",
+    ))
+    assert attention.backend_names() == ["auto", "eager", "sdpa", "triton", "flash", "paged"]
+    with pytest.raises(ValueError, match="'paged' is already in the table"):
+        attention.register_attention(attention.AttentionBackend("paged", needs="nothing"))
+    # auto passes over what cannot run here, and over what the model does not support.
+    assert attention.resolve("auto", "cpu") == "sdpa"
+    with pytest.raises(AttentionUnavailableError, match="'paged' needs a CUDA GPU"):
+        attention.resolve("paged", "cpu")
+    with pytest.raises(AttentionUnavailableError, match="Toy does not implement attention backend 'sdpa'"):
+        attention.resolve("sdpa", "cpu", ["eager"], owner="Toy")
+    with pytest.raises(AttentionUnavailableError, match=r"unknown attention backend 'pagd'; choose one of \['auto'"):
+        attention.resolve("pagd", "cpu")

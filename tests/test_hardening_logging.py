@@ -17,6 +17,7 @@ from templated_llm import (
     ModelSpec,
     PluginError,
     RemoteCodeError,
+    RemoteCodeWarning,
     SnapshotError,
     TemplateError,
     TemplateSecurityError,
@@ -24,7 +25,6 @@ from templated_llm import (
     log_llm,
 )
 from templated_llm.plugins.manager import register_plugin
-from templated_llm.runtime.pyfunc import RemoteCodeWarning
 
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
 

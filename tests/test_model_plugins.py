@@ -99,7 +99,7 @@ def test_chat_models_render_messages_and_the_system_prompt(plugin, model, snapsh
 def test_the_tokenizer_adds_llamas_bos_once(plugin, model) -> None:
     python_model = model.unwrap_python_model()
     text = python_model.render(["Hi"])[0]
-    ids = python_model.tokenizer(text, add_special_tokens=python_model.renderer.add_special_tokens).input_ids
+    ids = python_model.tokenizer(text, add_special_tokens=python_model.tokens.add_special_tokens).input_ids
     bos = python_model.tokenizer.bos_token_id
     expected = 1 if plugin in ("llama2-chat", "mistral-instruct") else 0
     assert ids.count(bos) == expected and (expected == 0 or ids[0] == bos)

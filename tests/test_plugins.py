@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import mlflow
@@ -14,8 +15,8 @@ from templated_llm.plugins import manager as plugin_manager
 from templated_llm.plugins.manager import (
     PLUGINS_ENV_VAR,
     PluginLoadWarning,
-    call_first,
     get_model_spec,
+    hooks,
     model_specs,
     plugin_load_errors,
     register_plugin,
@@ -99,7 +100,7 @@ def test_a_plugin_raising_inside_a_hook_is_named_with_the_hook(fresh_plugins) ->
     register_plugin(Faulty(), name="faulty")
     spec = get_model_spec("mpt-instruct")
     with pytest.raises(PluginError, match="plugin 'faulty' failed in hook 'load_tokenizer'.*disk on fire"):
-        call_first("load_tokenizer", spec=spec, snapshot=Path("."))
+        hooks().load_tokenizer(spec=spec, snapshot=Path("."), trust_remote_code=False)
 
 
 class EchoPlugin:
@@ -128,3 +129,71 @@ def test_a_plugin_registered_in_code_logs_and_serves(fresh_plugins, tiny_snapsho
     assert python_model.attention == "eager"  # transformers' only choice for MPT
     out = model.predict(["hi", "there"], params={"temperature": 0.0})
     assert out["candidates"].map(type).tolist() == [str, str]
+
+
+def test_every_plugins_prepare_model_adjusts_the_loaded_model(fresh_plugins, logged_model) -> None:
+    class Adjusts:
+        def __init__(self, mark: str) -> None:
+            self.mark = mark
+
+        @hookimpl
+        def prepare_model(self, spec, model, tokenizer):
+            if spec.name == "mpt-instruct":
+                marks = getattr(model, "prepared_by", [])
+                model.prepared_by = [*marks, (self.mark, tokenizer.padding_side)]
+
+    register_plugin(Adjusts("first"), name="first")
+    register_plugin(Adjusts("second"), name="second")
+    model = mlflow.pyfunc.load_model(logged_model.model_uri).unwrap_python_model().model
+    # Not first-result: both ran (last registered first), on the prepared tokenizer.
+    assert model.prepared_by == [("second", "left"), ("first", "left")]
+
+
+def test_a_hook_wrapper_is_refused_when_its_plugin_registers(fresh_plugins) -> None:
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def load_model(self, spec, snapshot):
+            return (yield)
+
+    with pytest.raises(PluginError, match="'wrapping' implements hook 'load_model' as a wrapper"):
+        register_plugin(Wrapping(), name="wrapping")
+    assert "wrapping" not in plugin_manager.plugin_names()
+
+
+def test_select_attention_must_answer_a_backend_of_the_table(fresh_plugins) -> None:
+    from templated_llm.runtime.loading import select_attention
+
+    class Undecided:
+        @hookimpl(tryfirst=True)
+        def select_attention(self, spec, requested):
+            return requested
+
+    register_plugin(Undecided(), name="undecided")
+    spec = get_model_spec("mpt-instruct")
+    assert select_attention(spec, "sdpa", "cpu", None) == "sdpa"
+    with pytest.raises(PluginError, match="answered 'auto' for model 'mpt-instruct'"):
+        select_attention(spec, "auto", "cpu", None)
+
+
+def test_the_plugins_command_shows_distributions_models_hooks_and_load_errors(
+    broken_distribution, fresh_plugins, capsys
+) -> None:
+    from templated_llm.cli import main
+
+    plugin_manager.reset_plugin_manager()
+    with pytest.warns(PluginLoadWarning):
+        assert main(["plugins", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    mpt = records["mpt-instruct"]
+    assert (mpt["distribution"], mpt["version"], mpt["error"]) == ("templated-llm-mpt", "0.1.0", None)
+    assert [(m["name"], m["repo_id"], m["template"]) for m in mpt["models"]] == [
+        ("mpt-instruct", "mosaicml/mpt-7b-instruct", "mpt-instruct.jinja")]
+    assert {"register_models", "select_attention", "configure_attention"} <= set(mpt["hooks"])
+    assert "prepare_model" in records["dolly-v2"]["hooks"]
+    assert records["exploding"]["error"] == "exploding_plugin: RuntimeError: boom at import"
+
+    assert main(["plugins"]) == 0
+    shown = capsys.readouterr().out
+    assert "mpt-instruct: mpt-instruct\n  distribution: templated-llm-mpt 0.1.0\n" in shown
+    assert "  model mpt-instruct: mosaicml/mpt-7b-instruct, template mpt-instruct.jinja\n" in shown
+    assert "exploding: FAILED TO LOAD (exploding_plugin: RuntimeError: boom at import)" in shown

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from templated_llm import log_llm
-from templated_llm.runtime.generation import _cut_at_stop, _held_back_at_stop
+from templated_llm.runtime.completions import cut_at_stop, held_back_at_stop
 
 PROMPT = "Name three rivers."
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -21,8 +21,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 12}
     stop=st.lists(st.text(alphabet="ab c", min_size=1, max_size=3), max_size=3),
 )
 def test_held_back_chunks_join_to_the_text_cut_at_the_first_stop(pieces, stop) -> None:
-    chunks = list(_held_back_at_stop(iter(pieces), stop))
-    assert "".join(chunks) == _cut_at_stop("".join(pieces), stop)
+    chunks = list(held_back_at_stop(iter(pieces), stop))
+    assert "".join(chunks) == cut_at_stop("".join(pieces), stop)
     assert all(chunks)
 
 

@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, get_args
 
-from templated_llm.plugins.hf_defaults import ATTENTION_BACKENDS
 from templated_llm.devtools.tiny import ARCHITECTURES
+from templated_llm.model_logging.config import DType
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -46,7 +47,7 @@ def _render(args: argparse.Namespace) -> None:
     import json
 
     from templated_llm.runtime.inputs import to_conversations
-    from templated_llm.runtime.prompts import render_prompt
+    from templated_llm.runtime.loading import render_prompt
 
     if (args.prompt is None) == (args.messages is None):
         raise argparse.ArgumentTypeError("pass either --prompt or --messages")
@@ -65,15 +66,37 @@ def _render(args: argparse.Namespace) -> None:
                         snapshot=args.snapshot), end="")
 
 
-def _plugins(args: argparse.Namespace) -> None:
-    from templated_llm.plugins.manager import model_specs, plugin_load_errors, plugin_names
+def _plugin_records() -> list[dict[str, Any]]:
+    from templated_llm.plugins.manager import plugin_info, plugin_load_errors
 
-    specs = model_specs()
-    for name in plugin_names():
-        models = [s.name for s in specs.values() if s.plugin_name == name]
-        print(f"{name}: {', '.join(models) or '(no models)'}")
-    for error in plugin_load_errors():
-        print(f"{error.name}: FAILED TO LOAD ({error.entry_point}): {error.error}")
+    records = [{
+        "name": info.name, "distribution": info.distribution, "version": info.version,
+        "models": [{"name": s.name, "repo_id": s.repo_id, "revision": s.revision,
+                    "template": s.template, "description": s.description} for s in info.models],
+        "hooks": info.hooks, "error": None,
+    } for info in plugin_info()]
+    records += [{"name": e.name, "distribution": None, "version": None, "models": [], "hooks": [],
+                 "error": f"{e.entry_point}: {e.error}"} for e in plugin_load_errors()]
+    return records
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    import json
+
+    records = _plugin_records()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    for record in records:
+        if record["error"]:
+            print(f"{record['name']}: FAILED TO LOAD ({record['error']})")
+            continue
+        print(f"{record['name']}: {', '.join(m['name'] for m in record['models']) or '(no models)'}")
+        source = record["distribution"] or "registered in code"
+        print(f"  distribution: {source}{' ' + record['version'] if record['version'] else ''}")
+        for model in record["models"]:
+            print(f"  model {model['name']}: {model['repo_id']}, template {model['template']}")
+        print(f"  hooks: {', '.join(record['hooks'])}")
 
 
 def _log(args: argparse.Namespace) -> None:
@@ -158,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="local snapshot: show what its tokenizer reads, special tokens included")
     render.set_defaults(func=_render)
 
-    plugins = commands.add_parser("plugins", help="list plugins, their models and load errors")
+    plugins = commands.add_parser(
+        "plugins", help="list plugins: distribution, models, hooks implemented, load errors")
+    plugins.add_argument("--json", action="store_true", help="print JSON, for scripts")
     plugins.set_defaults(func=_plugins)
 
     log = commands.add_parser("log", help="log a model to the current MLflow tracking URI")
@@ -166,9 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("--snapshot", type=Path, help="local snapshot directory (default: download)")
     log.add_argument("--name", default="model", help="logged model name (default 'model')")
     log.add_argument("--template", help="Jinja template file replacing the plugin's")
-    log.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
-                     help="attention backend (default auto)")
-    log.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    log.add_argument("--attention", default="auto",
+                     help="attention backend: auto, eager, sdpa, triton, flash, or one a plugin "
+                          "adds (default auto)")
+    log.add_argument("--dtype", choices=get_args(DType),
                      help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     log.add_argument("--registered-model-name", help="also register a version under this name")
     log.add_argument("--trust-remote-code", action="store_true",

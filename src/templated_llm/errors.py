@@ -1,4 +1,4 @@
-"""Exceptions raised by templated-llm; all derive from :class:`TemplatedLLMError`."""
+"""Exceptions raised by templated-llm, all deriving from :class:`TemplatedLLMError`, and its warnings."""
 
 
 class TemplatedLLMError(Exception):
@@ -31,3 +31,11 @@ class TemplateSecurityError(TemplateError):
 
 class AttentionUnavailableError(TemplatedLLMError, ValueError):
     """The requested attention backend cannot run for this model on this machine."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin entry point failed to load and was skipped."""
+
+
+class RemoteCodeWarning(UserWarning):
+    """A model logged with ``trust_remote_code=True`` is being loaded."""

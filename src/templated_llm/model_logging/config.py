@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -43,12 +42,3 @@ class LoggedConfig(BaseModel):
             )
         return self
 
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def torch_dtype(dtype: DType | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)

@@ -14,24 +14,22 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.types.schema import ColSpec, Schema
 
-from templated_llm_link import link_uri
-from templated_llm.plugins.hf_defaults import check_attention_name
-from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.model_logging.config import (
     DEFAULT_MAX_ROWS_PER_REQUEST,
     DEFAULT_MAX_TOKENS_LIMIT,
     LoggedConfig,
-    default_device,
 )
+from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
+from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.runtime.completions import output_schema
+from templated_llm.runtime.device import default_device
+from templated_llm.runtime.inputs import PROMPT_COLUMN
+from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
-from templated_llm.plugins.manager import call_first, get_model_spec
-from templated_llm.runtime.pyfunc import OUTPUT_COLUMN
-from templated_llm.model_logging.snapshot import resolve_snapshot
-from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot
+from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
-from templated_llm.runtime.templates import find_template, validate_template
+from templated_llm_link import link_uri
 
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
@@ -87,13 +85,7 @@ def _signature(defaults: dict[str, Any], template_variables: dict[str, str]) -> 
         # No input schema: MLflow accepts either a plain list of prompts (unnamed schema) or
         # a 'prompt' column (named schema), never both; predict checks the input itself.
         inputs=None,
-        outputs=Schema([
-            ColSpec("string", OUTPUT_COLUMN),
-            # Only with the param return_usage.
-            ColSpec("long", "prompt_tokens", required=False),
-            ColSpec("long", "completion_tokens", required=False),
-            ColSpec("string", "finish_reason", required=False),
-        ]),
+        outputs=output_schema(),
         params=param_schema(defaults, template_variables),
     )
 
@@ -101,8 +93,8 @@ def _signature(defaults: dict[str, Any], template_variables: dict[str, str]) -> 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
     """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
     check_snapshot(snapshot)
-    check_remote_code(call_first("needs_remote_code", spec=spec, snapshot=snapshot), trust_remote_code)
-    call_first("load_tokenizer", spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code)
+    check_remote_code(hooks().needs_remote_code(spec=spec, snapshot=snapshot), trust_remote_code)
+    load_tokenizer(spec, snapshot, trust_remote_code)
 
 
 def log_llm(
@@ -148,15 +140,11 @@ def log_llm(
     failing check raises before anything is written to the store.
     """
     spec = get_model_spec(model)
-    check_attention_name(attention)
     # An explicit backend that cannot run here fails now rather than at serving time.
-    call_first("select_attention", spec=spec, requested=attention, device=default_device(),
-               snapshot=Path(snapshot) if snapshot is not None else None)
-    template_path = find_template(template) if template is not None else Path(
-        call_first("prompt_template", spec=spec)
-    )
+    select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
+    template_file = template_path(spec, template)
     # Fail before logging: sandbox checks, and one render with the spec's template variables.
-    validate_template(template_path, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
+    validate_template(template_file, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
     defaults = GenerationParams(**spec.generation_defaults).model_dump()
     config = LoggedConfig(
         model=spec.name,
@@ -181,7 +169,7 @@ def log_llm(
         flavor_name="pyfunc",
         name=name,
         python_model=str(_MODEL_CODE),
-        artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_path)},
+        artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_file)},
         model_config=config.model_dump(),
         signature=_signature(defaults, spec.template_variables),
         input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),

@@ -1,8 +1,15 @@
 """The hooks a templated-llm plugin can implement.
 
 Every hook that concerns one model receives its :class:`~templated_llm.spec.ModelSpec`; a plugin
-returns ``None`` for models that are not its own, so the next implementation (ending with the
-core's generic Hugging Face defaults) answers instead.
+returns ``None`` for models that are not its own. The core calls each hook through pluggy
+(``manager.hook.NAME(...)``), implementations last-registered first (``tryfirst`` and
+``trylast`` respected), the core's generic Hugging Face implementations last.
+
+What the dispatcher does, for every hook: an implementation that raises a
+:class:`~templated_llm.errors.TemplatedLLMError` (such as ``AttentionUnavailableError``) stops
+the call, and the error reaches the caller unchanged; any other exception stops the call too and
+reaches the caller as a :class:`~templated_llm.errors.PluginError` naming the plugin and the
+hook, the original chained as its ``__cause__``. Hook wrappers are refused at registration.
 """
 
 from __future__ import annotations
@@ -23,25 +30,37 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 @hookspec
 def register_models(register: Callable[[ModelSpec], None]) -> None:
-    """Call ``register(ModelSpec(...))`` once for every model this plugin serves."""
+    """Call ``register(ModelSpec(...))`` once for every model this plugin serves.
+
+    Every implementation is called; return values are ignored. ``register`` raises
+    ``PluginError`` when another plugin already registered the name.
+    """
 
 
 @hookspec(firstresult=True)
 def prompt_template(spec: ModelSpec) -> str | Path | None:
-    """Return the path of the Jinja prompt template for ``spec``."""
+    """Return the path of the Jinja prompt template for ``spec``.
+
+    The first non-``None`` return is used; the core's default finds ``spec.template`` among the
+    shipped templates or as a path.
+    """
 
 
 @hookspec(firstresult=True)
 def select_attention(
     spec: ModelSpec, requested: str, device: str, snapshot: Path | None
 ) -> str | None:
-    """Resolve a requested attention backend to the concrete one to use on ``device``.
+    """Resolve a requested attention backend to the concrete one to run on ``device``.
 
-    ``requested`` is one of ``auto``, ``eager``, ``sdpa``, ``triton``, ``flash``. Raise
-    ``ValueError`` naming what is missing when the backend cannot run; resolve ``auto`` to the
-    best backend available. ``snapshot`` is the local snapshot directory when one is known
-    (always at load time; at log time only when a local snapshot was given), so the model's
-    own support can be checked too.
+    ``requested`` is ``auto`` or a name of the attention table
+    (:mod:`templated_llm.plugins.attention`), already validated by the core. Return a name of
+    the table, never ``auto``: the first non-``None`` return is the backend passed to
+    ``load_model`` and ``configure_attention``, and the one the loaded model reports. Raise
+    :class:`~templated_llm.errors.AttentionUnavailableError` saying what is missing when the
+    backend cannot run (:func:`~templated_llm.plugins.attention.resolve` does both).
+    ``snapshot`` is the local snapshot directory when one is known (always at load time; at
+    log time only when a local snapshot was given), so the model's own support can be checked
+    too.
     """
 
 
@@ -51,8 +70,8 @@ def needs_remote_code(spec: ModelSpec, snapshot: Path) -> str | None:
 
     Return a sentence naming the file and class that would run, or ``""`` when this plugin's
     loaders run no snapshot code (for example because they use a native transformers class).
-    Called at log time, before anything is logged; without the user's ``trust_remote_code``
-    opt-in a non-empty answer refuses the snapshot.
+    The first non-``None`` return is used. Called at log time, before anything is logged;
+    without the user's ``trust_remote_code`` opt-in a non-empty answer refuses the snapshot.
     """
 
 
@@ -60,6 +79,7 @@ def needs_remote_code(spec: ModelSpec, snapshot: Path) -> str | None:
 def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
     """Load and return the tokenizer from a local snapshot directory.
 
+    The first non-``None`` return is used (the core then sets left padding and a pad token).
     ``trust_remote_code`` is the user's logged opt-in; an implementation may leave it out of
     its parameters if it never runs snapshot code.
     """
@@ -71,11 +91,27 @@ def load_model(
 ) -> Any:
     """Load the causal LM from ``snapshot`` on ``device`` in ``dtype``, in eval mode.
 
-    ``attention`` is the backend returned by :func:`select_attention`; ``trust_remote_code`` is
-    as for :func:`load_tokenizer`.
+    The first non-``None`` return is the model. ``attention`` is the backend
+    :func:`select_attention` chose; ``trust_remote_code`` is as for :func:`load_tokenizer`.
     """
 
 
 @hookspec(firstresult=True)
 def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str | None:
-    """Install ``attention`` into a loaded model if loading did not; return the backend in use."""
+    """Install ``attention`` into the loaded ``model`` if loading did not; return the backend
+    now in use.
+
+    The first non-``None`` return ends the call; the core raises
+    :class:`~templated_llm.errors.AttentionUnavailableError` when it is not ``attention``. The
+    core's default reads the backend transformers installed at load.
+    """
+
+
+@hookspec
+def prepare_model(spec: ModelSpec, model: Any, tokenizer: Any) -> None:
+    """Adjust a loaded model or its generation settings (``model.generation_config``).
+
+    Called once per load, after the attention backend is installed, for every implementation
+    (not first-result): each returns ``None`` and changes ``model`` in place, for its own
+    models only.
+    """

@@ -1,30 +1,35 @@
-"""Discovers plugins (entry points and in-code registration) and dispatches hooks to them."""
+"""Discovers plugins (entry points and in-code registration) and dispatches hooks to them.
+
+Hooks are called through pluggy itself: ``hooks().load_model(spec=..., ...)``. The core
+registers one wrapper around every hook that turns a plugin's exception into a
+:class:`PluginError` naming the plugin and the hook (see :mod:`templated_llm.plugins.hookspecs`);
+it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
+refused at registration, so that wrapper is always the outermost.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from types import ModuleType
+from types import CodeType, FrameType, ModuleType, SimpleNamespace
 from typing import Any
 
 import pluggy
 
+from templated_llm.errors import PluginError, PluginLoadWarning, TemplatedLLMError, UnknownModelError
 from templated_llm.plugins import hf_defaults, hookspecs
-from templated_llm.errors import PluginError, TemplatedLLMError, UnknownModelError
 from templated_llm.spec import ModelSpec
 
 ENTRY_POINT_GROUP = "templated_llm"
 # Comma-separated entry-point names to load; unset loads all of them, an empty value loads none.
 PLUGINS_ENV_VAR = "TEMPLATED_LLM_PLUGINS"
 _DEFAULTS_NAME = "templated_llm.plugins.hf_defaults"
-
-
-class PluginLoadWarning(UserWarning):
-    """A plugin entry point failed to load and was skipped."""
+_GUARD_NAME = "templated_llm.plugins.manager.guard"
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,20 @@ class PluginLoadError:
     error: str
 
 
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``templated-llm plugins`` shows of one registered plugin."""
+
+    name: str
+    distribution: str | None  # None: registered in code, not through an entry point
+    version: str | None
+    models: list[ModelSpec]
+    hooks: list[str]
+
+
 _manager: pluggy.PluginManager | None = None
 _load_errors: list[PluginLoadError] = []
+_distributions: dict[str, importlib.metadata.Distribution] = {}
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -46,10 +63,16 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _manager is None:
         manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         manager.add_hookspecs(hookspecs)
+        manager.register(_guards(), name=_GUARD_NAME)
         manager.register(hf_defaults, name=_DEFAULTS_NAME)
-        _load_entry_points(manager)
         _manager = manager
+        _load_entry_points(manager)
     return _manager
+
+
+def hooks() -> Any:
+    """The hooks, to call by name: ``hooks().load_tokenizer(spec=..., ...)``."""
+    return get_plugin_manager().hook
 
 
 def _selected_entry_points() -> set[str] | None:
@@ -69,7 +92,8 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
         if manager.has_plugin(entry_point.name):
             continue
         try:
-            manager.register(entry_point.load(), name=entry_point.name)
+            _register(manager, entry_point.load(), entry_point.name)
+            _distributions[entry_point.name] = entry_point.dist
         except Exception as exc:  # a broken plugin must not take the others down
             error = PluginLoadError(entry_point.name, entry_point.value, f"{type(exc).__name__}: {exc}")
             _load_errors.append(error)
@@ -88,11 +112,27 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
         )
 
 
+def _register(manager: pluggy.PluginManager, plugin: object, name: str | None) -> str:
+    registered = manager.register(plugin, name=name)
+    if registered is None:
+        raise PluginError(f"plugin {name or plugin!r} is already registered or blocked")
+    for caller in manager.get_hookcallers(plugin) or []:
+        if any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+               for impl in caller.get_hookimpls()):
+            manager.unregister(plugin)
+            raise PluginError(
+                f"plugin {registered!r} implements hook {caller.name!r} as a wrapper; templated-llm "
+                "hooks take plain implementations (order them with tryfirst or trylast)"
+            )
+    return registered
+
+
 def reset_plugin_manager() -> None:
     """Forget every registered plugin; the next call rediscovers entry points."""
     global _manager
     _manager = None
     _load_errors.clear()
+    _distributions.clear()
 
 
 def plugin_load_errors() -> list[PluginLoadError]:
@@ -106,11 +146,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
     Returns the name it was registered under.
     """
-    manager = get_plugin_manager()
-    registered = manager.register(plugin, name=name)
-    if registered is None:
-        raise PluginError(f"plugin {name or plugin!r} is already registered or blocked")
-    return registered
+    return _register(get_plugin_manager(), plugin, name)
 
 
 def unregister_plugin(name: str) -> None:
@@ -119,8 +155,27 @@ def unregister_plugin(name: str) -> None:
 
 
 def plugin_names() -> list[str]:
-    """Names of the registered plugins, the core's defaults excluded."""
-    return [name for name, _ in get_plugin_manager().list_name_plugin() if name != _DEFAULTS_NAME]
+    """Names of the registered plugins, the core's own excluded."""
+    return [name for name, _ in get_plugin_manager().list_name_plugin()
+            if name not in (_DEFAULTS_NAME, _GUARD_NAME)]
+
+
+def plugin_info() -> list[PluginInfo]:
+    """Every registered plugin: its distribution, the models it registers, the hooks it implements."""
+    manager = get_plugin_manager()
+    specs = model_specs()
+    infos = []
+    for name in plugin_names():
+        plugin = manager.get_plugin(name)
+        distribution = _distributions.get(name)
+        infos.append(PluginInfo(
+            name=name,
+            distribution=distribution.name if distribution else None,
+            version=distribution.version if distribution else None,
+            models=[spec for spec in specs.values() if spec.plugin_name == name],
+            hooks=sorted(caller.name for caller in manager.get_hookcallers(plugin) or []),
+        ))
+    return infos
 
 
 def _module_name(plugin: object) -> str:
@@ -129,42 +184,69 @@ def _module_name(plugin: object) -> str:
     return getattr(plugin, "__module__", None) or type(plugin).__module__
 
 
-def _call(impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:
-    try:
-        return impl.function(*[kwargs[arg] for arg in impl.argnames])
-    except TemplatedLLMError:
-        raise
-    except Exception as exc:
-        raise PluginError(
-            f"plugin {impl.plugin_name!r} failed in hook {hook_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+def _code(impl: pluggy.HookImpl) -> CodeType | None:
+    return getattr(getattr(impl.function, "__func__", impl.function), "__code__", None)
 
 
-def call_first(hook_name: str, **kwargs: Any) -> Any:
-    """Call a first-result hook, naming the plugin when an implementation raises."""
-    # pluggy calls implementations last-registered first (tryfirst/trylast respected); so do we.
-    for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
-        result = _call(impl, hook_name, kwargs)
-        if result is not None:
-            return result
-    return None
+def _running_impl(hook_name: str, frames: Iterable[FrameType]) -> pluggy.HookImpl | None:
+    """The first of ``frames`` that runs an implementation of ``hook_name``: its ``HookImpl``."""
+    impls = {_code(impl): impl for impl in getattr(hooks(), hook_name).get_hookimpls()
+             if not impl.wrapper}  # the core's guard, the only wrapper
+    return next((impls[frame.f_code] for frame in frames if frame.f_code in impls), None)
+
+
+def _traceback_frames(exc: BaseException) -> Iterator[FrameType]:
+    # Outermost first: the implementation pluggy called comes before anything it called.
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def _stack_frames() -> Iterator[FrameType]:
+    # Innermost first, from the caller of the caller on.
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
+    @hookspecs.hookimpl(wrapper=True, tryfirst=True, specname=hook_name)
+    def guard() -> Generator[None, Any, Any]:
+        try:
+            return (yield)
+        except TemplatedLLMError:
+            raise
+        except Exception as exc:
+            impl = _running_impl(hook_name, _traceback_frames(exc))
+            if impl is None:  # raised by the dispatch itself (a missing argument), not a plugin
+                raise
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in hook {hook_name!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    return guard
+
+
+def _guards() -> SimpleNamespace:
+    """The core's wrapper around every hook: a plugin's exception becomes a PluginError."""
+    names = [name for name in dir(hookspecs) if isinstance(getattr(hookspecs, name), Callable)
+             and hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
+    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in names})
 
 
 def model_specs() -> dict[str, ModelSpec]:
     """Every model the registered plugins serve, by name."""
     specs: dict[str, ModelSpec] = {}
-    for impl in reversed(get_plugin_manager().hook.register_models.get_hookimpls()):
-        _call(impl, "register_models", {"register": _spec_collector(impl, specs)})
-    return specs
 
-
-def _spec_collector(impl: pluggy.HookImpl, specs: dict[str, ModelSpec]) -> Callable[[ModelSpec], None]:
     def register(spec: ModelSpec) -> None:
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"register() takes a ModelSpec, received {type(spec).__name__}")
-        spec = spec.model_copy(
-            update={"plugin_name": impl.plugin_name, "plugin_module": _module_name(impl.plugin)}
-        )
+        impl = _running_impl("register_models", _stack_frames())  # the plugin calling
+        spec = spec.model_copy(update={"plugin_name": impl.plugin_name,
+                                       "plugin_module": _module_name(impl.plugin)})
         if spec.name in specs:
             raise PluginError(
                 f"model name {spec.name!r} is registered by two plugins: "
@@ -173,7 +255,8 @@ def _spec_collector(impl: pluggy.HookImpl, specs: dict[str, ModelSpec]) -> Calla
             )
         specs[spec.name] = spec
 
-    return register
+    hooks().register_models(register=register)
+    return specs
 
 
 def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
@@ -188,7 +271,7 @@ def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
         manager = get_plugin_manager()
         module = importlib.import_module(plugin_module)
         if not manager.is_registered(module):
-            manager.register(module, name=plugin_module)
+            _register(manager, module, plugin_module)
         specs = model_specs()
     if name in specs:
         return specs[name]

@@ -1,4 +1,5 @@
-"""Batched text generation with a Hugging Face causal LM."""
+"""The generation stage, whole-batch: one ``generate`` call for a padded batch, or a stream of one
+row, with transformers' ``generate``."""
 
 from __future__ import annotations
 
@@ -6,49 +7,13 @@ import contextlib
 import copy
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria
 
+from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
-
-_CONTEXT_ATTRIBUTES = ("max_seq_len", "max_position_embeddings", "n_positions", "seq_length")
-
-
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Make a tokenizer fit for batched generation: left padding and a pad token.
-
-    Decoder-only models continue from the last position, so padding goes on the left; GPT-NeoX
-    style tokenizers (MPT's) have no pad token, and the end-of-text token serves, masked out.
-    """
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def context_length(model: Any) -> int | None:
-    """The longest sequence (prompt plus new tokens) the model accepts, if its config says."""
-    for attribute in _CONTEXT_ATTRIBUTES:
-        value = getattr(model.config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def tokenize(tokenizer: Any, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of all prompts, in one tokenizer call, unpadded.
-
-    ``add_special_tokens=False`` for text that already carries them (a chat template's output).
-    """
-    return tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def pad(tokenizer: Any, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
-    """One batch of token ids, left-padded to a common length, with its attention mask."""
-    return tokenizer.pad({"input_ids": input_ids}, return_tensors="pt").to(device)
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:
@@ -85,21 +50,6 @@ def _seeded(seed: int | None, device: str) -> Iterator[None]:
         yield
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    positions = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(positions)] if positions else text
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One row's generated text, its token counts and why it ended (``stop`` or ``length``)."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
 def _end_ids(config: Any, tokenizer: Any) -> set[int]:
     eos = config.eos_token_id
     ids = set(eos) if isinstance(eos, list) else {eos}
@@ -126,7 +76,7 @@ def generate_completions(
         tokens = new_tokens[row].tolist()
         # A finished row ends with an end token, then padding while the others go on.
         ended = next((i for i, t in enumerate(tokens) if t in ends), None)
-        cut = _cut_at_stop(text, params.stop)
+        cut = cut_at_stop(text, params.stop)
         completions.append(Completion(
             text=cut,
             prompt_tokens=int(prompt_tokens[row]),
@@ -173,38 +123,9 @@ def stream(
     thread = threading.Thread(target=run, name="templated-llm-stream", daemon=True)
     thread.start()
     try:
-        yield from _held_back_at_stop(streamer, params.stop)
+        yield from held_back_at_stop(streamer, params.stop)
     finally:
         cancelled.set()
         thread.join()
     if failure:
         raise failure[0]
-
-
-def _held_back_at_stop(chunks: Iterator[str], stop: list[str]) -> Iterator[str]:
-    pending = ""
-    for chunk in chunks:
-        pending += chunk
-        position, complete = _first_stop(pending, stop)
-        if position:
-            yield pending[:position]
-            pending = pending[position:]
-        if complete:
-            return
-    if cut := _cut_at_stop(pending, stop):
-        yield cut
-
-
-def _first_stop(text: str, stop: list[str]) -> tuple[int, bool]:
-    """Where the first stop string in ``text`` starts or may start, and whether it is complete.
-
-    Everything before that position can be sent: no stop string can begin there, whatever
-    follows. ``(len(text), False)`` when no stop string begins in ``text`` at all.
-    """
-    for start in range(len(text)):
-        rest = text[start:]
-        if any(rest.startswith(s) for s in stop):
-            return start, True
-        if any(s.startswith(rest) for s in stop):
-            return start, False
-    return len(text), False

@@ -1,7 +1,9 @@
-"""Turns what ``predict`` receives into prompt strings or chat conversations, or says clearly why not."""
+"""The inputs stage: what ``predict`` receives, as prompt strings or chat conversations (rows),
+or a clear 400 saying why not."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,32 @@ MESSAGES_COLUMN = "messages"
 #: A chat turn, as OpenAI's API takes it: ``{"role": "user", "content": "..."}``.
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+#: A request row: a prompt string, or an OpenAI-style list of chat messages.
+Row = str | list[Message]
+# JSON's "\udXXX" escapes can carry lone surrogates, which no tokenizer can encode.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def read_rows(model_input: Any, max_rows: int) -> list[Row]:
+    """The rows of a request: its prompts, or its conversations when it sends ``messages``.
+
+    Raises ``MlflowException`` (HTTP 400 when served) for malformed input, more than
+    ``max_rows`` rows (the limit logged with the model), or text that is not valid Unicode.
+    """
+    rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
+    if len(rows) > max_rows:
+        raise MlflowException.invalid_parameter_value(
+            f"the request has {len(rows)} prompts; this model accepts at most {max_rows} per "
+            "request (max_rows_per_request, set when it was logged). Split the request."
+        )
+    for row, value in enumerate(rows):
+        texts = [value] if isinstance(value, str) else [m["content"] for m in value]
+        if found := next(filter(None, map(_LONE_SURROGATE.search, texts)), None):
+            raise MlflowException.invalid_parameter_value(
+                f"prompt at row {row} is not valid Unicode: it holds the lone surrogate "
+                f"{found.group()!r} at character {found.start()}; send UTF-8 text"
+            )
+    return rows
 
 
 def _rows(value: Any) -> list[Any]:

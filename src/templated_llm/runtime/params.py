@@ -1,4 +1,5 @@
-"""Inference parameters: their validation and the MLflow ``ParamSchema`` derived from them."""
+"""The params stage: a request's inference params and template variables, validated, and the
+MLflow ``ParamSchema`` derived from them."""
 
 from __future__ import annotations
 
@@ -84,7 +85,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def validate_params(params: dict[str, Any] | None, defaults: dict[str, Any]) -> GenerationParams:
+def read_params(
+    params: dict[str, Any] | None, template_variables: Iterable[str], defaults: dict[str, Any],
+    max_tokens_limit: int,
+) -> tuple[dict[str, str], GenerationParams]:
+    """A request's params: its template variables, and its inference params validated over
+    ``defaults`` with ``max_tokens`` within the limit logged with the model."""
+    variables, rest = split_template_variables(params, template_variables)
+    return variables, validate_params(rest, defaults, max_tokens_limit)
+
+
+def validate_params(
+    params: dict[str, Any] | None, defaults: dict[str, Any], max_tokens_limit: int | None = None
+) -> GenerationParams:
     """Merge ``params`` over ``defaults`` and validate them.
 
     Raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP 400 when served) naming
@@ -92,7 +105,7 @@ def validate_params(params: dict[str, Any] | None, defaults: dict[str, Any]) -> 
     """
     merged = {**defaults, **{k: _plain(v) for k, v in (params or {}).items() if v is not None}}
     try:
-        return GenerationParams(**merged)
+        generation = GenerationParams(**merged)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -107,3 +120,9 @@ def validate_params(params: dict[str, Any] | None, defaults: dict[str, Any]) -> 
                     f"param {name!r}{where}: {error['msg']}; received {merged[name]!r}"
                 )
         raise MlflowException.invalid_parameter_value("; ".join(problems)) from None
+    if max_tokens_limit is not None and generation.max_tokens > max_tokens_limit:
+        raise MlflowException.invalid_parameter_value(
+            f"param 'max_tokens': at most {max_tokens_limit} for this model (max_tokens_limit, "
+            f"set when it was logged); received {generation.max_tokens}"
+        )
+    return generation

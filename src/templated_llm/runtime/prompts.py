@@ -1,20 +1,16 @@
-"""From a request row (a prompt or a chat conversation) to the exact text the model sees."""
+"""The prompts stage: a request row (a prompt or a chat conversation) to the exact text the model
+sees, through the model's Jinja template or its tokenizer's chat template."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
 from templated_llm.errors import TemplateError
-from templated_llm.runtime.inputs import Message
-from templated_llm.spec import ModelSpec
+from templated_llm.runtime.inputs import Message, Row
 from templated_llm.runtime.templates import PromptTemplate
-
-#: A request row: a prompt string, or an OpenAI-style list of chat messages.
-Row = str | list[Message]
+from templated_llm.spec import ModelSpec
 
 
 class PromptRenderer:
@@ -36,15 +32,9 @@ class PromptRenderer:
         self.template = template
         self.tokenizer = tokenizer
 
-    @property
-    def add_special_tokens(self) -> bool:
-        """Whether tokenizing the rendered text adds the tokenizer's special tokens (its bos).
-
-        A tokenizer's chat template writes those itself, so they are not added twice.
-        """
-        return not self.spec.tokenizer_chat_template
-
     def render(self, row: Row, variables: dict[str, str] | None = None) -> str:
+        """The text the model sees for ``row``; ``variables`` override the template variables'
+        defaults. Raises ``MlflowException`` (HTTP 400) for a conversation the model cannot take."""
         values = {**self.spec.template_variables, **(variables or {})}
         if isinstance(row, str):
             turns: list[Message] = [{"role": "user", "content": row}]
@@ -78,46 +68,3 @@ class PromptRenderer:
         values["system"] = conversation[0]["content"]
         return conversation[1:]
 
-
-def render_prompt(
-    model: str,
-    row: Row,
-    *,
-    variables: dict[str, str] | None = None,
-    template: str | os.PathLike[str] | None = None,
-    snapshot: str | os.PathLike[str] | None = None,
-) -> str:
-    """The exact prompt model ``model`` sees for ``row``, without loading any weights.
-
-    With a local ``snapshot`` the text is what its tokenizer reads, special tokens it adds (a
-    ``<s>``) included; without one, the template's output. Models rendered by their tokenizer's
-    chat template need the snapshot.
-    """
-    from templated_llm.runtime.generation import prepare_tokenizer
-    from templated_llm.plugins.manager import call_first, get_model_spec
-    from templated_llm.runtime.templates import find_template
-
-    spec = get_model_spec(model)
-    unknown = sorted(set(variables or {}) - set(spec.template_variables))
-    if unknown:
-        raise TemplateError(
-            f"model {model!r} has no template variables {unknown}; its variables: "
-            f"{sorted(spec.template_variables) or 'none'}"
-        )
-    path = find_template(template) if template is not None else call_first("prompt_template", spec=spec)
-    tokenizer = None
-    if snapshot is not None:
-        tokenizer = prepare_tokenizer(call_first(
-            "load_tokenizer", spec=spec, snapshot=Path(snapshot), trust_remote_code=False
-        ))
-    elif spec.tokenizer_chat_template:
-        raise TemplateError(
-            f"model {model!r} renders prompts with its tokenizer's chat template; pass the "
-            "snapshot whose tokenizer to use"
-        )
-    renderer = PromptRenderer(spec, PromptTemplate.from_file(path), tokenizer)
-    text = renderer.render(row, variables)
-    if tokenizer is None:
-        return text
-    ids = tokenizer(text, add_special_tokens=renderer.add_special_tokens).input_ids
-    return tokenizer.decode(ids)

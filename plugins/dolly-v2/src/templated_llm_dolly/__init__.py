@@ -8,12 +8,9 @@ databricks' own pipeline does.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from templated_llm import ModelSpec, hookimpl
-from templated_llm.plugins import hf_defaults
 
 MODEL_NAME = "dolly-v2"
 END_KEY = "### End"
@@ -35,26 +32,12 @@ def register_models(register):
 
 
 @hookimpl
-def load_model(
-    spec: ModelSpec, snapshot: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool
-) -> Any:
+def prepare_model(spec: ModelSpec, model: Any, tokenizer: Any) -> None:
     if spec.name != MODEL_NAME:
-        return None
-    model = hf_defaults.load_model(spec, snapshot, dtype, device, attention, trust_remote_code)
-    end = _added_token_id(snapshot, END_KEY)
+        return
+    end = tokenizer.get_added_vocab().get(END_KEY)
     config = model.generation_config
     eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
     eos = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
     if end is not None and end not in eos:
         config.eos_token_id = [*eos, end]
-    return model
-
-
-def _added_token_id(snapshot: Path, token: str) -> int | None:
-    """The id of an added token, from tokenizer.json (which every GPT-NeoX tokenizer ships):
-    reading it costs less than loading the tokenizer a second time."""
-    path = snapshot / "tokenizer.json"
-    if not path.is_file():
-        return None
-    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
-    return next((t["id"] for t in added if t.get("content") == token), None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from templated_llm import ModelSpec, hookimpl
-from templated_llm.plugins.hf_defaults import check_attention_available, check_attention_name, choose_auto
+from templated_llm.plugins import attention as attention_table
 
 MODEL_NAME = "mpt-instruct"
 
@@ -36,12 +36,10 @@ def register_models(register):
 def select_attention(spec: ModelSpec, requested: str, device: str) -> str | None:
     if not _ours(spec):
         return None
-    # Every backend runs on MPT: eager is transformers' own, this plugin installs the others.
-    check_attention_name(requested)
-    if requested == "auto":
-        return choose_auto(device)
-    check_attention_available(requested, device)
-    return requested
+    from templated_llm_mpt.attention import FAST_BACKENDS
+
+    # eager is transformers' own, and this plugin installs the others.
+    return attention_table.resolve(requested, device, ("eager", *FAST_BACKENDS), f"MPT (model {spec.name!r})")
 
 
 @hookimpl

@@ -1,0 +1,80 @@
+"""The completions stage: generated text ended at its stop strings, with token counts and why it
+ended, and the response ``predict`` returns (a ``candidates`` column, usage columns on request).
+
+Streaming holds text back while it could be the start of a stop string, so the chunks join to
+the text a whole-batch generation returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+from mlflow.types.schema import ColSpec, Schema
+
+OUTPUT_COLUMN = "candidates"
+#: Columns added to ``candidates`` when a request sets ``return_usage``, with their MLflow types.
+USAGE_COLUMNS = {"prompt_tokens": "long", "completion_tokens": "long", "finish_reason": "string"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One row's generated text, its token counts and why it ended (``stop`` or ``length``)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """``text`` up to its first stop string."""
+    positions = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(positions)] if positions else text
+
+
+def held_back_at_stop(chunks: Iterator[str], stop: list[str]) -> Iterator[str]:
+    """Streamed ``chunks`` re-cut so that none holds the start of a stop string; ends at one."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        position, complete = _first_stop(pending, stop)
+        if position:
+            yield pending[:position]
+            pending = pending[position:]
+        if complete:
+            return
+    if cut := cut_at_stop(pending, stop):
+        yield cut
+
+
+def _first_stop(text: str, stop: list[str]) -> tuple[int, bool]:
+    """Where the first stop string in ``text`` starts or may start, and whether it is complete.
+
+    Everything before that position can be sent: no stop string can begin there, whatever
+    follows. ``(len(text), False)`` when no stop string begins in ``text`` at all.
+    """
+    for start in range(len(text)):
+        rest = text[start:]
+        if any(rest.startswith(s) for s in stop):
+            return start, True
+        if any(s.startswith(rest) for s in stop):
+            return start, False
+    return len(text), False
+
+
+def output_schema() -> Schema:
+    """The output schema of a logged model: ``candidates``, and the usage columns (optional)."""
+    return Schema([
+        ColSpec("string", OUTPUT_COLUMN),
+        *(ColSpec(kind, name, required=False) for name, kind in USAGE_COLUMNS.items()),
+    ])
+
+
+def to_frame(completions: list[Completion], usage: bool) -> pd.DataFrame:
+    """The response: one row per completion, with the usage columns when ``usage`` is set."""
+    columns = {OUTPUT_COLUMN: [c.text for c in completions]}
+    if usage:
+        columns.update({name: [getattr(c, name) for c in completions] for name in USAGE_COLUMNS})
+    return pd.DataFrame(columns)

@@ -1,0 +1,130 @@
+"""The load path: a model's template, tokenizer and model, from its plugin's hooks.
+
+Shared by ``log_llm`` (which checks that they would load), ``TemplatedLLM.load_context`` and
+``templated-llm render``, so each hook is called, and its answer checked, in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from templated_llm.errors import AttentionUnavailableError, PluginError, RemoteCodeWarning, TemplateError
+from templated_llm.model_logging.config import LoggedConfig
+from templated_llm.plugins import attention as attention_table
+from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.runtime.device import default_device, torch_dtype
+from templated_llm.runtime.inputs import Row
+from templated_llm.runtime.packed_linear import pack_linear_layers
+from templated_llm.runtime.prompts import PromptRenderer
+from templated_llm.runtime.templates import PromptTemplate, find_template
+from templated_llm.runtime.tokens import add_special_tokens, prepare_tokenizer, tokenize
+from templated_llm.spec import ModelSpec
+
+
+def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Path | None) -> str:
+    """The attention backend ``spec`` runs with on ``device``: ``requested``, or ``auto``'s choice.
+
+    The name is validated by the attention table, then the plugins choose (``select_attention``).
+    """
+    attention_table.check_name(requested)
+    chosen = hooks().select_attention(spec=spec, requested=requested, device=device, snapshot=snapshot)
+    if chosen not in attention_table.backend_names() or chosen == attention_table.AUTO:
+        raise PluginError(
+            f"hook 'select_attention' answered {chosen!r} for model {spec.name!r}; it must answer "
+            f"a backend of the attention table: {attention_table.backend_names()[1:]}"
+        )
+    return chosen
+
+
+def template_path(spec: ModelSpec, template: str | os.PathLike[str] | None = None) -> Path:
+    """The Jinja template: ``template`` (a file or a shipped name) if given, else the plugin's."""
+    return find_template(template) if template is not None else Path(hooks().prompt_template(spec=spec))
+
+
+def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
+    """The plugin's tokenizer for ``snapshot``, set up for batched generation."""
+    return prepare_tokenizer(hooks().load_tokenizer(
+        spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code
+    ))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model on its device, with the attention backend it runs."""
+
+    model: Any
+    device: str
+    attention: str
+
+
+def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer: Any) -> LoadedModel:
+    """Load the logged model's weights through the hooks, its attention backend installed and
+    the plugins' adjustments (``prepare_model``) made; on CPU, its linear layers packed."""
+    device = config.device or default_device()
+    attention = select_attention(spec, config.attention, device, snapshot)
+    model = hooks().load_model(
+        spec=spec, snapshot=snapshot, dtype=torch_dtype(config.dtype, device), device=device,
+        attention=attention, trust_remote_code=config.trust_remote_code,
+    )
+    in_use = hooks().configure_attention(spec=spec, model=model, attention=attention)
+    if in_use != attention:
+        raise AttentionUnavailableError(
+            f"model {spec.name!r} was to run attention backend {attention!r}, but after loading "
+            f"it runs {in_use!r}; log it with attention={in_use!r} or 'eager'"
+        )
+    hooks().prepare_model(spec=spec, model=model, tokenizer=tokenizer)
+    if config.pack_weights and device == "cpu":
+        pack_linear_layers(model)
+    return LoadedModel(model, device, attention)
+
+
+def warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:
+    """Warn, on every load, that a model logged with ``trust_remote_code=True`` may run its code."""
+    if config.trust_remote_code:
+        warnings.warn(
+            f"model {config.model!r} was logged with trust_remote_code=True: loading it may run "
+            f"Python code shipped in its snapshot ({snapshot}). Load it only if you trust that code.",
+            RemoteCodeWarning,
+            stacklevel=4,
+        )
+
+
+def render_prompt(
+    model: str,
+    row: Row,
+    *,
+    variables: dict[str, str] | None = None,
+    template: str | os.PathLike[str] | None = None,
+    snapshot: str | os.PathLike[str] | None = None,
+) -> str:
+    """The exact prompt model ``model`` sees for ``row``, without loading any weights.
+
+    With a local ``snapshot`` the text is what its tokenizer reads, special tokens it adds (a
+    ``<s>``) included; without one, the template's output. Models rendered by their tokenizer's
+    chat template need the snapshot.
+    """
+    spec = get_model_spec(model)
+    unknown = sorted(set(variables or {}) - set(spec.template_variables))
+    if unknown:
+        raise TemplateError(
+            f"model {model!r} has no template variables {unknown}; its variables: "
+            f"{sorted(spec.template_variables) or 'none'}"
+        )
+    tokenizer = None
+    if snapshot is not None:
+        tokenizer = load_tokenizer(spec, Path(snapshot), trust_remote_code=False)
+    elif spec.tokenizer_chat_template:
+        raise TemplateError(
+            f"model {model!r} renders prompts with its tokenizer's chat template; pass the "
+            "snapshot whose tokenizer to use"
+        )
+    renderer = PromptRenderer(spec, PromptTemplate.from_file(template_path(spec, template)), tokenizer)
+    text = renderer.render(row, variables)
+    if tokenizer is None:
+        return text
+    [ids] = tokenize(tokenizer, [text], add_special_tokens(spec))
+    return tokenizer.decode(ids)

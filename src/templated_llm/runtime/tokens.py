@@ -1,0 +1,118 @@
+"""The tokens stage: rendered prompts to token ids that fit the model's context, and padded batches.
+
+Prompt plus ``max_tokens`` must fit the context; what cannot is a 400 before any generation.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from mlflow.exceptions import MlflowException
+
+from templated_llm.spec import ModelSpec
+
+_CONTEXT_ATTRIBUTES = ("max_seq_len", "max_position_embeddings", "n_positions", "seq_length")
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Make a tokenizer fit for batched generation: left padding and a pad token.
+
+    Decoder-only models continue from the last position, so padding goes on the left; GPT-NeoX
+    style tokenizers (MPT's) have no pad token, and the end-of-text token serves, masked out.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_special_tokens(spec: ModelSpec) -> bool:
+    """Whether tokenizing a rendered prompt adds the tokenizer's special tokens (its bos).
+
+    A tokenizer's chat template writes those itself, so they are not added twice.
+    """
+    return not spec.tokenizer_chat_template
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence (prompt plus new tokens) the model accepts, if its config says."""
+    for attribute in _CONTEXT_ATTRIBUTES:
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def tokenize(tokenizer: Any, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of all prompts, in one tokenizer call, unpadded.
+
+    ``add_special_tokens=False`` for text that already carries them (a chat template's output).
+    """
+    return tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def pad(tokenizer: Any, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    """One batch of token ids, left-padded to a common length, with its attention mask."""
+    return tokenizer.pad({"input_ids": input_ids}, return_tensors="pt").to(device)
+
+
+def _max_prompt_chars(tokenizer: Any, context: int | None) -> int | None:
+    """A length no text that fits ``context`` tokens can exceed.
+
+    A token covers at most as many characters as its longest vocabulary entry (byte-level and
+    SentencePiece entries spell out at least the text they stand for); doubled for
+    normalizers that compose characters.
+    """
+    if context is None:
+        return None
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * context * max(longest, 1)
+
+
+class PromptTokens:
+    """The tokens stage of one loaded model: its tokenizer, within its context length."""
+
+    def __init__(self, tokenizer: Any, context: int | None, add_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context
+        self.add_special_tokens = add_special_tokens
+        self._max_prompt_chars = _max_prompt_chars(tokenizer, context)
+        # transformers reconfigures the shared Rust tokenizer per call, and calls at once can
+        # fail ("Already borrowed"): tokenizing is serialised, and cheap next to generating.
+        self._lock = threading.Lock()
+
+    def encode(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
+        """Each prompt's token ids; raises ``MlflowException`` (HTTP 400) when prompt plus
+        ``max_tokens`` cannot fit the context."""
+        self._check_chars(prompts)
+        with self._lock:
+            input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
+        self._check_context(input_ids, max_tokens)
+        return input_ids
+
+    def pad(self, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+        """One batch of token ids, left-padded, on ``device``."""
+        return pad(self.tokenizer, input_ids, device)
+
+    def _check_chars(self, prompts: list[str]) -> None:
+        # Rejects, without tokenizing it, text too long to fit the context whatever its tokens.
+        for row, text in enumerate(prompts):
+            if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
+                raise MlflowException.invalid_parameter_value(
+                    f"the prompt at row {row} is {len(text)} characters after templating; no text "
+                    f"over {self._max_prompt_chars} characters fits the model's context of "
+                    f"{self.context_length} tokens. Shorten the prompt."
+                )
+
+    def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
+        if self.context_length is None:
+            return
+        longest = max(len(ids) for ids in input_ids)
+        if longest + max_tokens > self.context_length:
+            raise MlflowException.invalid_parameter_value(
+                f"the longest prompt is {longest} tokens after templating; with max_tokens="
+                f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
+                "Shorten the prompt or lower max_tokens."
+            )
