@@ -22,8 +22,8 @@ from benchmarks.contenders import GREEDY, MODEL, Contender, render
 from benchmarks.measure import interleaved_seconds, median_ratio
 from benchmarks.settings import Settings, prompts
 from templated_llm.cli import serve_command
-from tests.local_server import free_port, running_server
 from templated_llm.model_logging.log import log_llm
+from tests.local_server import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 

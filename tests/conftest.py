@@ -15,9 +15,9 @@ import mlflow  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from templated_llm.plugins import manager as plugin_manager  # noqa: E402
-from templated_llm.model_logging.log import log_llm  # noqa: E402
 from templated_llm.devtools.tiny import build_tiny_model, build_tiny_mpt  # noqa: E402
+from templated_llm.model_logging.log import log_llm  # noqa: E402
+from templated_llm.plugins import manager as plugin_manager  # noqa: E402
 
 # No deadlines: a deadline is a timing assertion, and these machines are noisy. CI replays the
 # same examples every run (HYPOTHESIS_PROFILE=ci), so a failure there is never luck of the draw;

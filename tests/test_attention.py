@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from transformers import MptForCausalLM, StaticCache
 
 from templated_llm import AttentionUnavailableError
-from templated_llm.plugins.attention import unavailable as attention_unavailable
 from templated_llm.model_logging.log import log_llm
+from templated_llm.plugins.attention import unavailable as attention_unavailable
 from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm_mpt import kernels
 from templated_llm_mpt.attention import install_attention

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import requests
 
-from templated_llm import log_llm
 from local_server import free_port, running_server
+from templated_llm import log_llm
 
 pytestmark = pytest.mark.slow
 

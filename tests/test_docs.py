@@ -103,3 +103,11 @@ def test_writing_a_plugin_end_to_end(tmp_path: Path) -> None:
 def test_pages_link_only_to_existing_docs(page: str) -> None:
     for target in re.findall(r"\]\(([\w\-]+\.md)\)", (DOCS / page).read_text()):
         assert (DOCS / target).is_file(), f"{page} links to missing {target}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_excerpts_match_the_files_they_quote(page: str) -> None:
+    for lang, info, code in _blocks(page):
+        kind, _, relative = (info.split() or [""])[0].partition("=")
+        if kind == "excerpt":
+            assert code in (DOCS.parent / relative).read_text(), f"{page} misquotes {relative}"

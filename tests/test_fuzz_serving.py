@@ -17,8 +17,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from templated_llm import log_llm
 from local_server import free_port, running_server
+from templated_llm import log_llm
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from local_server import free_port, running_server
 from templated_llm import log_llm
 from templated_llm.cli import serve_command
-from local_server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 

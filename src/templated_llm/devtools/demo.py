@@ -7,8 +7,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from templated_llm.model_logging.log import log_llm
 from templated_llm.devtools.tiny import build_tiny_mpt
+from templated_llm.model_logging.log import log_llm
 
 PROMPTS = ["What is machine learning?", "Name three rivers.", "Write a haiku about {{ caches }}."]
 

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from string import Template
 
+from templated_llm.devtools.tiny import ARCHITECTURES
 from templated_llm.errors import TemplatedLLMError
 from templated_llm.runtime.templates import PromptTemplate
-from templated_llm.devtools.tiny import ARCHITECTURES
 
 _KIT = Path(__file__).parent / "plugin_kit"
 _NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
