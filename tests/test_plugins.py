@@ -197,3 +197,12 @@ def test_the_plugins_command_shows_distributions_models_hooks_and_load_errors(
     assert "mpt-instruct: mpt-instruct\n  distribution: templated-llm-mpt 0.1.0\n" in shown
     assert "  model mpt-instruct: mosaicml/mpt-7b-instruct, template mpt-instruct.jinja\n" in shown
     assert "exploding: FAILED TO LOAD (exploding_plugin: RuntimeError: boom at import)" in shown
+
+
+def test_two_instances_of_one_plugin_class_are_told_apart(fresh_plugins, tmp_path) -> None:
+    template = tmp_path / "echo.jinja"
+    template.write_text("{{ prompt }}")
+    register_plugin(EchoPlugin(template), name="echo")
+    register_plugin(EchoPlugin(template), name="echo-again")
+    with pytest.raises(PluginError, match="registered by two plugins: 'echo-again' and 'echo'"):
+        model_specs()

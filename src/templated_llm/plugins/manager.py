@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from types import CodeType, FrameType, ModuleType, SimpleNamespace
+from types import FrameType, ModuleType, SimpleNamespace
 from typing import Any
 
 import pluggy
@@ -184,15 +184,20 @@ def _module_name(plugin: object) -> str:
     return getattr(plugin, "__module__", None) or type(plugin).__module__
 
 
-def _code(impl: pluggy.HookImpl) -> CodeType | None:
-    return getattr(getattr(impl.function, "__func__", impl.function), "__code__", None)
+def _runs(impl: pluggy.HookImpl, frame: FrameType) -> bool:
+    """Whether ``frame`` runs ``impl``: its code, and for a method its own instance."""
+    function = impl.function
+    owner = getattr(function, "__self__", None)
+    if frame.f_code is not getattr(getattr(function, "__func__", function), "__code__", None):
+        return False
+    return owner is None or frame.f_locals.get("self") is owner
 
 
 def _running_impl(hook_name: str, frames: Iterable[FrameType]) -> pluggy.HookImpl | None:
     """The first of ``frames`` that runs an implementation of ``hook_name``: its ``HookImpl``."""
-    impls = {_code(impl): impl for impl in getattr(hooks(), hook_name).get_hookimpls()
-             if not impl.wrapper}  # the core's guard, the only wrapper
-    return next((impls[frame.f_code] for frame in frames if frame.f_code in impls), None)
+    impls = [impl for impl in getattr(hooks(), hook_name).get_hookimpls()
+             if not impl.wrapper]  # the core's guard, the only wrapper
+    return next((impl for frame in frames for impl in impls if _runs(impl, frame)), None)
 
 
 def _traceback_frames(exc: BaseException) -> Iterator[FrameType]:
@@ -232,8 +237,8 @@ def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
 
 def _guards() -> SimpleNamespace:
     """The core's wrapper around every hook: a plugin's exception becomes a PluginError."""
-    names = [name for name in dir(hookspecs) if isinstance(getattr(hookspecs, name), Callable)
-             and hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
+    names = [name for name in dir(hookspecs)
+             if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
     return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in names})
 
 
@@ -245,6 +250,8 @@ def model_specs() -> dict[str, ModelSpec]:
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"register() takes a ModelSpec, received {type(spec).__name__}")
         impl = _running_impl("register_models", _stack_frames())  # the plugin calling
+        if impl is None:
+            raise PluginError("register() is for use inside a plugin's register_models hook")
         spec = spec.model_copy(update={"plugin_name": impl.plugin_name,
                                        "plugin_module": _module_name(impl.plugin)})
         if spec.name in specs:

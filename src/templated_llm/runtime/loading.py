@@ -89,7 +89,7 @@ def warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:
             f"model {config.model!r} was logged with trust_remote_code=True: loading it may run "
             f"Python code shipped in its snapshot ({snapshot}). Load it only if you trust that code.",
             RemoteCodeWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
 
