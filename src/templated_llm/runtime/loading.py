@@ -32,10 +32,11 @@ def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Pat
     """
     attention_table.check_name(requested)
     chosen = hooks().select_attention(spec=spec, requested=requested, device=device, snapshot=snapshot)
-    if chosen not in attention_table.backend_names() or chosen == attention_table.AUTO:
+    backends = [entry.name for entry in attention_table.backends()]
+    if chosen not in backends:
         raise PluginError(
             f"hook 'select_attention' answered {chosen!r} for model {spec.name!r}; it must answer "
-            f"a backend of the attention table: {attention_table.backend_names()[1:]}"
+            f"a backend of the attention table: {backends}"
         )
     return chosen
 
