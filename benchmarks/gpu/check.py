@@ -151,7 +151,7 @@ def build_snapshot(path: Path, size: Size, device: str, dtype: torch.dtype, seed
     of a large model on the host), with the tiny builder's locally trained tokenizer."""
     from transformers import MptConfig, MptForCausalLM
 
-    from templated_llm.tiny import build_tiny_mpt
+    from templated_llm.devtools.tiny import build_tiny_mpt
 
     tokenizer_source = build_tiny_mpt(path.with_name(path.name + "-tokenizer"), seed=seed)
     config = MptConfig.from_pretrained(tokenizer_source)

@@ -55,7 +55,7 @@ def run(report: Report, work: Path, device: str, backends: list[str], *, smoke: 
     if big is None:
         return
     accepted = [b for b in backends if "skipped" not in report.backend(b)]
-    from templated_llm.log import log_llm
+    from templated_llm.model_logging.log import log_llm
 
     with report.phase("medium_log", needs_s=30) as go:
         if not go:
@@ -104,7 +104,7 @@ def _use_store(work: Path) -> None:
 def _log_each(report: Report, snapshot: Path, backends: list[str]) -> dict[str, str]:
     """Log the tiny model once per backend: what ``log_llm`` refuses here is skipped, with why."""
     from templated_llm import AttentionUnavailableError
-    from templated_llm.log import log_llm
+    from templated_llm.model_logging.log import log_llm
 
     accepted = {}
     for backend in backends:
@@ -173,7 +173,7 @@ def _medium_backend(report: Report, uri: str, backend: str, device: str, workloa
 def _plain(report: Report, snapshot: Path, device: str, workload: Workload, eager: dict[str, Any]) -> None:
     from transformers import AutoTokenizer, MptForCausalLM
 
-    from templated_llm.generation import prepare_tokenizer
+    from templated_llm.runtime.tokens import prepare_tokenizer
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
