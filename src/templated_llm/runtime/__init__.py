@@ -2,4 +2,5 @@
 validated, each row is rendered to a prompt (``prompts``, through the sandboxed ``templates``),
 tokenized within the model's context (``tokens``), generated (``generation``, batched across
 requests by ``batching``) and turned into ``completions``. ``pyfunc.TemplatedLLM`` composes the
-stages; ``device`` and ``packed_linear`` set up the model they run on."""
+stages; ``loading`` builds what they run on through the plugin hooks, with ``device`` and
+``packed_linear``."""
