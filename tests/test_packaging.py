@@ -27,5 +27,5 @@ def test_the_wheel_ships_templates_and_entry_points(tmp_path: Path) -> None:
         next(n for n in names if n.endswith("entry_points.txt"))
     ).decode()
     assert "templated-llm = templated_llm.cli:main" in entry_points
-    assert "templated-llm-link = templated_llm_link:SymlinkArtifactRepository" in entry_points
-    assert "templated_llm_link/__init__.py" in names
+    assert "templated-llm-link = templated_llm_link:open_repository" in entry_points
+    assert {"templated_llm_link/__init__.py", "templated_llm_link/repository.py"} <= set(names)

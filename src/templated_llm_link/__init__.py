@@ -7,17 +7,22 @@ weights are read and written once, by the final upload (which follows the links)
 
 It is a package of its own, outside ``templated_llm``: MLflow imports every registered artifact
 repository when it starts, and importing ``templated_llm`` then would make an installed
-templated-llm shadow the code a logged model carries in its ``code_paths``.
+templated-llm shadow the code a logged model carries in its ``code_paths``. Nothing here imports
+MLflow at import time either: MLflow's start-up loads the entry point :func:`open_repository`,
+and a package that imported MLflow would, when imported first, be loaded by MLflow half
+initialised and its registration lost.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from typing import Any
 
 SCHEME = "templated-llm-link"
+
+_logger = logging.getLogger(__name__)
 
 
 def link_uri(path: str | os.PathLike[str]) -> str:
@@ -25,12 +30,26 @@ def link_uri(path: str | os.PathLike[str]) -> str:
     return f"{SCHEME}://{Path(path).resolve().as_posix()}"
 
 
-class SymlinkArtifactRepository(LocalArtifactRepository):
-    """Read-only view of a local directory whose downloads are symlinks to the source files."""
+def staging_uri(path: str | os.PathLike[str]) -> str:
+    """What ``log_llm`` passes MLflow for the snapshot: its link URI, or, when this repository
+    is not registered with MLflow, the plain path, which MLflow copies (the reason is logged)."""
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_registered_artifact_repositories,
+    )
 
-    def __init__(self, artifact_uri: str, *args, **kwargs) -> None:
-        super().__init__("file://" + artifact_uri.removeprefix(f"{SCHEME}://"), *args, **kwargs)
+    if SCHEME in get_registered_artifact_repositories():
+        return link_uri(path)
+    _logger.warning(
+        "staging %s with plain copies (MLflow copies the weights twice): the %s artifact "
+        "repository is not registered with MLflow; its entry point comes with the installed "
+        "templated-llm distribution", path, SCHEME,
+    )
+    return str(Path(path).resolve())
 
-    def _download_file(self, remote_file_path: str, local_path: str) -> None:
-        source = os.path.realpath(os.path.join(self.artifact_dir, os.path.normpath(remote_file_path)))
-        os.symlink(source, local_path)
+
+def open_repository(artifact_uri: str, tracking_uri: str | None = None,
+                    registry_uri: str | None = None) -> Any:
+    """The ``mlflow.artifact_repository`` entry point: a :class:`SymlinkArtifactRepository`."""
+    from templated_llm_link.repository import SymlinkArtifactRepository
+
+    return SymlinkArtifactRepository(artifact_uri, tracking_uri, registry_uri)

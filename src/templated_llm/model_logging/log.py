@@ -29,7 +29,7 @@ from templated_llm.runtime.loading import load_tokenizer, select_attention, temp
 from templated_llm.runtime.params import GenerationParams, param_schema
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
-from templated_llm_link import link_uri
+from templated_llm_link import staging_uri
 
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
@@ -169,7 +169,7 @@ def log_llm(
         flavor_name="pyfunc",
         name=name,
         python_model=str(_MODEL_CODE),
-        artifacts={"snapshot": link_uri(snapshot_dir), "template": str(template_file)},
+        artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
         model_config=config.model_dump(),
         signature=_signature(defaults, spec.template_variables),
         input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
