@@ -1,20 +1,31 @@
-"""The snapshot is staged through the templated-llm-link artifact repository, and logs with a
-plain copy where it cannot be."""
+"""The snapshot is staged through the templated-llm-link artifact repository from any path, and
+logs with a plain copy where it cannot be."""
 
 from __future__ import annotations
 
 import filecmp
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.store.artifact.artifact_repository_registry import get_registered_artifact_repositories
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import (
+    get_artifact_repository,
+    get_registered_artifact_repositories,
+)
 
 from conftest import run_python
 from templated_llm import log_llm
-from templated_llm_link import SCHEME
+from templated_llm_link import SCHEME, link_uri
+
+# Characters a URI gives a meaning to, an escape that decodes to a letter, and non-ASCII.
+AWKWARD_NAMES = ["run#3", "a%41b", "with space", "what?x=1", "semi;colon", "ünïcødé-Ω", "a%2Fb"]
 
 
 def _logged_snapshot(info) -> Path:
@@ -30,6 +41,44 @@ def _assert_same_files(logged: Path, snapshot: Path) -> None:
     for name in names:
         assert not (logged / name).is_symlink()
         assert filecmp.cmp(logged / name, snapshot / name, shallow=False), name
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_a_snapshot_logs_from_any_path(tiny_snapshot, tmp_path, name):
+    snapshot = Path(shutil.copytree(tiny_snapshot, tmp_path / f"dir {name}" / f"snap-{name}"))
+    info = log_llm("mpt-instruct", snapshot=snapshot, name="awkward-path")
+    _assert_same_files(_logged_snapshot(info), snapshot)
+
+
+_NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
+                min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parent=_NAME, leaf=_NAME, file=_NAME)
+def test_every_path_round_trips_through_mlflow(tmp_path, parent, leaf, file):
+    example = Path(tempfile.mkdtemp(dir=tmp_path))  # hypothesis reuses tmp_path
+    source = example / "src" / parent / leaf
+    source.mkdir(parents=True)
+    (source / file).write_bytes(file.encode())
+    destination = example / "dst"
+    destination.mkdir()
+    # MLflow splits the URI into a root and a last segment, as when it saves a model.
+    staged = Path(mlflow.artifacts.download_artifacts(link_uri(source), dst_path=str(destination)))
+    assert staged == destination / leaf
+    assert [p.name for p in staged.iterdir()] == [file]
+    assert (staged / file).is_symlink() and (staged / file).read_bytes() == file.encode()
+
+
+def test_the_repository_reads_the_uri_mlflow_hands_it(tmp_path):
+    # MLflow rebuilds the root URI of `templated-llm-link:///a/b` as `templated-llm-link:/a`.
+    folder = tmp_path / "x#y%41"
+    folder.mkdir()
+    (folder / "f").write_text("hi")
+    for uri in (link_uri(folder), f"{SCHEME}:{link_uri(folder).removeprefix(SCHEME + '://')}"):
+        assert [f.path for f in get_artifact_repository(uri).list_artifacts()] == ["f"]
+    with pytest.raises(MlflowException, match="templated-llm-link:///"):
+        get_artifact_repository(f"{SCHEME}://host{folder}")
 
 
 @pytest.mark.parametrize("first", ["templated_llm_link", "templated_llm_link.repository",
@@ -53,6 +102,14 @@ def _copies_instead(tiny_snapshot, tmp_path, caplog, reason: str, name: str) -> 
         info = log_llm("mpt-instruct", snapshot=snapshot, name="copied")
     assert reason in caplog.text and "copies" in caplog.text
     _assert_same_files(_logged_snapshot(info), snapshot)
+
+
+def test_without_symlinks_the_snapshot_is_copied(tiny_snapshot, tmp_path, caplog, monkeypatch):
+    def no_symlinks(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    _copies_instead(tiny_snapshot, tmp_path, caplog, "cannot create symlinks", "run#1 %41")
 
 
 def test_without_the_registration_the_snapshot_is_copied(tiny_snapshot, tmp_path, caplog, monkeypatch):

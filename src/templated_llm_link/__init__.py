@@ -19,6 +19,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.request import url2pathname
 
 SCHEME = "templated-llm-link"
 
@@ -26,8 +28,40 @@ _logger = logging.getLogger(__name__)
 
 
 def link_uri(path: str | os.PathLike[str]) -> str:
-    """The artifact URI under which ``path`` is staged by symlinking."""
-    return f"{SCHEME}://{Path(path).resolve().as_posix()}"
+    """The artifact URI under which the local directory ``path`` is staged by symlinking.
+
+    ``templated-llm-link:`` followed by the path as a ``file:`` URI has it (``///`` and the
+    absolute path, percent-encoded), so ``#``, ``?``, ``%``, ``;``, spaces and non-ASCII names
+    keep their meaning through MLflow's URI parsing.
+    """
+    absolute = os.path.realpath(path)
+    if os.name != "nt":
+        # Linux and macOS read '//x' as '/x'; in the URI, '//x' would read as a host.
+        absolute = "/" + absolute.lstrip("/")
+    return SCHEME + ":" + Path(absolute).as_uri().removeprefix("file:")
+
+
+def link_path(uri: str) -> str:
+    """The local path a ``templated-llm-link`` URI names (the inverse of :func:`link_uri`).
+
+    Accepts the URI as built and as MLflow rebuilds a root URI, without the empty authority
+    (``templated-llm-link:/dir``); raises ``ValueError`` for anything else.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != SCHEME or parts.netloc or parts.query or parts.fragment \
+            or not parts.path.startswith("/"):
+        raise ValueError(
+            f"not a {SCHEME} URI: {uri!r}; expected {SCHEME}:///<percent-encoded absolute path>, "
+            "as templated_llm_link.link_uri builds"
+        )
+    return decode_path(parts.path)
+
+
+def decode_path(encoded: str) -> str:
+    """A percent-encoded path of a ``templated-llm-link`` URI, decoded as a local path."""
+    if os.name == "nt":
+        return url2pathname(encoded)  # '/C:/a%20b' -> 'C:\\a b'
+    return os.fsdecode(unquote_to_bytes(encoded))  # any bytes, as file names may hold
 
 
 def staging_uri(path: str | os.PathLike[str]) -> str:
