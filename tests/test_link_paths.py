@@ -81,6 +81,25 @@ def test_the_repository_reads_the_uri_mlflow_hands_it(tmp_path):
         get_artifact_repository(f"{SCHEME}://host{folder}")
 
 
+def test_the_view_refuses_writes(tmp_path):
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "weights").write_bytes(b"w")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "new").write_bytes(b"n")
+    repository = get_artifact_repository(link_uri(folder))
+    writes = {
+        "log_artifact": lambda: repository.log_artifact(str(other / "new")),
+        "log_artifacts": lambda: repository.log_artifacts(str(other)),
+        "delete_artifacts": lambda: repository.delete_artifacts(),
+    }
+    for name, write in writes.items():
+        with pytest.raises(MlflowException, match="read-only"):
+            write()
+    assert sorted(p.name for p in folder.iterdir()) == ["weights"]
+
+
 @pytest.mark.parametrize("first", ["templated_llm_link", "templated_llm_link.repository",
                                    "mlflow", "templated_llm"])
 def test_registration_does_not_depend_on_import_order(first):
