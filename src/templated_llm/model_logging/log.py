@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import functools
+import hashlib
 import importlib.metadata
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +19,20 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 
+from templated_llm.errors import PluginError
 from templated_llm.model_logging.config import (
     DEFAULT_MAX_ROWS_PER_REQUEST,
     DEFAULT_MAX_TOKENS_LIMIT,
     LoggedConfig,
 )
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
-from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.plugins.manager import (
+    get_model_spec,
+    get_plugin_manager,
+    hooks,
+    main_registration_line,
+    main_statement_line,
+)
 from templated_llm.runtime.completions import output_schema
 from templated_llm.runtime.device import default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
@@ -60,12 +71,84 @@ def _package_dir(module_name: str) -> Path | None:
     return path.parent if path.name == "__init__.py" else path
 
 
-def _code_paths(spec: ModelSpec) -> list[str]:
+def _code_paths(plugin_module: str, plugin_code: Path | None, staging: Path) -> list[str]:
     paths = [_package_dir(__name__)]
-    plugin = _package_dir(spec.plugin_module)
-    if plugin is not None and plugin not in paths:
-        paths.append(plugin)
+    if plugin_code is not None and plugin_code.is_file():
+        # A one-file plugin travels under the name the model imports (a script's is new).
+        plugin_code = Path(shutil.copyfile(plugin_code, staging / f"{plugin_module}.py"))
+    if plugin_code is not None and plugin_code not in paths:
+        paths.append(plugin_code)
     return [str(p) for p in paths]
+
+
+def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
+    """The module a loading model imports to find the plugin, and the code that provides it.
+
+    A plugin defined in the running script travels as a module of its own: where the model
+    loads, the script is imported under that name, so its top level runs and its
+    ``if __name__ == "__main__":`` block does not. That must register the plugin and not log.
+    """
+    if spec.plugin_module != "__main__":
+        return spec.plugin_module, _package_dir(spec.plugin_module)
+    plugin = get_plugin_manager().get_plugin(spec.plugin_name)
+    script = _script_defining(plugin)
+    if script is None:
+        raise PluginError(
+            f"plugin {spec.plugin_name!r} is defined in __main__ of an interactive session "
+            "(python -c, a REPL or a notebook): its code is in no file that could travel with "
+            "the model, so a server or Spark worker loading the model would not find it. Move "
+            "the plugin's code into a module file next to your code, say my_plugin.py, ending "
+            f"with its registration: `register_plugin({_construction(plugin)}, "
+            f"name={spec.plugin_name!r})`; then `import my_plugin` before log_llm. The model "
+            "carries that module and imports it where it loads."
+        )
+    guarded = _main_block_lines(script)
+    logged_from = main_statement_line()
+    if logged_from is not None and logged_from not in guarded:
+        raise PluginError(
+            f"the script {script} calls log_llm from line {logged_from}, at its top level: the "
+            "model carries the script as its plugin's module and imports it where it loads, so "
+            'that line would log again there. Put it under `if __name__ == "__main__":`.'
+        )
+    registered_at = main_registration_line(spec.plugin_name)
+    if plugin is not sys.modules["__main__"] and registered_at in guarded:
+        raise PluginError(
+            f"plugin {spec.plugin_name!r} is registered at line {registered_at} of {script}, "
+            'under `if __name__ == "__main__":`; the model imports the script where it loads, '
+            "and that block does not run there, so the plugin would be missing. Register it at "
+            "the top level of the script, outside that block."
+        )
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    return f"templated_llm_script_{digest}", script
+
+
+def _script_defining(plugin: object) -> Path | None:
+    """The file of the running script, if the plugin's hook functions are its code."""
+    file = getattr(sys.modules["__main__"], "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    script = Path(file).resolve()
+    functions = [impl.function for caller in get_plugin_manager().get_hookcallers(plugin) or []
+                 for impl in caller.get_hookimpls() if impl.plugin is plugin]
+    files = {Path(function.__code__.co_filename).resolve() for function in functions}
+    return script if files == {script} else None
+
+
+def _main_block_lines(script: Path) -> set[int]:
+    """Lines of the script's ``if __name__ == "__main__":`` blocks (their ``else`` excluded)."""
+    lines: set[int] = set()
+    for node in ast.parse(script.read_bytes()).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "__name__ == '__main__'", "'__main__' == __name__"
+        ):
+            lines.update(range(node.body[0].lineno, node.body[-1].end_lineno + 1))
+    return lines
+
+
+def _construction(plugin: object) -> str:
+    if isinstance(plugin, type):
+        return plugin.__name__
+    return f"{type(plugin).__name__}()"
 
 
 class _ExampleNotRunModel(Model):
@@ -140,6 +223,7 @@ def log_llm(
     failing check raises before anything is written to the store.
     """
     spec = get_model_spec(model)
+    plugin_module, plugin_code = _plugin_code(spec)
     # An explicit backend that cannot run here fails now rather than at serving time.
     select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
     template_file = template_path(spec, template)
@@ -149,7 +233,7 @@ def log_llm(
     config = LoggedConfig(
         model=spec.name,
         plugin=spec.plugin_name,
-        plugin_module=spec.plugin_module,
+        plugin_module=plugin_module,
         attention=attention,
         dtype=dtype,
         generation_defaults=defaults,
@@ -163,18 +247,19 @@ def log_llm(
     _check_snapshot(spec, snapshot_dir, trust_remote_code)
     requirements = list(_runtime_requirements())
     requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
-    return _ExampleNotRunModel.log(
-        artifact_path=None,
-        flavor=mlflow.pyfunc,
-        flavor_name="pyfunc",
-        name=name,
-        python_model=str(_MODEL_CODE),
-        artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
-        model_config=config.model_dump(),
-        signature=_signature(defaults, spec.template_variables),
-        input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
-        pip_requirements=requirements,
-        code_paths=_code_paths(spec),
-        registered_model_name=registered_model_name,
-        **kwargs,
-    )
+    with tempfile.TemporaryDirectory() as staging:
+        return _ExampleNotRunModel.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc",
+            name=name,
+            python_model=str(_MODEL_CODE),
+            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
+            model_config=config.model_dump(),
+            signature=_signature(defaults, spec.template_variables),
+            input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
+            pip_requirements=requirements,
+            code_paths=_code_paths(plugin_module, plugin_code, Path(staging)),
+            registered_model_name=registered_model_name,
+            **kwargs,
+        )

@@ -55,6 +55,9 @@ class PluginInfo:
 _manager: pluggy.PluginManager | None = None
 _load_errors: list[PluginLoadError] = []
 _distributions: dict[str, importlib.metadata.Distribution] = {}
+# Plugins registered from the running script (``__main__``): the line of the script's top-level
+# statement that registered each, which log_llm checks runs where the model loads.
+_main_registrations: dict[str, int | None] = {}
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -133,6 +136,7 @@ def reset_plugin_manager() -> None:
     _manager = None
     _load_errors.clear()
     _distributions.clear()
+    _main_registrations.clear()
 
 
 def plugin_load_errors() -> list[PluginLoadError]:
@@ -146,12 +150,29 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
     Returns the name it was registered under.
     """
-    return _register(get_plugin_manager(), plugin, name)
+    registered = _register(get_plugin_manager(), plugin, name)
+    if _module_name(plugin) == "__main__":
+        _main_registrations[registered] = main_statement_line()
+    return registered
 
 
 def unregister_plugin(name: str) -> None:
     """Remove a plugin registered under ``name``."""
     get_plugin_manager().unregister(name=name)
+    _main_registrations.pop(name, None)
+
+
+def main_registration_line(name: str) -> int | None:
+    """For a plugin registered from ``__main__``: the line of the script's top-level statement
+    that registered it (``None`` if unknown)."""
+    return _main_registrations.get(name)
+
+
+def main_statement_line() -> int | None:
+    """The line of the top-level statement of ``__main__`` that is running now, if one is."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", None)
+    return next((frame.f_lineno for frame in _stack_frames()
+                 if frame.f_globals is main and frame.f_code.co_name == "<module>"), None)
 
 
 def plugin_names() -> list[str]:

@@ -1,0 +1,102 @@
+"""A plugin registered in code from ``__main__`` (a script, ``python -c``, a notebook): the model
+either carries it and loads in a fresh server, or log_llm refuses, saying exactly what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from local_server import free_port, running_server
+
+pytestmark = pytest.mark.slow
+
+PLUGIN = '''
+from templated_llm import ModelSpec, hookimpl, register_plugin
+
+
+class NotebookPlugin:
+    @hookimpl
+    def register_models(self, register):
+        register(ModelSpec(name="notebook-model", repo_id="example/notebook",
+                           template="mpt-instruct.jinja", generation_defaults={"max_tokens": 3}))
+'''
+REGISTER = 'register_plugin(NotebookPlugin(), name="notebook")\n'
+LOG = 'info = log_llm("notebook-model", snapshot=sys.argv[-1], name="from-main")\nprint("URI", info.model_uri)\n'
+IMPORTS = "import sys\nfrom templated_llm import log_llm\n"
+
+
+def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+
+
+def _logged_uri(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("URI "))
+
+
+def _served_candidates(model_uri: str, cwd: Path) -> list[str]:
+    """Serve ``model_uri`` from a fresh process started in an empty directory; predict twice."""
+    port = free_port()
+    command = [sys.executable, "-m", "templated_llm.cli", "serve", model_uri, "--port", str(port)]
+    with running_server(command, port, cwd=str(cwd)) as url:
+        response = requests.post(f"{url}/invocations", timeout=120,
+                                 data=json.dumps({"inputs": ["hi", "there"],
+                                                  "params": {"temperature": 0.0}}),
+                                 headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    return [row["candidates"] for row in response.json()["predictions"]]
+
+
+def _elsewhere(tmp_path: Path) -> Path:
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    return empty
+
+
+def test_a_plugin_in_a_script_travels_with_the_model(tiny_snapshot, tmp_path):
+    script = tmp_path / "log_my_model.py"
+    script.write_text(IMPORTS + PLUGIN + REGISTER + 'if __name__ == "__main__":\n'
+                      + textwrap.indent(LOG, "    "))
+    uri = _logged_uri(_python([str(script), str(tiny_snapshot)], cwd=tmp_path))
+    assert len(_served_candidates(uri, _elsewhere(tmp_path))) == 2
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    (IMPORTS + PLUGIN + REGISTER + LOG,
+     r"calls log_llm from line 13, at its top level.*if __name__ == \"__main__\":"),
+    (IMPORTS + PLUGIN + 'if __name__ == "__main__":\n' + textwrap.indent(REGISTER + LOG, "    "),
+     r"registered at line 13 of .*, under `if __name__ == \"__main__\":`.*at the top level"),
+], ids=["log_llm unguarded", "registration guarded"])
+def test_a_script_that_could_not_load_elsewhere_is_refused(tiny_snapshot, tmp_path, script, expected):
+    path = tmp_path / "log_my_model.py"
+    path.write_text(script)
+    result = _python([str(path), str(tiny_snapshot)], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "PluginError" in result.stderr
+    assert re.search(expected, result.stderr.replace("\n", " ")), result.stderr[-3000:]
+
+
+def test_a_plugin_defined_interactively_is_refused_with_what_to_do(tiny_snapshot, tmp_path):
+    result = _python(["-c", IMPORTS + PLUGIN + REGISTER + LOG, str(tiny_snapshot)], cwd=tmp_path)
+    assert result.returncode != 0
+    message = result.stderr.replace("\n", " ")
+    assert "plugin 'notebook' is defined in __main__ of an interactive session" in message
+    assert "register_plugin(NotebookPlugin(), name='notebook')" in message
+    assert "URI " not in result.stdout
+
+
+def test_doing_what_the_refusal_says_serves_from_an_interactive_session(tiny_snapshot, tmp_path):
+    # The refusal's advice: the plugin in a module file that registers it, imported before logging.
+    (tmp_path / "my_plugin.py").write_text(PLUGIN + REGISTER)
+    code = "import my_plugin\n" + IMPORTS + LOG
+    uri = _logged_uri(_python(["-c", code, str(tiny_snapshot)], cwd=tmp_path))
+    assert len(_served_candidates(uri, _elsewhere(tmp_path))) == 2
