@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 _logger = logging.getLogger(__name__)
 
@@ -27,22 +28,73 @@ _MADV_DONTNEED = 4  # Linux
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear``'s forward on a weight reordered once for oneDNN. Inference only."""
+    """``nn.Linear``'s forward on a weight reordered once for oneDNN. Inference only.
+
+    Its state is ``nn.Linear``'s: ``state_dict`` holds the plain ``weight`` (a saved model is an
+    ordinary checkpoint) and ``load_state_dict`` packs the weight it is given. ``.to()``,
+    ``.half()``, ``.cuda()``... convert the weight too: packed again where oneDNN can run it (a
+    CPU dtype it packs), else unpacked into a plain ``weight`` parameter run by ``F.linear``.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        # A plain attribute, not a parameter: the packed layout is opaque to state_dict, .to()
-        # and autograd, and nothing but this forward may read it.
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        # A plain attribute, not a parameter: the packed layout is opaque to autograd, and
+        # nothing but this forward may read it. None once unpacked.
+        self._packed: torch.Tensor | None = _pack(linear.weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self._packed is not None:
+            destination[prefix + "weight"] = self._packed.to_dense()  # the exact original values
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key, shape = prefix + "weight", (self.out_features, self.in_features)
+        if self._packed is not None and key in state_dict:
+            if tuple(state_dict[key].shape) == shape:
+                self._packed = _pack(state_dict[key].to("cpu", self._packed.dtype))
+            else:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(state_dict[key].shape)} from checkpoint, the shape in "
+                                  f"current model is {shape}.")
+        elif self._packed is not None and strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self._packed is not None and key in unexpected_keys:  # no parameter of that name
+            unexpected_keys.remove(key)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        super()._apply(fn, recurse)
+        if self._packed is None:
+            return self
+        probe = torch.empty(0, dtype=self._packed.dtype)
+        changed = fn(probe)
+        if (changed.device, changed.dtype) == (probe.device, probe.dtype):
+            return self  # .to("cpu") on a CPU model, .float() on a float32 one: nothing to do
+        weight = fn(self._packed.to_dense())
+        if weight.device.type == "cpu" and packing_available(weight.dtype):
+            self._packed = _pack(weight)
+        else:
+            self._packed = None
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        return self
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, packed={self._packed is not None}")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
 def packing_available(dtype: torch.dtype) -> bool:
