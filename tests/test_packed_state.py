@@ -1,13 +1,17 @@
-"""A model with packed linear layers keeps a correct state, and moves and casts as a plain one
-does."""
+"""A model with packed linear layers keeps a correct state, moves and casts as a plain one does,
+and packs only where the original weights can be handed back."""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import pytest
 import torch
 from torch import nn
 from transformers import MptForCausalLM
 
+from templated_llm.runtime import packed_linear
 from templated_llm.runtime.packed_linear import PackedLinear, pack_linear_layers, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
@@ -80,3 +84,37 @@ def test_calls_that_change_nothing_pass(packed):
     before = _logits(packed)
     packed.to("cpu").float().to(torch.float32)
     torch.testing.assert_close(_logits(packed), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("setting", "reason"), [
+    (("_MAPS", "/no/proc/self/maps"), "cannot read /no/proc/self/maps"),
+    (("sys.platform", "darwin"), "on Linux only"),
+])
+def test_where_pages_cannot_be_handed_back_nothing_is_packed(plain, monkeypatch, caplog, setting, reason):
+    target, value = setting
+    if target == "sys.platform":
+        monkeypatch.setattr(sys, "platform", value)
+    else:
+        monkeypatch.setattr(packed_linear, target, value)
+    before = _logits(plain)
+    with caplog.at_level(logging.WARNING, logger=packed_linear.__name__):
+        assert pack_linear_layers(plain) == 0
+    assert reason in caplog.text and "not packed" in caplog.text
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    torch.testing.assert_close(_logits(plain), before, rtol=0, atol=0)
+
+
+class _FailingLibc:
+    def madvise(self, *args):
+        return -1
+
+
+def test_a_failed_madvise_is_reported_and_stops_packing(tiny_snapshot, tmp_path, monkeypatch, caplog):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the release step runs on Linux only")
+    monkeypatch.setattr(packed_linear, "_libc", lambda: _FailingLibc())
+    model = MptForCausalLM.from_pretrained(tiny_snapshot).eval()
+    with caplog.at_level(logging.WARNING, logger=packed_linear.__name__):
+        packed = pack_linear_layers(model)
+    assert packed == 1  # the first layer is packed before its release fails; none after
+    assert "madvise" in caplog.text and "stopped packing" in caplog.text

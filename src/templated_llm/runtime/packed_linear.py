@@ -14,6 +14,7 @@ import ctypes
 import functools
 import logging
 import mmap
+import os
 import sys
 from collections import Counter
 
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 _logger = logging.getLogger(__name__)
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-_MADV_DONTNEED = 4  # Linux
+_MAPS = "/proc/self/maps"
 
 
 class PackedLinear(nn.Module):
@@ -104,27 +105,31 @@ def packing_available(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's file-backed memory mappings (Linux; else none)."""
-    if not sys.platform.startswith("linux"):
-        return []
+def _file_mappings() -> list[tuple[int, int]] | str:
+    """Address ranges of this process's file-backed memory mappings, or why they are unknown."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return f"handing pages back (/proc/self/maps, madvise) is implemented on Linux only, not {sys.platform}"
     ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((start, end))
+    try:
+        with open(_MAPS) as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError as err:
+        return f"cannot read {_MAPS} ({err})"
     return ranges
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None)
+    return ctypes.CDLL(None, use_errno=True)
 
 
-def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
-    """Hand back the pages of a replaced weight that lies in a memory-mapped weights file.
+def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> str | None:
+    """Hand back the pages of a replaced weight that lies in a memory-mapped weights file;
+    return why that failed, if it did.
 
     transformers memory-maps safetensors; reading a weight to pack it faults its pages in, and
     the mapping keeps them resident while any other tensor of the file lives, so packed and
@@ -134,11 +139,14 @@ def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -
     """
     start, end = weight.data_ptr(), weight.data_ptr() + weight.nbytes
     if not any(low <= start and end <= high for low, high in mappings):
-        return
+        return None
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    if last > first and _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                        mmap.MADV_DONTNEED) != 0:
+        errno = ctypes.get_errno()
+        return f"madvise(MADV_DONTNEED) failed: {os.strerror(errno)} (errno {errno})"
+    return None
 
 
 def pack_linear_layers(model: nn.Module) -> int:
@@ -147,8 +155,15 @@ def pack_linear_layers(model: nn.Module) -> int:
     Left as they are: layers whose weight another module shares (an output layer tied to the
     embeddings, which must keep reading the same tensor), off-CPU or meta weights, and dtypes
     oneDNN cannot pack here.
+
+    Nothing is packed where the pages of the replaced weights cannot be handed back (anywhere
+    but Linux, or without ``/proc``): the weights would be resident twice. The reason is logged.
     """
     mappings = _file_mappings()
+    if isinstance(mappings, str):
+        _logger.warning("linear layers not packed for oneDNN (a speed-up only): %s, and the "
+                        "weights would be resident twice", mappings)
+        return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     packed = 0
     for parent in list(model.modules()):
@@ -160,7 +175,10 @@ def pack_linear_layers(model: nn.Module) -> int:
                     or not packing_available(weight.dtype)):
                 continue
             setattr(parent, name, PackedLinear(child))
-            _release_file_pages(weight, mappings)
             packed += 1
+            if failure := _release_file_pages(weight, mappings):
+                _logger.warning("stopped packing linear layers for oneDNN after %d: %s, and the "
+                                "weights would be resident twice", packed, failure)
+                return packed
     _logger.info("packed %d linear layers for oneDNN", packed)
     return packed
