@@ -20,8 +20,12 @@ from typing import Any
 
 from templated_llm.runtime.params import GenerationParams
 
-# Most prompts one merged batch takes (one request alone may have more): bounds the KV cache.
+# Most prompts one merged batch takes (one request alone may have more).
 MAX_MERGED_PROMPTS = 64
+# Most padded tokens, rows x (longest prompt + max_tokens), one merged batch takes (one request
+# alone may have more): what the KV cache and activations grow with. A long prompt pads every
+# row merged with it, so a bound on rows alone lets one long prompt blow up a batch of short ones.
+MAX_MERGED_TOKENS = 32768
 
 # Token ids of every prompt in a batch -> one result per prompt, in order.
 Generate = Callable[[list[list[int]], GenerationParams], Sequence[Any]]
@@ -41,9 +45,11 @@ class _Request:
 class MicroBatcher:
     """Runs ``generate`` for one batch at a time, merging the requests waiting for it."""
 
-    def __init__(self, generate: Generate, max_prompts: int = MAX_MERGED_PROMPTS) -> None:
+    def __init__(self, generate: Generate, max_prompts: int = MAX_MERGED_PROMPTS,
+                 max_padded_tokens: int = MAX_MERGED_TOKENS) -> None:
         self._generate = generate
         self._max_prompts = max_prompts
+        self._max_padded_tokens = max_padded_tokens
         self._waiting: list[_Request] = []
         self._waiting_lock = threading.Lock()
         self._generate_lock = threading.Lock()
@@ -67,15 +73,18 @@ class MicroBatcher:
 
     def _take(self, leader: _Request) -> list[_Request]:
         with self._waiting_lock:
-            batch, size = [leader], len(leader.input_ids)
+            batch = [leader]
             if leader.params.seed is None:
                 for other in self._waiting:
-                    if other is not leader and other.joins(leader) \
-                            and size + len(other.input_ids) <= self._max_prompts:
+                    if other is not leader and other.joins(leader) and self._fits([*batch, other]):
                         batch.append(other)
-                        size += len(other.input_ids)
             self._waiting = [r for r in self._waiting if r not in batch]
         return batch
+
+    def _fits(self, batch: list[_Request]) -> bool:
+        rows = [ids for request in batch for ids in request.input_ids]
+        padded = len(rows) * (max(map(len, rows)) + batch[0].params.max_tokens)
+        return len(rows) <= self._max_prompts and padded <= self._max_padded_tokens
 
     def _run(self, batch: list[_Request]) -> None:
         try:
