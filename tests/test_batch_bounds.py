@@ -1,4 +1,5 @@
-"""Merged batches are bounded by padded tokens."""
+"""Merged batches are bounded by padded tokens, and a request merged into another's batch returns
+as soon as that batch ends."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from templated_llm.runtime.batching import MicroBatcher
 from templated_llm.runtime.params import GenerationParams
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=4)
+OTHER = GenerationParams(temperature=0.0, max_tokens=5)
 
 
 class _Generate:
@@ -84,3 +86,38 @@ def test_every_merged_batch_fits_the_bound_and_every_request_gets_its_results(le
     for ids, used in generate.batches:
         alone = any(ids == request for request in [[[0]], *requests])
         assert alone or _padded_tokens(ids, used) <= bound
+
+
+def test_a_request_merged_into_another_batch_returns_without_waiting_for_the_model_again():
+    # Two clients each send a request, then at once another with other params. Their first
+    # requests merge into one batch; the leader's next request takes the model right after it.
+    # The other client's first results are ready: it must get them while that batch runs.
+    first_batch, other_batch = threading.Event(), threading.Event()
+    generate = _Generate({0: first_batch, 9: other_batch})
+    batcher = MicroBatcher(generate)
+    got = {}
+
+    def client(name: str, first: int) -> None:
+        got[name] = batcher.submit([[first]], GREEDY)
+        batcher.submit([[9]], OTHER)
+
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(batcher.submit, [[0]], GREEDY)
+        assert generate.started[0].wait(timeout=60)
+        clients = [pool.submit(client, "a", 1), pool.submit(client, "b", 2)]
+        _wait_queued(batcher, 2)
+        first_batch.set()  # the two clients' requests then merge into the next batch
+        assert generate.started[9].wait(timeout=60)
+        # The batch with other params runs and is held: both first results are in regardless.
+        for _ in range(300):  # up to 30 s: the old code waits until other_batch is set
+            if len(got) == 2:
+                break
+            threading.Event().wait(0.1)
+        stuck = sorted({"a", "b"} - set(got))
+        other_batch.set()
+        blocker.result(timeout=60)
+        for future in clients:
+            future.result(timeout=60)
+    assert stuck == [], f"client {stuck} waited behind a whole generation for results it had"
+    assert sorted(got.values()) == [["[1]@4"], ["[2]@4"]]
+    assert any(sorted(ids) == [[1], [2]] for ids, _ in generate.batches)  # they did merge

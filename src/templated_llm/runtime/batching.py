@@ -38,8 +38,43 @@ class _Request:
     results: Sequence[Any] | None = None
     error: BaseException | None = None
 
+    def done(self) -> bool:
+        return self.results is not None or self.error is not None
+
     def joins(self, leader: _Request) -> bool:
         return self.params == leader.params and self.params.seed is None
+
+
+class ModelLock:
+    """The model, used by one batch or stream at a time: a ``threading.Lock`` whose waiters can
+    also stop waiting once something else happened (their results came in another's batch)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1,
+                unless: Callable[[], bool] = lambda: False) -> bool:
+        """Take the model (``True``), or give up (``False``) on time out or once ``unless()``."""
+        with self._changed:
+            self._changed.wait_for(lambda: unless() or not self._held,
+                                   timeout=(None if timeout < 0 else timeout) if blocking else 0)
+            if self._held or unless():
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class MicroBatcher:
@@ -52,21 +87,25 @@ class MicroBatcher:
         self._max_padded_tokens = max_padded_tokens
         self._waiting: list[_Request] = []
         self._waiting_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
+        self._model = ModelLock()
 
     @property
-    def lock(self) -> threading.Lock:
+    def lock(self) -> ModelLock:
         """Held while a batch generates: hold it to use the model alone (streaming does)."""
-        return self._generate_lock
+        return self._model
 
     def submit(self, input_ids: list[list[int]], params: GenerationParams) -> Sequence[Any]:
         """The results for ``input_ids`` (token ids, unpadded), generated with ``params``."""
         request = _Request(input_ids, params)
         with self._waiting_lock:
             self._waiting.append(request)
-        with self._generate_lock:
-            if request.results is None and request.error is None:
+        # Either this request leads the next batch, or another's batch takes it along: then it
+        # returns as soon as that batch ends, whoever uses the model next.
+        if self._model.acquire(unless=request.done):
+            try:
                 self._run(self._take(request))
+            finally:
+                self._model.release()
         if request.error is not None:
             raise request.error
         return request.results

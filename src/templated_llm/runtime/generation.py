@@ -96,7 +96,7 @@ class _Cancelled(StoppingCriteria):
 
 def stream(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
-    device: str, lock: threading.Lock,
+    device: str, lock: contextlib.AbstractContextManager[Any],
 ) -> Iterator[str]:
     """Yield one row's generated text in chunks as transformers' streamer decodes them.
 
