@@ -74,13 +74,17 @@ def generate_completions(
     completions = []
     for row, text in enumerate(texts):
         tokens = new_tokens[row].tolist()
-        # A finished row ends with an end token, then padding while the others go on.
+        # A row that finished before the others is followed by padding while they go on. It
+        # finished on an end token (counted), or on the token completing a stop string: then
+        # the first end token is padding (the pad token is often the end token itself).
         ended = next((i for i, t in enumerate(tokens) if t in ends), None)
         cut = cut_at_stop(text, params.stop)
+        if ended is not None and cut == text:
+            ended += 1
         completions.append(Completion(
             text=cut,
             prompt_tokens=int(prompt_tokens[row]),
-            completion_tokens=len(tokens) if ended is None else ended + 1,
+            completion_tokens=len(tokens) if ended is None else ended,
             finish_reason="stop" if ended is not None or cut != text else "length",
         ))
     return completions
