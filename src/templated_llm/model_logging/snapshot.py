@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"{path} is not valid JSON: {exc}") from None
+        raise SnapshotError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise SnapshotError(f"{path} must hold a JSON object; it holds {type(value).__name__}")
     return value
@@ -142,7 +143,7 @@ def _check_tokenizer(snapshot: Path) -> None:
         except Exception as exc:  # the Rust parser raises its own Exception type
             raise SnapshotError(
                 f"tokenizer file {snapshot / 'tokenizer.json'} does not load: {exc}"
-            ) from None
+            ) from exc
     if present == ["vocab.json"] and not (snapshot / "merges.txt").is_file():
         raise SnapshotError(f"snapshot {snapshot} has vocab.json but no merges.txt for its BPE tokenizer")
 
@@ -193,7 +194,7 @@ def _check_safetensors(path: Path) -> None:
         raise SnapshotError(
             f"weights file {path} ({size} bytes) is not a valid safetensors file, probably "
             f"truncated or corrupted: {exc}"
-        ) from None
+        ) from exc
 
 
 def _check_bin(path: Path) -> None:
@@ -204,7 +205,18 @@ def _check_bin(path: Path) -> None:
         # mmap: the tensors are mapped, not read, so this costs no memory for large files.
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
+        if not zipfile.is_zipfile(path):
+            snapshot = str(path.parent)
+            raise SnapshotError(
+                f"weights file {path} is in torch's legacy format (saved before torch 1.6, or "
+                "with _use_new_zipfile_serialization=False), not a zip archive: it cannot be "
+                "memory-mapped, so it cannot be checked without reading all of it into memory. "
+                "Convert the snapshot to safetensors once (it loads the model once; "
+                "transformers and log_llm then use model.safetensors): "
+                "`from transformers import AutoModelForCausalLM; AutoModelForCausalLM."
+                f"from_pretrained({snapshot!r}, dtype='auto').save_pretrained({snapshot!r})`"
+            ) from exc
         raise SnapshotError(
             f"weights file {path} does not load with torch's weights-only loader (truncated, "
             f"corrupted, or holding pickled code, which is never run): {exc}"
-        ) from None
+        ) from exc
