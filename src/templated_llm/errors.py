@@ -39,3 +39,19 @@ class PluginLoadWarning(UserWarning):
 
 class RemoteCodeWarning(UserWarning):
     """A model logged with ``trust_remote_code=True`` is being loaded."""
+
+
+class EngineError(TemplatedLLMError):
+    """The generation engine could not serve a sequence."""
+
+
+class EngineFullError(EngineError):
+    """The engine's waiting queue is at its limit: the request is refused (HTTP 429 when served)."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was closed (its model released or the process exiting) before a sequence ended."""
+
+
+class SequenceFailedError(EngineError):
+    """A step of the engine raised while this sequence was in it; other sequences go on."""

@@ -92,3 +92,10 @@ def load_model(
 def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str:
     # transformers installed the backend at load: report the one it runs.
     return attention_table.from_transformers(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+@hookimpl(trylast=True)
+def engine_adapter(spec: ModelSpec, model: Any, attention: str) -> Any:
+    from templated_llm.engine import HuggingFaceAdapter
+
+    return HuggingFaceAdapter(model) if HuggingFaceAdapter.supports(model, attention) else None

@@ -115,3 +115,11 @@ def prepare_model(spec: ModelSpec, model: Any, tokenizer: Any) -> None:
     (not first-result): each returns ``None`` and changes ``model`` in place, for its own
     models only.
     """
+
+
+@hookspec(firstresult=True)
+def engine_adapter(spec: ModelSpec, model: Any, attention: str) -> Any:
+    """Return a ``templated_llm.engine.ModelAdapter`` that runs ``model`` on the
+    continuous-batching engine, or ``None`` if it cannot: the model then generates whole batches
+    with transformers' ``generate`` (logged once at load). ``attention`` is the backend in use.
+    """

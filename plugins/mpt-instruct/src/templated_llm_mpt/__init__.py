@@ -62,3 +62,12 @@ def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str | No
     from templated_llm_mpt.attention import install_attention
 
     return install_attention(model, attention)
+
+
+@hookimpl
+def engine_adapter(spec: ModelSpec, model: Any, attention: str) -> Any:
+    if not _ours(spec):
+        return None
+    from templated_llm_mpt.engine import MptAdapter
+
+    return MptAdapter(model, attention)

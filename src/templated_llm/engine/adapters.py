@@ -1,0 +1,79 @@
+"""How the engine runs a model: one forward pass over a :class:`StepBatch` with the slot cache.
+
+A plugin makes its models run on the engine by returning a :class:`ModelAdapter` from its
+``engine_adapter`` hook (the MPT plugin's runs MPT through its own attention kernels). The core's
+:class:`HuggingFaceAdapter` runs the common decoder families through their own transformers
+forward, handing them the slot cache as a Cache-like object, explicit positions and a 4D mask
+(transformers passes a 4D mask to the attention as is).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from templated_llm.engine.cache import SlotCache, StepBatch
+
+# Families whose transformers forward the HuggingFaceAdapter is tested with (tiny models) and
+# whose logits are the plain output projection of the last hidden state (no soft-capping or
+# scaling after it, which the adapter would skip).
+HF_MODEL_TYPES = frozenset({"llama", "mistral", "gpt_neox", "qwen2", "qwen3"})
+HF_ATTENTION = frozenset({"eager", "sdpa"})
+
+
+class ModelAdapter(ABC):
+    """One model family's forward pass on the engine's slot cache."""
+
+    def __init__(self, model: Any, layers: int, kv_heads: int, head_dim: int) -> None:
+        self.model = model
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.dtype = model.dtype
+        self.device = model.device
+
+    @abstractmethod
+    def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
+        """The logits (rows, vocab) at each row's last fed token, writing the step's keys and
+        values into ``cache``; only those positions go through the output layer."""
+
+    def last_hidden(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Each row's hidden state at its last fed token, through the output layer, as float32."""
+        last = hidden[torch.arange(batch.rows, device=hidden.device), batch.last]
+        return self.model.get_output_embeddings()(last).float()
+
+
+class _SlotView:
+    """The slot cache as transformers' attention layers call it (``update`` per layer)."""
+
+    def __init__(self, cache: SlotCache, batch: StepBatch) -> None:
+        self.cache, self.batch = cache, batch
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        return self.cache.update(layer_idx, self.batch, key, value)
+
+
+class HuggingFaceAdapter(ModelAdapter):
+    """A transformers decoder (Llama, Mistral, GPT-NeoX, ...) through its own forward."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        super().__init__(model, config.num_hidden_layers, kv_heads, head_dim)
+        self.window = getattr(config, "sliding_window", None)
+        self.base = model.base_model
+
+    @classmethod
+    def supports(cls, model: Any, attention: str) -> bool:
+        return model.config.model_type in HF_MODEL_TYPES and attention in HF_ATTENTION
+
+    def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
+        visible = batch.visible(self.window)
+        # Additive float mask: eager adds it to the scores, SDPA takes it as attn_mask.
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        out = self.base(input_ids=batch.tokens, attention_mask=mask, position_ids=batch.positions,
+                        past_key_values=_SlotView(cache, batch), use_cache=True)
+        return self.last_hidden(out.last_hidden_state, batch)

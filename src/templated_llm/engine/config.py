@@ -1,0 +1,79 @@
+"""The engine's budget: how many sequences run at once, how long each may be, how many may wait."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Tokens of prompt read per scheduler step (over all sequences being prefilled). Larger reads
+# long prompts in fewer steps (lower time to first token); smaller keeps the running streams'
+# steps short (lower time per output token). EngineConfig(prefill_chunk=...) changes it.
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_MAX_WAITING = 256
+# Without a budget, each slot holds the model's context up to this many tokens, and the slots
+# take at most this share of the memory free at load, and at most _DEFAULT_MAX_SEQS of them.
+_DEFAULT_SLOT_CAP = 4096
+_FREE_MEMORY_SHARE = 0.25
+_DEFAULT_MAX_SEQS = 32
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine may hold. ``None`` fields are sized from the model and free memory.
+
+    - ``max_num_seqs``: sequences generating at once (KV cache slots).
+    - ``max_cache_tokens``: tokens the KV cache holds over all slots; each slot holds
+      ``max_cache_tokens // max_num_seqs`` (at most the model's context): a request whose
+      prompt plus ``max_tokens`` exceeds that is refused, never truncated.
+    - ``max_waiting``: sequences queued for a slot; beyond it ``submit`` raises
+      :class:`~templated_llm.errors.EngineFullError`.
+    - ``prefill_chunk``: prompt tokens read per step (see ``DEFAULT_PREFILL_CHUNK``).
+    """
+
+    max_num_seqs: int | None = None
+    max_cache_tokens: int | None = None
+    max_waiting: int = DEFAULT_MAX_WAITING
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_cache_tokens", "max_waiting", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer; received {value!r}")
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """The resolved budget: ``slots`` sequences of at most ``slot_len`` tokens each."""
+
+    slots: int
+    slot_len: int
+
+
+def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, device: str) -> CacheShape:
+    """Slots and slot length from ``config``, the model's context and the memory free now."""
+    longest = min(context or _DEFAULT_SLOT_CAP, _DEFAULT_SLOT_CAP)
+    seqs, tokens = config.max_num_seqs, config.max_cache_tokens
+    if seqs is not None and tokens is not None:
+        return CacheShape(seqs, min(tokens // seqs, context or tokens) or 1)
+    if tokens is not None:
+        slot_len = min(longest, tokens)
+        return CacheShape(max(1, tokens // slot_len), slot_len)
+    if seqs is None:
+        budget = _free_memory(device) * _FREE_MEMORY_SHARE
+        seqs = int(max(1, min(_DEFAULT_MAX_SEQS, budget // (bytes_per_token * longest))))
+    return CacheShape(seqs, longest)
+
+
+def _free_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # no /proc (macOS, Windows): assume 4 GiB

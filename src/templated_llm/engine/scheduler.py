@@ -1,0 +1,313 @@
+"""The engine: a scheduler thread that owns one model and advances every sequence a step at a time.
+
+Each step of the loop:
+
+1. sequences cancelled since the last step leave, and waiting ones take the free slots;
+2. one decode forward pass over every decoding sequence (slots ``0..n-1``, contiguous), one new
+   token each; those that end (an end token, a stop string, ``max_tokens``) leave;
+3. up to ``prefill_chunk`` prompt tokens of the sequences still reading their prompt, in as
+   few forward passes as keeps padding low; one that has read all of its prompt samples its
+   first token and joins the decoding sequences.
+
+A leaving sequence's slot is filled by moving the last decoding sequence into it (and the last
+prefilling one into the hole that leaves), so the decoding slots stay ``0..n-1``. A step that
+raises fails only the sequences in it; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+
+from templated_llm.engine import sampling
+from templated_llm.engine.adapters import ModelAdapter
+from templated_llm.engine.cache import SlotCache, StepBatch
+from templated_llm.engine.config import EngineConfig, resolve
+from templated_llm.engine.sequence import CANCELLED, Sequence, SequenceState, step_failure
+from templated_llm.engine.stats import EngineStats, StatsRecorder
+from templated_llm.errors import EngineClosedError, EngineFullError
+from templated_llm.runtime.generation import _end_ids
+from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.tokens import context_length
+
+_logger = logging.getLogger(__name__)
+
+# Prefill rows share a forward pass while padding them to the longest adds at most this share.
+_PREFILL_PADDING = 0.25
+
+
+class Engine:
+    """Continuous batching for one loaded model. Thread-safe: any thread may submit.
+
+    The scheduler thread stops on :meth:`close`, when the engine is garbage-collected, or at
+    interpreter exit; sequences still running then fail with ``EngineClosedError``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter,
+                 config: EngineConfig | None = None) -> None:
+        self._scheduler = _Scheduler(model, tokenizer, adapter, config or EngineConfig())
+        self.config = self._scheduler.config
+        self._thread = threading.Thread(target=self._scheduler.run, name="templated-llm-engine",
+                                        daemon=True)
+        self._scheduler.thread = self._thread
+        self._thread.start()
+        # Holds the scheduler, not the engine: dropping the engine stops the thread.
+        self._finalizer = weakref.finalize(self, self._scheduler.close)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._scheduler.cache.slots
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most tokens (prompt plus ``max_tokens``) one sequence may hold: a slot's length."""
+        return self._scheduler.cache.slot_len
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
+        """Queue a sequence; it starts when a slot is free. Raises ``ValueError`` when it cannot
+        fit a slot and :class:`EngineFullError` when the waiting queue is at its limit."""
+        return self._scheduler.submit(prompt_ids, params)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the scheduler thread; unfinished sequences fail with ``EngineClosedError``."""
+        self._finalizer()
+
+
+class _Scheduler:
+    def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter, config: EngineConfig) -> None:
+        self.tokenizer, self.adapter = tokenizer, adapter
+        self.end_ids = _end_ids(model.generation_config, tokenizer)
+        device = str(adapter.device)
+        per_token = SlotCache.bytes_per_token(adapter.layers, adapter.kv_heads, adapter.head_dim,
+                                              adapter.dtype)
+        shape = resolve(config, context_length(model), per_token, device)
+        self.config = EngineConfig(shape.slots, shape.slots * shape.slot_len, config.max_waiting,
+                                   config.prefill_chunk)
+        self.cache = SlotCache(adapter.layers, shape.slots, adapter.kv_heads, shape.slot_len,
+                               adapter.head_dim, adapter.dtype, adapter.device)
+        # running[i] holds slot i: decoding sequences first (0..decoding-1), then prefilling.
+        self.running: list[SequenceState] = []
+        self.decoding = 0
+        self.waiting: deque[SequenceState] = deque()
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.recorder = StatsRecorder()
+        _logger.info(
+            "engine: %d slots of %d tokens (%.0f MiB of KV cache), up to %d waiting, prefill "
+            "chunk %d tokens, %s", shape.slots, shape.slot_len,
+            per_token * shape.slots * shape.slot_len / 2**20, config.max_waiting,
+            config.prefill_chunk, type(adapter).__name__,
+        )
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens; the engine needs at least one")
+        needed = len(prompt_ids) + params.max_tokens
+        if needed > self.cache.slot_len:
+            raise ValueError(
+                f"the prompt is {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} "
+                f"that is {needed}, over the {self.cache.slot_len} tokens one sequence may hold "
+                "in this engine (max_cache_tokens / max_num_seqs, capped at the model's context). "
+                "Shorten the prompt or lower max_tokens."
+            )
+        state = SequenceState(list(prompt_ids), params, sampling.generator(params, self.adapter.device))
+        with self.condition:
+            if self.stopping:
+                raise EngineClosedError("the engine is closed; load the model again")
+            if len(self.waiting) >= self.config.max_waiting:
+                raise EngineFullError(
+                    f"the engine is full: {len(self.running)} sequences running and "
+                    f"{len(self.waiting)} waiting, the most it queues (max_waiting="
+                    f"{self.config.max_waiting}). Retry later."
+                )
+            self.waiting.append(state)
+            self.condition.notify()
+        return Sequence(state, self.wake)
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify()
+
+    def stats(self) -> EngineStats:
+        running = list(self.running)
+        ttft, tpot = self.recorder.summaries()
+        return EngineStats(
+            running=len(running), waiting=len(self.waiting), max_num_seqs=self.cache.slots,
+            cache_tokens_used=sum(s.cached for s in running),
+            cache_tokens_capacity=self.cache.slots * self.cache.slot_len,
+            tokens_generated=self.recorder.tokens_generated,
+            sequences_finished=self.recorder.finished, sequences_failed=self.recorder.failed,
+            time_to_first_token=ttft, time_per_output_token=tpot,
+        )
+
+    def close(self) -> None:
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self._admit():
+                with torch.inference_mode():
+                    self._step()
+        finally:
+            closed = EngineClosedError("the engine closed before this sequence ended")
+            with self.condition:
+                for state in [*self.running, *self.waiting]:
+                    state.fail(closed)
+                self.running.clear()
+                self.waiting.clear()
+
+    def _admit(self) -> bool:
+        """Wait for work; move waiting sequences into free slots. False once closing."""
+        with self.condition:
+            while not self.stopping and not self.running and not self.waiting:
+                self.condition.wait()
+            for state in [s for s in self.waiting if s.cancelled.is_set()]:
+                self.waiting.remove(state)
+                state.finish(CANCELLED, self.tokenizer)
+            while self.waiting and len(self.running) < self.cache.slots:
+                state = self.waiting.popleft()
+                state.slot = len(self.running)
+                self.running.append(state)
+            return not self.stopping
+
+    def _step(self) -> None:
+        for state in [s for s in self.running if s.cancelled.is_set()]:
+            self._leave(state)
+            state.finish(CANCELLED, self.tokenizer)
+        if self.decoding:
+            self._guarded(self.running[: self.decoding], self._decode)
+        prefilling = self.running[self.decoding :]
+        for group in _prefill_groups(prefilling, self.config.prefill_chunk):
+            self._guarded([state for state, _ in group], lambda g=group: self._prefill(g))
+
+    def _guarded(self, states: list[SequenceState], run: Any) -> None:
+        states = list(states)
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - fails this step's sequences, not the engine
+            _logger.exception("engine step failed; failing its %d sequences", len(states))
+            failure = step_failure(exc)
+            for state in states:
+                if not state.done.is_set():
+                    if state in self.running:
+                        self._leave(state)
+                    self.recorder.failed += 1
+                    state.fail(failure)
+
+    def _decode(self) -> None:
+        states = self.running[: self.decoding]
+        tokens = torch.tensor([[s.generated[-1]] for s in states], device=self.adapter.device)
+        batch = StepBatch(tokens, list(range(len(states))), [s.cached for s in states], [1] * len(states))
+        logits = self.adapter.forward(batch, self.cache)
+        for state in states:
+            state.cached += 1
+        self._advance(states, logits)
+
+    def _prefill(self, group: list[tuple[SequenceState, int]]) -> None:
+        width = max(take for _, take in group)
+        rows = [s.prompt_ids[s.cached : s.cached + take] + [0] * (width - take) for s, take in group]
+        tokens = torch.tensor(rows, device=self.adapter.device)
+        batch = StepBatch(tokens, [s.slot for s, _ in group], [s.cached for s, _ in group],
+                          [take for _, take in group])
+        logits = self.adapter.forward(batch, self.cache)
+        for state, take in group:
+            state.cached += take
+        # Only once every row counts its new chunk: a promotion moves other rows' slots.
+        done = [row for row, (state, _) in enumerate(group) if not state.prefilling]
+        for row in done:
+            self._promote(group[row][0])
+        if done:
+            self._advance([group[row][0] for row in done], logits[done])
+
+    def _advance(self, states: list[SequenceState], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token; end those that are done."""
+        tokens = sampling.next_tokens(logits, [s.params for s in states], [s.seen for s in states],
+                                      [s.generator for s in states])
+        now = time.perf_counter()
+        self.recorder.tokens_generated += len(states)
+        ended = []
+        for state, token in zip(states, tokens):
+            state.generated.append(token)
+            if state.first_token_at is None:
+                state.first_token_at = now
+                self.recorder.first_token(now - state.submitted)
+            if state.params.stop or state.streaming:
+                state.decode(self.tokenizer)
+            if token in self.end_ids or (state.params.stop and state.stopped_at_string()):
+                ended.append((state, "stop"))
+            elif len(state.generated) >= state.params.max_tokens:
+                ended.append((state, "length"))
+        for state, reason in ended:
+            self._leave(state)
+            self.recorder.finished_sequence(len(state.generated), now - state.first_token_at)
+            state.finish(reason, self.tokenizer)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def _leave(self, state: SequenceState) -> None:
+        """Free ``state``'s slot, keeping decoding slots 0..n-1 and prefilling ones after them."""
+        hole = state.slot
+        if hole < self.decoding:
+            self.decoding -= 1
+            if hole != self.decoding:
+                self._relocate(self.running[self.decoding], hole)
+            hole = self.decoding
+        last = len(self.running) - 1
+        if hole != last:
+            self._relocate(self.running[last], hole)
+        self.running.pop()
+        state.slot = -1
+
+    def _relocate(self, state: SequenceState, slot: int) -> None:
+        self.cache.move(state.slot, slot, state.cached)
+        self.running[slot] = state
+        state.slot = slot
+
+    def _promote(self, state: SequenceState) -> None:
+        """A sequence that has read its prompt takes the first prefilling slot and decodes."""
+        first = self.decoding
+        if state.slot != first:
+            other = self.running[first]
+            self.cache.swap(state.slot, state.cached, first, other.cached)
+            self.running[state.slot], self.running[first] = other, state
+            other.slot, state.slot = state.slot, first
+        self.decoding += 1
+
+
+def _prefill_groups(prefilling: list[SequenceState], budget: int) -> list[list[tuple[SequenceState, int]]]:
+    """This step's prompt chunks, oldest sequence first, up to ``budget`` tokens in all, grouped
+    into forward passes of similar chunk lengths (padding to the longest in each stays low)."""
+    chunks = []
+    for state in prefilling:
+        if budget <= 0:
+            break
+        take = min(len(state.prompt_ids) - state.cached, budget)
+        chunks.append((state, take))
+        budget -= take
+    groups: list[list[tuple[SequenceState, int]]] = []
+    for chunk in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * group[0][1] <= (1 + _PREFILL_PADDING) * (
+                sum(t for _, t in group) + chunk[1]):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
