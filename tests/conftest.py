@@ -90,3 +90,10 @@ def run_python(code: str, env: dict[str, str] | None = None) -> object:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def fallback_model(tiny_snapshot: Path):
+    """The tiny MPT logged to generate whole batches (engine=False), as before the engine."""
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="whole-batch", engine=False)
+    return mlflow.pyfunc.load_model(info.model_uri)

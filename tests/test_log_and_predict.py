@@ -53,7 +53,8 @@ def test_batched_predict_equals_row_by_row(loaded_model):
     assert batched["candidates"].tolist() == row_by_row
 
 
-def test_all_rows_go_through_one_generate_call_with_the_kv_cache(loaded_model, monkeypatch):
+def test_whole_batch_rows_go_through_one_generate_call_with_the_kv_cache(fallback_model, monkeypatch):
+    loaded_model = fallback_model
     model = loaded_model.unwrap_python_model().model
     calls, step_lengths = [], []
     original = model.generate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import pytest
 from hypothesis import given, settings
@@ -45,12 +47,26 @@ def test_a_stop_string_ends_the_stream_where_it_ends_predict(loaded_model, data)
     assert streamed == text[: text.find(stop)]
 
 
-def test_closing_a_stream_early_frees_the_model(loaded_model) -> None:
+def test_closing_a_stream_early_frees_its_slot(loaded_model) -> None:
+    engine = loaded_model.unwrap_python_model().engine
+    before = engine.stats().tokens_generated
     stream = loaded_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
     next(stream)
     stream.close()
+    # The sequence was cancelled: its slot is freed at the engine's next step.
+    deadline = time.monotonic() + 30
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running == 0
+    assert engine.stats().tokens_generated - before < 200
+
+
+def test_closing_a_whole_batch_stream_early_frees_the_model(fallback_model) -> None:
+    stream = fallback_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
+    next(stream)
+    stream.close()
     # The generation stopped and let go of the model: predict does not wait on it.
-    lock = loaded_model.unwrap_python_model()._batcher.lock
+    lock = fallback_model.unwrap_python_model()._batcher.lock
     assert lock.acquire(timeout=30)
     lock.release()
 

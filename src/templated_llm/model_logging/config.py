@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 # Request limits a logged model enforces unless log_llm sets others: enough for interactive and
@@ -31,6 +33,18 @@ class LoggedConfig(BaseModel):
     max_tokens_limit: int = Field(DEFAULT_MAX_TOKENS_LIMIT, ge=1)
     # On CPU, reorder linear weights once for oneDNN at load (see packed_linear.py).
     pack_weights: bool = True
+    # The continuous-batching engine (templated_llm.engine); False generates whole batches with
+    # transformers' generate. None budget fields are sized at load from the model and free memory;
+    # all of them can be overridden at load: load_model(uri, model_config={"max_num_seqs": 8}).
+    engine: bool = True
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_cache_tokens: int | None = Field(None, ge=1)
+    max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=1)
+    prefill_chunk: int = Field(DEFAULT_PREFILL_CHUNK, ge=1)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(self.max_num_seqs, self.max_cache_tokens, self.max_waiting,
+                            self.prefill_chunk)
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -19,6 +20,7 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 
+from templated_llm.engine.config import EngineConfig
 from templated_llm.errors import PluginError
 from templated_llm.model_logging.config import (
     DEFAULT_MAX_ROWS_PER_REQUEST,
@@ -194,6 +196,7 @@ def log_llm(
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     pack_weights: bool = True,
+    engine: bool | EngineConfig = True,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -216,6 +219,9 @@ def log_llm(
         pack_weights: on CPU, reorder the linear layers' weights once at load into oneDNN's
             layout (about 2x faster matmuls; same arithmetic, rounding may differ in the
             last bits). ``False`` keeps ``nn.Linear``.
+        engine: serve through the continuous-batching engine (``True``, budget sized at load),
+            with an ``EngineConfig`` budget, or ``False`` to generate whole batches with
+            transformers' ``generate``. Overridable at load through ``model_config``.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
@@ -242,6 +248,7 @@ def log_llm(
         max_rows_per_request=max_rows_per_request,
         max_tokens_limit=max_tokens_limit,
         pack_weights=pack_weights,
+        **_engine_fields(engine),
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
     _check_snapshot(spec, snapshot_dir, trust_remote_code)
@@ -263,3 +270,9 @@ def log_llm(
             registered_model_name=registered_model_name,
             **kwargs,
         )
+
+
+def _engine_fields(engine: bool | EngineConfig) -> dict[str, Any]:
+    if isinstance(engine, EngineConfig):
+        return {"engine": True, **dataclasses.asdict(engine)}
+    return {"engine": bool(engine)}

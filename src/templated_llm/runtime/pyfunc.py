@@ -14,9 +14,12 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
+
+from templated_llm.engine import Engine, EngineFullError, Sequence
 
 from templated_llm.model_logging.config import LoggedConfig
-from templated_llm.plugins.manager import get_model_spec
+from templated_llm.plugins.manager import call_first, get_model_spec
 from templated_llm.runtime.batching import MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import generate_completions, stream
@@ -47,14 +50,42 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.model, self.device, self.attention = loaded.model, loaded.device, loaded.attention
         template = PromptTemplate.from_file(context.artifacts["template"])
         self.renderer = PromptRenderer(self.spec, template, self.tokenizer)
-        self.tokens = PromptTokens(self.tokenizer, context_length(self.model), add_special_tokens(self.spec))
-        # transformers' generate is not documented as thread-safe on a shared model: one batch
-        # runs at a time, and concurrent requests (a server's threads) join the next batch.
+        # One scheduler thread owns the model and runs every request a step at a time; a model
+        # no plugin adapts to it generates whole batches, one at a time, concurrent requests
+        # with equal params joining the next (transformers' generate is not thread-safe).
+        self._engine = self._start_engine()
         self._batcher = MicroBatcher(self._generate)
+        self.tokens = self._prompt_tokens()
         _logger.info(
             "loaded %s (plugin %s) on %s with %s attention",
             self.spec.name, self.spec.plugin_name, self.device, self.attention,
         )
+
+    def _start_engine(self) -> Engine | None:
+        if not self.config.engine:
+            return None
+        adapter = call_first("engine_adapter", spec=self.spec, model=self.model, attention=self.attention)
+        if adapter is None:
+            _logger.info(
+                "%s (%s, %s attention) has no continuous-batching adapter: it generates whole "
+                "batches with transformers' generate", self.spec.name, type(self.model).__name__,
+                self.attention,
+            )
+            return None
+        return Engine(self.model, self.tokenizer, adapter, self.config.engine_config())
+
+    def _prompt_tokens(self) -> PromptTokens:
+        # Prompt plus max_tokens must fit the context, and on the engine one KV cache slot.
+        limit, name = context_length(self.model), "the model's context"
+        if self._engine is not None and (limit is None or self._engine.max_seq_len < limit):
+            limit, name = self._engine.max_seq_len, (
+                "what one sequence may hold in the engine (max_cache_tokens / max_num_seqs)")
+        return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The continuous-batching engine serving this model, if it runs on one."""
+        return self._engine
 
     def render(self, rows: list[Row], variables: dict[str, str] | None = None) -> list[str]:
         """The exact text the model sees for each row: a prompt, or a list of chat messages.
@@ -72,7 +103,11 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         input_ids, generation = self._prepare(model_input, params)
-        return to_frame(self._batcher.submit(input_ids, generation), generation.return_usage)
+        if self._engine is None:
+            completions = self._batcher.submit(input_ids, generation)
+        else:
+            completions = [row.result() for row in self._submit(input_ids, generation)]
+        return to_frame(completions, generation.return_usage)
 
     def predict_stream(
         self,
@@ -86,9 +121,23 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"predict_stream takes one prompt or conversation; received {len(input_ids)}"
             )
+        if self._engine is not None:
+            return self._submit(input_ids, generation)[0].stream()
         batch = self.tokens.pad(input_ids, self.device)
         # The model alone for the whole stream: no batch runs beside it.
         return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock)
+
+    def _submit(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Sequence]:
+        """Every row on the engine, or none: a full queue cancels the rows already queued."""
+        rows: list[Sequence] = []
+        try:
+            for ids in input_ids:
+                rows.append(self._engine.submit(ids, generation))
+        except EngineFullError as exc:
+            for row in rows:
+                row.cancel()
+            raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
+        return rows
 
     def _prepare(
         self, model_input: Any, params: dict[str, Any] | None

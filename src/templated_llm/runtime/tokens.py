@@ -74,9 +74,11 @@ def _max_prompt_chars(tokenizer: Any, context: int | None) -> int | None:
 class PromptTokens:
     """The tokens stage of one loaded model: its tokenizer, within its context length."""
 
-    def __init__(self, tokenizer: Any, context: int | None, add_special_tokens: bool) -> None:
+    def __init__(self, tokenizer: Any, context: int | None, add_special_tokens: bool,
+                 context_name: str = "the model's context") -> None:
         self.tokenizer = tokenizer
         self.context_length = context
+        self.context_name = context_name  # what sets the limit, for the error messages
         self.add_special_tokens = add_special_tokens
         self._max_prompt_chars = _max_prompt_chars(tokenizer, context)
         # transformers reconfigures the shared Rust tokenizer per call, and calls at once can
@@ -102,7 +104,7 @@ class PromptTokens:
             if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
                 raise MlflowException.invalid_parameter_value(
                     f"the prompt at row {row} is {len(text)} characters after templating; no text "
-                    f"over {self._max_prompt_chars} characters fits the model's context of "
+                    f"over {self._max_prompt_chars} characters fits {self.context_name} of "
                     f"{self.context_length} tokens. Shorten the prompt."
                 )
 
@@ -113,6 +115,6 @@ class PromptTokens:
         if longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="
-                f"{max_tokens} that exceeds the model's context of {self.context_length} tokens. "
+                f"{max_tokens} that exceeds {self.context_name} of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )

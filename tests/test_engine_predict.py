@@ -1,0 +1,79 @@
+"""predict and predict_stream through the engine: same answers as whole-batch generate."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from templated_llm import log_llm
+from templated_llm.engine import adapters
+from templated_llm.engine.config import EngineConfig
+
+PROMPTS = ["Name three rivers.", "Explain the KV cache in simple words in simple words.", "hi",
+           "Write a sentence about the sea and the mountains"]
+
+
+def _until_idle(engine) -> None:
+    deadline = time.monotonic() + 30
+    while engine.stats().running + engine.stats().waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 0.0, "max_tokens": 12},
+    {"temperature": 0.0, "max_tokens": 20, "stop": ["ay", " b"], "return_usage": True},
+    {"temperature": 0.0, "max_tokens": 9, "repetition_penalty": 1.4, "return_usage": True},
+])
+def test_predict_on_the_engine_equals_whole_batch_generate(loaded_model, fallback_model, params):
+    engine = loaded_model.unwrap_python_model().engine
+    assert engine is not None and fallback_model.unwrap_python_model().engine is None
+    before = engine.stats().tokens_generated
+    on_engine = loaded_model.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
+    # Row by row: in a whole batch, generate pads a row a stop string ended with the end token,
+    # which the fallback path counts as one more completion token; alone it counts exactly.
+    alone = pd.concat([fallback_model.predict([p], params=params) for p in PROMPTS], ignore_index=True)
+    pd.testing.assert_frame_equal(on_engine, alone)
+    assert engine.stats().tokens_generated > before
+
+
+def test_a_full_engine_refuses_with_429_and_frees_what_it_queued(logged_model):
+    model = mlflow.pyfunc.load_model(logged_model.model_uri,
+                                     model_config={"max_num_seqs": 1, "max_waiting": 1})
+    engine = model.unwrap_python_model().engine
+    assert engine.max_num_seqs == 1
+    with pytest.raises(MlflowException, match=r"max_waiting=1") as raised:
+        model.predict(PROMPTS[:3], params={"temperature": 0.0, "max_tokens": 40})
+    assert raised.value.get_http_status_code() == 429
+    _until_idle(engine)
+    assert engine.stats().running == 0
+    assert model.predict(PROMPTS[:1], params={"max_tokens": 3})["candidates"][0]
+
+
+def test_a_request_over_a_slot_is_refused_naming_the_engine_budget(logged_model):
+    model = mlflow.pyfunc.load_model(logged_model.model_uri,
+                                     model_config={"max_num_seqs": 2, "max_cache_tokens": 64})
+    with pytest.raises(MlflowException, match=r"max_cache_tokens / max_num_seqs\) of 32 tokens"):
+        model.predict(PROMPTS[:1], params={"max_tokens": 30})
+
+
+def test_log_llm_records_the_engine_budget(tiny_snapshot):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="budget",
+                   engine=EngineConfig(max_num_seqs=3, max_cache_tokens=300, prefill_chunk=16))
+    engine = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().engine
+    assert (engine.max_num_seqs, engine.max_seq_len, engine.config.prefill_chunk) == (3, 100, 16)
+
+
+def test_a_model_without_an_adapter_falls_back_to_whole_batches(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(adapters, "HF_MODEL_TYPES", frozenset())
+    info = log_llm("llama2-chat", snapshot=tiny_model("llama"), name="no-adapter")
+    with caplog.at_level(logging.INFO, logger="templated_llm.runtime.pyfunc"):
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    assert model.unwrap_python_model().engine is None
+    assert [r.message for r in caplog.records].count(next(
+        r.message for r in caplog.records if "no continuous-batching adapter" in r.message)) == 1
+    assert model.predict(["hi"], params={"max_tokens": 3})["candidates"][0] is not None
