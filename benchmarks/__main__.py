@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model and workload: checks the harness runs")
+    p.add_argument("--mixed", action="store_true",
+                   help="also run the mixed workload of arriving requests (python -m benchmarks.mixed)")
     p.add_argument("--d-model", type=int, default=d.d_model, help=f"hidden size (default {d.d_model})")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help=f"blocks (default {d.n_layers}: ~25M parameters)")
     p.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts per batch (default {d.prompts})")
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
         results = run(settings, args.cache)
         write(results, args.out)
+        if args.mixed:
+            from benchmarks import mixed
+
+            mixed.main([*(["--smoke"] if args.smoke else []), "--out", str(args.out)])
         print((args.out / "latest.md").read_text())
     finally:
         shutil.rmtree(store, ignore_errors=True)

@@ -18,14 +18,18 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
+def _smoke_run(module: str, tmp_path: Path, result: str) -> dict:
     subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path / "results"),
+        [sys.executable, "-m", module, "--smoke", "--out", str(tmp_path / "results"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, check=True, timeout=900, capture_output=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    results = json.loads((tmp_path / "results" / "latest.json").read_text())
+    return json.loads((tmp_path / "results" / result).read_text())
+
+
+def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
+    results = _smoke_run("benchmarks", tmp_path, "latest.json")
     assert set(results["figures"]) == set(FIGURE_IDS)
     for key, entry in results["figures"].items():
         if entry["value"] is None:  # skipped, and it says why
@@ -39,3 +43,12 @@ def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
     table = (tmp_path / "results" / "latest.md").read_text()
     assert all(entry["description"] in table for entry in results["figures"].values())
     assert (tmp_path / "results" / "latest.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_mixed_workload_smoke_run_reports_every_contender(tmp_path):
+    results = _smoke_run("benchmarks.mixed", tmp_path, "mixed.json")
+    assert set(results["contenders"]) == {"engine_mpt", "micro_batcher_mpt", "engine_llama",
+                                          "transformers_cb_llama"}
+    for name, summary in results["contenders"].items():
+        assert summary["output_tokens"] > 0 and summary["tokens_per_s"] > 0, name
+    assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
