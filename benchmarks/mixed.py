@@ -106,7 +106,7 @@ def summary(timings: list[Timing]) -> dict:
 
 
 def engine_server(engine) -> Callable[[Request, float], Timing]:
-    from templated_llm.params import GenerationParams
+    from templated_llm.runtime.params import GenerationParams
 
     def serve(request: Request, arrival: float) -> Timing:
         handle = engine.submit(request.prompt, GenerationParams(**request.params()))
@@ -120,7 +120,7 @@ def engine_server(engine) -> Callable[[Request, float], Timing]:
 def micro_batcher_server(python_model) -> Callable[[Request, float], Timing]:
     """Today's path: MicroBatcher over whole-batch generate. A request's first token is the end
     of the first forward pass (the prefill) of the generate call that served it."""
-    from templated_llm.params import GenerationParams
+    from templated_llm.runtime.params import GenerationParams
 
     batcher, model = python_model._batcher, python_model.model
     generate, first_token = batcher._generate, {}
@@ -171,7 +171,7 @@ def transformers_cb_server(model, eos: int) -> tuple[Callable[[Request, float], 
 def _load(model: str, snapshot: Path, name: str, **options):
     import mlflow
 
-    from templated_llm.log import log_llm
+    from templated_llm import log_llm
 
     info = log_llm(model, snapshot=snapshot, name=name, attention="sdpa", **options)
     return mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
     from benchmarks.measure import interleaved_seconds, median_ratio
     from benchmarks.settings import prompts
     from templated_llm.engine import EngineConfig
-    from templated_llm.tiny import build_tiny_model
+    from templated_llm.devtools.tiny import build_tiny_model
 
     size = {"hidden_size": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
     snapshots = {}
