@@ -19,7 +19,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 from templated_llm.engine import Engine, EngineFullError, Sequence
 
 from templated_llm.model_logging.config import LoggedConfig
-from templated_llm.plugins.manager import call_first, get_model_spec
+from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import generate_completions, stream
@@ -64,7 +64,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _start_engine(self) -> Engine | None:
         if not self.config.engine:
             return None
-        adapter = call_first("engine_adapter", spec=self.spec, model=self.model, attention=self.attention)
+        adapter = hooks().engine_adapter(spec=self.spec, model=self.model, attention=self.attention)
         if adapter is None:
             _logger.info(
                 "%s (%s, %s attention) has no continuous-batching adapter: it generates whole "
