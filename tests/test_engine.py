@@ -90,13 +90,15 @@ def test_greedy_alone_equals_joined_at_any_step(mpt, requests):
     # request joins the running batch at a step drawn for it. Equality is exact here: the tiny
     # models' argmaxes are clear (tiny.py); on a model with near ties a different batch shape
     # can flip a pick within the float tolerance docs/attention.md states.
+    arrivals = sorted(requests, key=lambda r: r[3])
+    runs = [(_ids(mpt, text), GenerationParams(max_tokens=max_tokens, stop=stop), arrival)
+            for text, max_tokens, stop, arrival in arrivals]
+    # Before the engine starts: the engine owns the model, nothing else may run it beside it.
+    expected = [_alone(mpt, ids, params) for ids, params, _ in runs]
     engine = _engine(mpt)
     try:
-        handles, expected = [], []
-        for text, max_tokens, stop, arrival in sorted(requests, key=lambda r: r[3]):
-            params = GenerationParams(max_tokens=max_tokens, stop=stop)
-            ids = _ids(mpt, text)
-            expected.append(_alone(mpt, ids, params))
+        handles = []
+        for ids, params, arrival in runs:
             _wait_for_tokens(engine, arrival)
             handles.append(engine.submit(ids, params))
         assert [h.result(timeout=120) for h in handles] == expected
@@ -140,16 +142,17 @@ def test_seeded_sample_is_independent_of_its_neighbours(mpt):
 
 def test_cancelling_frees_the_slot_and_leaves_the_others_alone(mpt):
     params = GenerationParams(max_tokens=60)
+    ids = [_ids(mpt, p) for p in PROMPTS[:3]]
+    alone = [_alone(mpt, i, params) for i in ids]  # before the engine owns the model
     engine = _engine(mpt, max_num_seqs=2, max_cache_tokens=2 * 96)
     try:
-        ids = [_ids(mpt, p) for p in PROMPTS[:3]]
         first, second, third = (engine.submit(i, params) for i in ids)  # third waits for a slot
         _wait_for_tokens(engine, 4)
         second.cancel()
         cancelled = second.result(timeout=60)
         assert cancelled.finish_reason == CANCELLED and cancelled.completion_tokens < 60
-        assert first.result(timeout=60) == _alone(mpt, ids[0], params)
-        assert third.result(timeout=60) == _alone(mpt, ids[2], params)
+        assert first.result(timeout=60) == alone[0]
+        assert third.result(timeout=60) == alone[2]
         stats = engine.stats()
         assert (stats.running, stats.waiting, stats.cache_tokens_used) == (0, 0, 0)
     finally:
