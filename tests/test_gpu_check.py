@@ -38,10 +38,12 @@ def test_the_cpu_smoke_run_checks_every_backend_that_can_run_here(tmp_path):
         assert entry["f32_rel_error"] <= F32_REL_TOLERANCE and entry["f32_greedy_equal"] is True, name
         assert entry["prefill_seconds"] > 0, name
         assert all(d["tokens"] > 0 and d["tokens_per_s"] > 0 for d in entry["decode"].values()), name
-        assert set(entry["decode_vs_plain"]) == {"1", "4"}, name
+        assert set(entry["decode_vs_plain"]) == {"1", "4"} and entry["engine"] is True, name
     for name in ("sdpa", "auto"):
         assert backends[name]["bf16_within_tolerance"] is True, name
     assert results["plain_transformers"]["decode"]["4"]["tokens"] > 0
+    whole_batch = backends["auto, whole-batch generate"]
+    assert whole_batch["engine"] is False and whole_batch["greedy_equal_to_engine"] is True
     table = (out / "gpu-check.md").read_text()
     assert "| sdpa | sdpa |" in table and "torch" in table
 

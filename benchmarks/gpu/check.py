@@ -197,14 +197,13 @@ def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any
 class Loaded:
     """One backend of a logged model, loaded through ``mlflow.pyfunc.load_model``."""
 
-    def __init__(self, model_uri: str, attention: str, dtype: str, device: str) -> None:
+    def __init__(self, model_uri: str, attention: str, dtype: str, device: str, engine: bool = True) -> None:
         import mlflow.pyfunc
 
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        self.pyfunc = mlflow.pyfunc.load_model(
-            model_uri, model_config={"attention": attention, "dtype": dtype, "device": device}
-        )
+        self.pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={
+            "attention": attention, "dtype": dtype, "device": device, "engine": engine})
         self.python_model = self.pyfunc.unwrap_python_model()
         self.model = self.python_model.model
         self.tokenizer = self.python_model.tokenizer
@@ -276,6 +275,15 @@ def decode_tokens_per_s(loaded: Loaded, batch_size: int, workload: Workload) -> 
     return {"seconds": round(seconds, 4), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def predict_prefill_seconds(loaded: Loaded, tokens: int, repeats: int) -> float:
+    """One prompt of about ``tokens`` tokens through ``predict`` with ``max_tokens`` 1: prefill
+    end to end (tokenizing, templating, the engine's or generate's prompt pass)."""
+    words = loaded.tokenizer(" ".join(PROMPTS * tokens), add_special_tokens=False)["input_ids"][:tokens]
+    prompt = loaded.tokenizer.decode(words)
+    params = {"temperature": 0.0, "max_tokens": 1}
+    return round(_timed(lambda: loaded.pyfunc.predict([prompt], params=params), loaded.device, repeats)[0], 5)
+
+
 def plain_decode_tokens_per_s(model: Any, tokenizer: Any, texts: list[str], workload: Workload,
                               device: str) -> dict[str, Any]:
     """The same rendered prompts through transformers' own ``generate``, tokens counted alike."""
@@ -316,15 +324,15 @@ def markdown(data: dict[str, Any]) -> str:
         f"flash-attn {env.get('flash-attn') or 'not installed'}; {env.get('date', '')}. "
         f"Total {data.get('total_seconds', '?')} s.",
         "",
-        "| backend | ran as | f32 logits rel. err | f32 greedy = eager | bf16 err / eager's | "
-        "bf16 greedy = eager | prefill s | prefill x eager | decode b1 tok/s | decode b-max tok/s | "
-        "b-max vs plain | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| backend | ran as | engine | f32 logits rel. err | f32 greedy = eager | bf16 err / eager's | "
+        "bf16 greedy = eager | prefill s | prefill x eager | predict prefill x eager | "
+        "decode b1 tok/s | decode b-max tok/s | b-max vs plain | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     plain = data.get("plain_transformers", {})
     for name, b in data.get("backends", {}).items():
         if "skipped" in b:
-            lines.append(f"| {name} | skipped: {b['skipped']} |" + " |" * 10)
+            lines.append(f"| {name} | skipped: {b['skipped']} |" + " |" * 12)
             continue
         decode = b.get("decode", {})
         big = decode.get(max(decode, key=int)) if decode else None
@@ -334,9 +342,10 @@ def markdown(data: dict[str, Any]) -> str:
         if bf16_equal is False and divergence:
             bf16_equal = f"no: step {divergence['step']}, eager gap {divergence['eager_logit_gap']}"
         cells = [
-            name, b.get("ran_as", ""), _fmt(b.get("f32_rel_error")), _fmt(b.get("f32_greedy_equal")),
-            _fmt(b.get("bf16_error_over_eager")), _fmt(bf16_equal), _fmt(b.get("prefill_seconds")),
-            _fmt(b.get("prefill_speedup_over_eager")), _fmt(decode.get("1", {}).get("tokens_per_s")),
+            name, b.get("ran_as", ""), _fmt(b.get("engine")), _fmt(b.get("f32_rel_error")),
+            _fmt(b.get("f32_greedy_equal")), _fmt(b.get("bf16_error_over_eager")), _fmt(bf16_equal),
+            _fmt(b.get("prefill_seconds")), _fmt(b.get("prefill_speedup_over_eager")),
+            _fmt(b.get("predict_prefill_speedup_over_eager")), _fmt(decode.get("1", {}).get("tokens_per_s")),
             _fmt(big and big.get("tokens_per_s")),
             _fmt(big and plain_big and round(big["tokens_per_s"] / plain_big["tokens_per_s"], 2)),
             _fmt(b.get("peak_gib")),

@@ -25,6 +25,7 @@ from benchmarks.gpu.check import (
     decode_tokens_per_s,
     first_divergence,
     plain_decode_tokens_per_s,
+    predict_prefill_seconds,
     prefill_seconds,
     relative_error,
 )
@@ -165,8 +166,29 @@ def _medium_backend(report: Report, uri: str, backend: str, device: str, workloa
         eager["prefill_seconds"] = entry["prefill_seconds"]
     elif eager.get("prefill_seconds"):
         entry["prefill_speedup_over_eager"] = round(eager["prefill_seconds"] / entry["prefill_seconds"], 3)
+    entry["predict_prefill_seconds"] = predict_prefill_seconds(
+        loaded, workload.prefill_tokens * 7 // 8, workload.repeats)  # room for the template
+    if backend == "eager":
+        eager["predict_prefill_seconds"] = entry["predict_prefill_seconds"]
+    elif eager.get("predict_prefill_seconds"):
+        entry["predict_prefill_speedup_over_eager"] = round(
+            eager["predict_prefill_seconds"] / entry["predict_prefill_seconds"], 3)
+    entry["engine"] = loaded.python_model.engine is not None
     entry["decode"] = {str(b): decode_tokens_per_s(loaded, b, workload) for b in workload.decode_batches}
     entry["peak_gib"] = loaded.peak_gib()
+    loaded.close()
+    if backend == "auto":
+        _whole_batch(report, uri, device, workload, texts)
+
+
+def _whole_batch(report: Report, uri: str, device: str, workload: Workload, engine_texts: list[str]) -> None:
+    """The default backend without the engine: transformers' generate over whole batches."""
+    entry = report.backend("auto, whole-batch generate")
+    loaded = Loaded(uri, "auto", "bfloat16", device, engine=False)
+    entry.update(ran_as=loaded.attention, engine=False,
+                 greedy_equal_to_engine=loaded.greedy_texts(_PARITY_TOKENS) == engine_texts,
+                 decode={str(b): decode_tokens_per_s(loaded, b, workload) for b in workload.decode_batches},
+                 peak_gib=loaded.peak_gib())
     loaded.close()
 
 
