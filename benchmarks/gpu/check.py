@@ -62,7 +62,7 @@ class Workload:
     repeats: int
 
 
-GPU_WORKLOAD = Workload(prefill_tokens=2048, new_tokens=64, decode_batches=(1, 32), repeats=3)
+GPU_WORKLOAD = Workload(prefill_tokens=2048, new_tokens=64, decode_batches=(1, 32), repeats=5)
 SMOKE_WORKLOAD = Workload(prefill_tokens=64, new_tokens=4, decode_batches=(1, 4), repeats=1)
 
 

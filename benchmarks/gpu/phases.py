@@ -173,7 +173,10 @@ def _medium_backend(report: Report, uri: str, backend: str, device: str, workloa
     elif eager.get("predict_prefill_seconds"):
         entry["predict_prefill_speedup_over_eager"] = round(
             eager["predict_prefill_seconds"] / entry["predict_prefill_seconds"], 3)
-    entry["engine"] = loaded.python_model.engine is not None
+    engine = loaded.python_model.engine
+    entry["engine"] = engine is not None
+    if engine is not None:
+        entry["engine_slots"] = [engine.max_num_seqs, engine.max_seq_len]
     entry["decode"] = {str(b): decode_tokens_per_s(loaded, b, workload) for b in workload.decode_batches}
     entry["peak_gib"] = loaded.peak_gib()
     loaded.close()

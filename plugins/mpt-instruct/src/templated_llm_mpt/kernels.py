@@ -63,6 +63,9 @@ def flex(q, k, v, masked, alibi: Alibi, scale: float) -> torch.Tensor:
     def alibi_score(score, b, h, q_idx, kv_idx):
         return torch.where(masked[b, q_idx, kv_idx], lowest, score + bias[h, kv_idx])
 
+    # Contiguous inputs: the queries (and keys outside a cache) are strided views of the fused
+    # qkv projection, and a new stride is a new compile, like a new shape.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _compiled_flex_attention(q.device.type)(q, k, v, score_mod=alibi_score, scale=scale)
 
 
