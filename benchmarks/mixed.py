@@ -309,6 +309,33 @@ def markdown(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def chart(results: dict, path: Path) -> None:
+    """Output tokens/s and time to first token (p50 and p99) per contender, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: r for name, r in results["contenders"].items() if "error" not in r}
+    names = list(runs)
+    fig, (speed, ttft) = plt.subplots(1, 2, figsize=(11, 3.6))
+    speed.barh(names, [runs[n]["tokens_per_s"] for n in names], color="tab:blue")
+    speed.set_xlabel("output tokens/s (higher is better)")
+    for offset, (quantile, color) in enumerate((("p50", "tab:green"), ("p99", "tab:orange"))):
+        ttft.barh([i + 0.2 * (2 * offset - 1) for i in range(len(names))],
+                  [runs[n]["ttft"][quantile] for n in names], height=0.4, color=color, label=quantile)
+    ttft.set_yticks(range(len(names)), [""] * len(names))
+    ttft.set_xscale("log")
+    ttft.set_xlabel("time to first token, s (log; lower is better)")
+    ttft.legend()
+    machine = results["machine"]
+    fig.suptitle(f"{results['workload']['requests']} mixed requests arriving over time; "
+                 f"{machine['cpu']}, {machine['cpus']} CPUs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mixed", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model and workload: checks the harness runs")
@@ -349,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mixed.json").write_text(json.dumps(results, indent=2))
     (args.out / "mixed.md").write_text(markdown(results))
+    chart(results, args.out / "mixed.png")
     print(markdown(results))
     return 0
 
