@@ -6,6 +6,7 @@ each stage is a module of this package, and this class only connects them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> Iterator[str]:
         """Yield the completion of one prompt (or one conversation) in chunks as it generates."""
+        return _text_only(self.generate_stream(model_input, params))
+
+    def generate_stream(
+        self, model_input: Any, params: dict[str, Any] | None = None
+    ) -> Iterator[str | Completion]:
+        """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
+        counts, finish reason). Input and params are checked before this returns; closing the
+        iterator stops the generation."""
         input_ids, generation = self._prepare(model_input, params)
         if len(input_ids) != 1:
             raise MlflowException.invalid_parameter_value(
@@ -104,3 +113,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
         batch = self.tokens.pad(input_ids, self.device)
         return generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+
+
+def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
+    with contextlib.closing(chunks):  # closing the text stops the generation
+        yield from (chunk for chunk in chunks if isinstance(chunk, str))
