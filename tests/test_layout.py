@@ -20,6 +20,9 @@ ORDER = [
     "plugins.hf_defaults", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",
     "model_logging.log", "model_logging.model_code",
+    "serving.config", "serving.openai_requests", "serving.openai_responses", "serving.backend",
+    "serving.generations", "serving.failures", "serving.metrics", "serving.gate", "serving.app",
+    "serving.server",
     "devtools.tiny", "devtools.scaffold", "devtools.demo",
     "cli", "__init__",
 ]
