@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator
 
+import psutil
 import requests
 
 from local_server import free_port, running_server
@@ -26,3 +28,9 @@ def metric(url: str, name: str) -> float:
     text = requests.get(f"{url}/metrics", timeout=30).text
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+def server_process(port: int) -> psutil.Process:
+    """The server process this test process started on ``port``."""
+    [process] = [p for p in psutil.Process(os.getpid()).children() if str(port) in p.cmdline()]
+    return process

@@ -45,7 +45,8 @@ def serve(config: ServerConfig) -> int:
         timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
     ), state)
     # After a graceful shutdown uvicorn raises the signal again for the handler it found: make
-    # that one do nothing, so that a SIGTERM ends the process with status 0.
-    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    # that one do nothing, so that SIGTERM (or Ctrl-C) ends the process with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda sig, frame: None)
     server.run()
     return 1 if state.load_error is not None else 0
