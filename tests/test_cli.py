@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import mlflow
 import pytest
+import requests
 
-from local_server import free_port
+from local_server import free_port, running_server
 from templated_llm.cli import _parser
 from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
 from venvs import venv_over_this_one
@@ -66,6 +68,21 @@ def test_serve_exits_1_when_the_model_does_not_load() -> None:
     result = _cli("serve", "models:/no-such-model/1", "--port", str(free_port()))
     assert result.returncode == 1
     assert "loading models:/no-such-model/1 failed" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_prints_a_serve_command_that_works_without_activating_the_venv(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    demo = subprocess.run([sys.executable, "-m", "templated_llm.cli", "demo", "--snapshot", str(tmp_path / "tiny")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    command = next(line for line in demo.stdout.splitlines() if " serve models:/" in line).split()
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    with running_server(command, port, env=env, cwd=str(tmp_path)) as url:
+        body = {"model": "mpt-instruct", "prompt": "Hi", "max_tokens": 2}
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
 
 
 def test_render_prints_the_exact_prompt_with_system_and_variables() -> None:
