@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,14 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens, repeats=args.repeats, serial_prompts=args.serial_prompts,
         clients=args.clients, serve_tokens=args.serve_tokens,
     )
-    store = Path(tempfile.mkdtemp(prefix="templated-llm-bench-"))
-    try:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-        import mlflow
+    from benchmarks.store import temporary_store
 
-        experiment = mlflow.create_experiment("benchmarks", artifact_location=(store / "artifacts").as_uri())
-        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
-        mlflow.set_experiment(experiment_id=experiment)
+    with temporary_store("benchmarks"):
         from benchmarks.run import run
         from benchmarks.report import write
 
@@ -69,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
             mixed.main([*(["--smoke"] if args.smoke else []), "--out", str(args.out)])
         print((args.out / "latest.md").read_text())
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
     return 0
 
 

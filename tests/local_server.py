@@ -1,4 +1,5 @@
-"""Runs a real model server (``mlflow models serve``) on 127.0.0.1 for as long as a block lasts.
+"""Runs a real model server (``templated-llm serve``, ``mlflow models serve``, ...) on 127.0.0.1
+for as long as a block lasts.
 
 Used by the tests and the benchmarks, which both need a server process they start and stop.
 """
@@ -25,8 +26,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(command: Sequence[str], port: int, env: dict[str, str] | None = None,
-                   cwd: str | None = None, timeout: float = 180) -> Iterator[str]:
-    """Run ``command`` (which must serve on ``port``), wait for ``/ping``, yield the base URL."""
+                   cwd: str | None = None, timeout: float = 180,
+                   ready_path: str = "/ping") -> Iterator[str]:
+    """Run ``command`` (which must serve on ``port``), wait until ``ready_path`` answers 200,
+    yield the base URL."""
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
@@ -39,7 +42,7 @@ def running_server(command: Sequence[str], port: int, env: dict[str, str] | None
                     log.seek(0)
                     raise AssertionError(f"server did not come up:\n{log.read()[-6000:]}")
                 with contextlib.suppress(requests.ConnectionError):
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    if requests.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                         break
                 time.sleep(0.5)
             yield url

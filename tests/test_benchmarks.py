@@ -52,3 +52,21 @@ def test_the_mixed_workload_smoke_run_reports_every_contender(tmp_path):
     for name, summary in results["contenders"].items():
         assert summary["output_tokens"] > 0 and summary["tokens_per_s"] > 0, name
     assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
+
+
+def test_the_serving_smoke_run_measures_every_contender_without_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.serving", "--smoke", "--out", str(tmp_path / "results"),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, timeout=1500, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "results" / "serving.json").read_text())
+    assert {r["contender"] for r in results["runs"]} == set(results["contenders"])
+    assert all(r["errors"] == 0 and r["output_tokens"] > 0 for r in results["runs"]), results["runs"]
+    streamed = [r for r in results["runs"] if r["stream"]]
+    assert streamed and all(r["ttft_s"]["p50"] > 0 for r in streamed)
+    assert all(f["value"] is not None for f in results["figures"])
+    table = (tmp_path / "results" / "serving.md").read_text()
+    assert all(f["figure"] in table for f in results["figures"])

@@ -1,4 +1,5 @@
-"""Chat ``messages`` and template variables through a real ``mlflow models serve``."""
+"""Chat ``messages`` and template variables through a real ``templated-llm serve``: MLflow's
+``/invocations`` and OpenAI's ``/v1/chat/completions``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import sys
 
 import mlflow
+import openai
 import pytest
 import requests
 
@@ -105,3 +107,23 @@ def test_usage_columns_come_back_when_asked_for(server, expected):
     assert row["candidates"] == expected["plain"]
     assert row["prompt_tokens"] > 0 and 1 <= row["completion_tokens"] <= GREEDY["max_tokens"]
     assert row["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_openai_route_takes_the_conversation_its_system_prompt_and_template_variables(
+        server, expected, stream):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+
+    def answer(messages, **extra) -> str:
+        response = client.chat.completions.create(model="llama2-chat", messages=messages, stream=stream,
+                                                  **GREEDY, **extra)
+        if not stream:
+            return response.choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+
+    assert answer(CHAT) == expected["plain"]
+    assert answer([SYSTEM, *CHAT]) == expected["system"]
+    assert answer(CHAT, extra_body={"template_variables": {"system": "Be brief."}}) == expected["system"]
+    # The 400s of a malformed conversation are predict's own.
+    with pytest.raises(openai.BadRequestError, match="messages at row 0"):
+        answer(CHAT[:2])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import mlflow
 import pytest
+import requests
 
+from local_server import free_port, running_server
 from templated_llm.cli import _parser
 from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
 from venvs import venv_over_this_one
@@ -31,7 +34,7 @@ def test_log_prints_the_model_uri_and_the_serve_command(tiny_snapshot) -> None:
     assert result.returncode == 0, result.stderr
     uri, serve = result.stdout.strip().splitlines()[-2:]
     assert uri.startswith("models:/m-")
-    assert f"mlflow models serve -m {uri}" in serve
+    assert f"templated-llm serve {uri}" in serve
     config = mlflow.models.Model.load(uri).flavors["python_function"]["config"]
     assert (config["attention"], config["pack_weights"]) == ("eager", False)
 
@@ -49,6 +52,37 @@ def test_every_option_has_help(command: str) -> None:
     subparsers = next(a for a in _parser()._actions if a.dest == "command")
     for action in subparsers.choices[command]._actions:
         assert action.help, f"{command} {action.dest} has no help"
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--workers", "2"], "--workers and --env-manager go with --mlflow-only"),
+    (["--max-n", "0"], "max_n must be positive; received 0"),
+])
+def test_serve_refuses_options_that_do_not_fit(options, says) -> None:
+    result = _cli("serve", "models:/m/1", *options)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {says}"
+
+
+@pytest.mark.slow
+def test_serve_exits_1_when_the_model_does_not_load() -> None:
+    result = _cli("serve", "models:/no-such-model/1", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "loading models:/no-such-model/1 failed" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_prints_a_serve_command_that_works_without_activating_the_venv(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    demo = subprocess.run([sys.executable, "-m", "templated_llm.cli", "demo", "--snapshot", str(tmp_path / "tiny")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    command = next(line for line in demo.stdout.splitlines() if " serve models:/" in line).split()
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    with running_server(command, port, env=env, cwd=str(tmp_path)) as url:
+        body = {"model": "mpt-instruct", "prompt": "Hi", "max_tokens": 2}
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
 
 
 def test_render_prints_the_exact_prompt_with_system_and_variables() -> None:

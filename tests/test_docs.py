@@ -34,7 +34,7 @@ def _python(page: str) -> str:
 @pytest.mark.parametrize(
     ("page", "printed"),
     [("quickstart.md", ["models:/", "param 'temperature'"]),
-     ("serving.md", ["candidates", "completion"]),
+     ("serving.md", ["text_completion", "'length'", "candidates", "completion"]),
      ("attention.md", ["attention in use: sdpa", "candidates"]),
      ("security.md", ["hostile.jinja line 1", "broken-mpt/model.safetensors", "400 the request has 5",
                       "400 param 'max_tokens': at most 512"]),

@@ -1,4 +1,5 @@
-"""Fuzzing a real ``mlflow models serve`` process with hypothesis-generated request bodies.
+"""Fuzzing ``/invocations`` of a real ``templated-llm serve`` process (MLflow's own scoring app,
+as ``mlflow models serve`` runs it) with hypothesis-generated request bodies.
 
 Every body must get an answer below 500, the server must answer a valid request afterwards,
 and its memory must stay bounded. The figures are printed (run with ``-s``) and recorded in
@@ -37,7 +38,7 @@ def server(tiny_snapshot):
 
 
 def _server_rss(port: int) -> int:
-    """Resident memory of the server's process tree (``mlflow models serve`` and its workers)."""
+    """Resident memory of the server's process tree."""
     [root] = [p for p in psutil.Process(os.getpid()).children() if str(port) in p.cmdline()]
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 

@@ -51,6 +51,13 @@ def test_requests_within_the_limits_generate(limited_model):
     assert len(limited_model.predict(["a", "b", "c"], params=GREEDY)) == 3
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 3e-47, 9e-6])
+def test_a_temperature_near_0_decodes_greedily(limited_model, temperature):
+    greedy = limited_model.predict(["a"], params=GREEDY)
+    near = limited_model.predict(["a"], params={**GREEDY, "temperature": temperature, "top_p": 0.5})
+    assert near["candidates"].tolist() == greedy["candidates"].tolist()
+
+
 hostile_text = st.one_of(
     st.text(),
     st.lists(st.sampled_from(["{{", "}}", "{%", "%}", "{#", "#}", "\x00", "\x1b[2J", "\r", "\u2028",

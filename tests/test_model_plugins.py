@@ -131,6 +131,7 @@ def test_hf_chat_needs_a_tokenizer_with_a_chat_template(tiny_model) -> None:
         ({"template_variables": {"prompt": ""}}, "template variable 'prompt'"),
         ({"template_variables": {"not an identifier": ""}}, "Python identifier"),
         ({"tokenizer_chat_template": True}, "set chat=True too"),
+        ({"chat": True, "chat_as_instruction": True}, "set chat=False"),
     ],
 )
 def test_a_spec_refuses_variables_the_core_owns_and_chat_templates_without_chat(fields, message) -> None:

@@ -1,4 +1,6 @@
-"""A logged model behind a real ``mlflow models serve``, reached through the Model Registry."""
+"""A logged model behind a real server, reached through the Model Registry: ``templated-llm
+serve`` (MLflow's scoring routes beside the OpenAI ones) and ``--mlflow-only`` (plain ``mlflow
+models serve``) answer every request format, and every bad request, alike."""
 
 from __future__ import annotations
 
@@ -42,11 +44,11 @@ def expected(registered):
     return model.predict(PROMPTS, params=GREEDY)["candidates"].tolist()
 
 
-@pytest.fixture(scope="module")
-def server(registered):
+@pytest.fixture(scope="module", params=[[], ["--mlflow-only"]], ids=["templated-llm-serve", "mlflow-only"])
+def server(request, registered):
     port = free_port()
     command = [sys.executable, "-m", "templated_llm.cli", "serve", f"models:/{REGISTERED}@champion",
-               "--port", str(port)]
+               "--port", str(port), *request.param]
     with running_server(command, port) as url:
         yield url
 

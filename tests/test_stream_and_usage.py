@@ -47,6 +47,20 @@ def test_a_stop_string_ends_the_stream_where_it_ends_predict(loaded_model, data)
     assert streamed == text[: text.find(stop)]
 
 
+@pytest.mark.parametrize("stop", [None, "slice"], ids=["no-stop", "stop"])
+def test_generate_stream_ends_with_the_completion_predict_returns(loaded_model, stop) -> None:
+    params = {**GREEDY, "return_usage": True}
+    if stop:
+        text = loaded_model.predict([PROMPT], params=GREEDY)["candidates"][0]
+        params["stop"] = [text[4:6]]
+    [expected] = loaded_model.predict([PROMPT], params=params).to_dict("records")
+    *chunks, completion = loaded_model.unwrap_python_model().generate_stream(PROMPT, params)
+    assert "".join(chunks) == completion.text == expected["candidates"]
+    assert (completion.prompt_tokens, completion.completion_tokens, completion.finish_reason) == (
+        expected["prompt_tokens"], expected["completion_tokens"], expected["finish_reason"])
+    assert completion.finish_reason == ("stop" if stop else "length")
+
+
 def test_closing_a_stream_early_frees_its_slot(loaded_model) -> None:
     engine = loaded_model.unwrap_python_model().engine
     before = engine.stats().tokens_generated

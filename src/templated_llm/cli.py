@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 from templated_llm.devtools.tiny import ARCHITECTURES
 from templated_llm.model_logging.config import DType
+from templated_llm.serving.config import API_KEY_ENV, ServerConfig
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -113,7 +114,7 @@ def _log(args: argparse.Namespace) -> None:
            if (v := getattr(args, k)) is not None},
     )
     print(info.model_uri)
-    print(f"serve it with: mlflow models serve -m {info.model_uri} --env-manager local")
+    print(f"serve it with: templated-llm serve {info.model_uri}")
 
 
 def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_manager: str) -> list[str]:
@@ -124,9 +125,24 @@ def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_man
     ]
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
+    if not args.mlflow_only:
+        from templated_llm.serving import ServerConfig, serve
+
+        if args.workers is not None or args.env_manager is not None:
+            raise argparse.ArgumentTypeError("--workers and --env-manager go with --mlflow-only")
+        try:
+            config = ServerConfig(
+                args.model_uri, host=args.host, port=args.port,
+                served_model_name=args.served_model_name, api_key=args.api_key,
+                max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                shutdown_timeout=args.shutdown_timeout, max_n=args.max_n, max_pending=args.max_pending,
+            )
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return serve(config)
     command = serve_command(args.model_uri, host=args.host, port=args.port,
-                            workers=args.workers, env_manager=args.env_manager)
+                            workers=args.workers or 1, env_manager=args.env_manager or "local")
     print(" ".join(command), flush=True)
     # MLflow starts `uvicorn` from PATH: make it this interpreter's, even in an inactive venv.
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
@@ -207,15 +223,35 @@ def _parser() -> argparse.ArgumentParser:
                      help="on CPU, keep nn.Linear instead of packing weights for oneDNN at load")
     log.set_defaults(func=_log)
 
-    serve = commands.add_parser("serve", help="serve a logged model with 'mlflow models serve'")
+    serve = commands.add_parser(
+        "serve", help="serve a logged model: OpenAI's API under /v1 and MLflow's /invocations")
     serve.add_argument("model_uri", help="models:/<id>, models:/<name>/<version>, models:/<name>@<alias>, runs:/...")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="server processes, each with its own copy of the model (default 1)")
-    serve.add_argument("--env-manager", choices=["local", "virtualenv", "uv", "conda"], default="local",
-                       help="'local' serves from this environment; the others build the logged "
-                            "requirements into a fresh one (default local)")
+    d = ServerConfig("")
+    serve.add_argument("--served-model-name",
+                       help="the name clients pass as 'model' (default: the registered model's "
+                            "name, else the plugin's model name)")
+    serve.add_argument("--api-key", help=f"bearer token required on /v1 and /invocations "
+                                         f"(default: ${API_KEY_ENV} if set, else none)")
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                       help=f"largest request body; 413 beyond (default {d.max_body_bytes})")
+    serve.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                       help=f"seconds before a request is cancelled and answered 504 (default {d.request_timeout:g})")
+    serve.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                       help=f"seconds running requests get after SIGTERM (default {d.shutdown_timeout:g})")
+    serve.add_argument("--max-n", type=int, default=d.max_n,
+                       help=f"largest 'n' (choices per prompt) a request may ask for (default {d.max_n})")
+    serve.add_argument("--max-pending", type=int, default=d.max_pending,
+                       help=f"sequences generating or waiting at once; 429 beyond (default {d.max_pending})")
+    serve.add_argument("--mlflow-only", action="store_true",
+                       help="run plain 'mlflow models serve' instead (no /v1 routes)")
+    serve.add_argument("--workers", type=int,
+                       help="with --mlflow-only: server processes, each with its own copy of the "
+                            "model (default 1)")
+    serve.add_argument("--env-manager", choices=["local", "virtualenv", "uv", "conda"],
+                       help="with --mlflow-only: 'local' serves from this environment; the others "
+                            "build the logged requirements into a fresh one (default local)")
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="build the small MPT, log, load and predict")
@@ -228,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump traces
         from mlflow.exceptions import MlflowException
 
@@ -240,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

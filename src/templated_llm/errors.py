@@ -41,11 +41,28 @@ class RemoteCodeWarning(UserWarning):
     """A model logged with ``trust_remote_code=True`` is being loaded."""
 
 
+class OverloadedError(TemplatedLLMError):
+    """More work is queued than the server or engine takes: retry later (HTTP 429 when served)."""
+
+
+class RequestError(TemplatedLLMError):
+    """An HTTP request to ``templated-llm serve`` cannot be served as sent.
+
+    Answered with ``status`` and OpenAI's error object: ``message``, ``type``, ``param`` (the
+    request field at fault, if one is) and ``code``.
+    """
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+
 class EngineError(TemplatedLLMError):
     """The generation engine could not serve a sequence."""
 
 
-class EngineFullError(EngineError):
+class EngineFullError(EngineError, OverloadedError):
     """The engine's waiting queue is at its limit: the request is refused (HTTP 429 when served)."""
 
 

@@ -21,6 +21,9 @@ class ModelSpec(BaseModel):
     ``messages``: user and assistant turns, the last the user's), so the model takes ``messages``
     input; ``tokenizer_chat_template`` renders the conversation with the tokenizer's own chat
     template instead, the Jinja template then rendering only the user's last turn.
+    ``chat_as_instruction`` declares that an instruction model without a chat format takes a
+    single-turn chat (one user message after an optional system message) as its instruction,
+    as OpenAI-style chat clients send it to the ``templated-llm serve`` server.
     ``template_variables`` are the template's further variables (``system`` for a system prompt,
     or any other) with their defaults; each is also a request param of the same name.
     """
@@ -36,6 +39,7 @@ class ModelSpec(BaseModel):
     description: str = ""
     chat: bool = False
     tokenizer_chat_template: bool = False
+    chat_as_instruction: bool = False
     template_variables: dict[str, str] = Field(default_factory=dict)
     # Filled in by the plugin manager: which plugin declared the spec and in which module it lives.
     plugin_name: str = ""
@@ -53,7 +57,9 @@ class ModelSpec(BaseModel):
         return variables
 
     @model_validator(mode="after")
-    def _chat_template_is_chat(self) -> ModelSpec:
+    def _chat_flags_agree(self) -> ModelSpec:
         if self.tokenizer_chat_template and not self.chat:
             raise ValueError("tokenizer_chat_template=True renders messages: set chat=True too")
+        if self.chat_as_instruction and self.chat:
+            raise ValueError("chat_as_instruction is for models without a chat format: set chat=False")
         return self

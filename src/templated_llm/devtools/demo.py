@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -27,9 +28,20 @@ def run_demo(snapshot: Path) -> None:
     for prompt, completion in zip(PROMPTS, result["candidates"], strict=True):
         print(f"\nprompt: {prompt}\ncompletion (random weights, so gibberish): {completion!r}")
     print(
-        "\nserve it with:\n"
-        f"  mlflow models serve -m {info.model_uri} --env-manager local --port 5001\n"
+        "\nserve it (OpenAI's API under /v1 and MLflow's /invocations, on one port) from this "
+        f"directory with:\n  {_command()} serve {info.model_uri} --port 5001\n"
         "and ask it:\n"
+        "  curl -N localhost:5001/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"mpt-instruct\", \"stream\": true, \"max_tokens\": 16, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Name three rivers.\"}]}'\n"
         "  curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\\n"
         "    -d '{\"inputs\": {\"prompt\": [\"Name three rivers.\"]}, \"params\": {\"max_tokens\": 16}}'"
     )
+
+
+def _command() -> str:
+    """This environment's ``templated-llm``, runnable without activating it."""
+    script = Path(sys.executable).parent / "templated-llm"
+    if not script.is_file():
+        return f"{sys.executable} -m templated_llm.cli"
+    return str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script)

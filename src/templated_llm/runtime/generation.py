@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, TextIteratorStreamer
 
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
@@ -98,20 +98,53 @@ class _Cancelled(StoppingCriteria):
         return self.event.is_set()
 
 
+class _Streamer(TextIteratorStreamer):
+    """transformers' streamer, sending text as soon as it is whole, counting the new tokens.
+
+    transformers' own holds text back to the last space; only the bytes of a character split
+    across tokens (decoded as U+FFFD until complete) need holding back.
+    """
+
+    def __init__(self, tokenizer: Any, end_ids: set[int]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.end_ids = end_ids
+        self.tokens = 0
+        self.ended = False  # the last token is an end token
+        self.text = ""  # everything sent
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        ids = value.reshape(-1).tolist()
+        self.tokens += len(ids)
+        self.ended = ids[-1] in self.end_ids
+        self.token_cache.extend(ids)
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if text.endswith("\n"):  # a fresh cache after each line keeps decoding short
+            printable, self.token_cache, self.print_len = text[self.print_len :], [], 0
+        else:
+            whole = max(len(text.rstrip("\ufffd")), self.print_len)
+            printable, self.print_len = text[self.print_len : whole], whole
+        self.on_finalized_text(printable)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        super().on_finalized_text(text, stream_end)
+
+
 def stream(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
     device: str, lock: contextlib.AbstractContextManager[Any],
-) -> Iterator[str]:
-    """Yield one row's generated text in chunks as transformers' streamer decodes them.
+) -> Iterator[str | Completion]:
+    """Yield one row's generated text in chunks as it is decoded, then its :class:`Completion`.
 
     ``generate`` runs in a thread holding ``lock``; text that could be the start of a stop
     string is held back until it is known not to be, so the chunks join to the text
     :func:`generate_completions` returns. Closing the iterator early stops the generation.
     """
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     config = _generation_config(model, tokenizer, params)
+    streamer = _Streamer(tokenizer, _end_ids(config, tokenizer))
     cancelled = threading.Event()
     failure: list[BaseException] = []
 
@@ -133,3 +166,10 @@ def stream(
         thread.join()
     if failure:
         raise failure[0]
+    text = cut_at_stop(streamer.text, params.stop)
+    yield Completion(
+        text=text,
+        prompt_tokens=int(batch["attention_mask"].sum()),
+        completion_tokens=streamer.tokens,
+        finish_reason="stop" if streamer.ended or text != streamer.text else "length",
+    )

@@ -14,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from templated_llm.errors import TemplateError
 
 
+_GREEDY_BELOW = 1e-5
+
+
 class GenerationParams(BaseModel):
     """What a caller may pass as ``params`` to ``predict``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (or below 1e-5) means greedy decoding")
     max_tokens: int = Field(256, ge=1, description="most new tokens per prompt")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 disables")
@@ -32,7 +35,9 @@ class GenerationParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing logits by a temperature near 0 overflows to inf: below the cut-off, decode
+        # greedily (vLLM's cut-off too).
+        return self.temperature < _GREEDY_BELOW
 
 
 _MLFLOW_TYPES = {"temperature": "double", "top_p": "double", "repetition_penalty": "double",

@@ -6,6 +6,7 @@ each stage is a module of this package, and this class only connects them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,13 +117,21 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> Iterator[str]:
         """Yield the completion of one prompt (or one conversation) in chunks as it generates."""
+        return _text_only(self.generate_stream(model_input, params))
+
+    def generate_stream(
+        self, model_input: Any, params: dict[str, Any] | None = None
+    ) -> Iterator[str | Completion]:
+        """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
+        counts, finish reason). Input and params are checked before this returns; closing the
+        iterator stops the generation."""
         input_ids, generation = self._prepare(model_input, params)
         if len(input_ids) != 1:
             raise MlflowException.invalid_parameter_value(
                 f"predict_stream takes one prompt or conversation; received {len(input_ids)}"
             )
         if self._engine is not None:
-            return self._submit(input_ids, generation)[0].stream()
+            return _then_completion(self._submit(input_ids, generation)[0])
         batch = self.tokens.pad(input_ids, self.device)
         # The model alone for the whole stream: no batch runs beside it.
         return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock)
@@ -153,3 +162,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
         batch = self.tokens.pad(input_ids, self.device)
         return generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+
+
+def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:
+    # Closing this closes the sequence's stream, which cancels it in the engine.
+    yield from sequence.stream()
+    yield sequence.completion
+
+
+def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
+    with contextlib.closing(chunks):  # closing the text stops the generation
+        yield from (chunk for chunk in chunks if isinstance(chunk, str))

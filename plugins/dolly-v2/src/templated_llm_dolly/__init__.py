@@ -24,6 +24,7 @@ def register_models(register):
             repo_id="databricks/dolly-v2-3b",
             template="dolly-v2.jinja",
             generation_defaults={"temperature": 0.0, "max_tokens": 256},
+            chat_as_instruction=True,
             # The optional context of a closed-QA or summarisation instruction.
             template_variables={"context": ""},
             description="Dolly v2, instruction-tuned GPT-NeoX, '### Instruction' format",

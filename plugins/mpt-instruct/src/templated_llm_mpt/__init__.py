@@ -27,6 +27,7 @@ def register_models(register):
             repo_id="mosaicml/mpt-7b-instruct",
             template="mpt-instruct.jinja",
             generation_defaults={"temperature": 0.1, "max_tokens": 256},
+            chat_as_instruction=True,
             description="MPT-7B-instruct, Dolly/HH-RLHF-tuned, '### Instruction' prompt format",
         )
     )

@@ -1,0 +1,279 @@
+"""``python -m benchmarks.serving``: served chat requests, side by side on one machine.
+
+A mixed workload of OpenAI chat requests (prompt lengths and max_tokens drawn from ranges, half
+greedy and half at temperature 0.7, a quarter with a stop string) from concurrent clients,
+streamed and not, against:
+
+1. ``templated-llm serve``, OpenAI route, on the benchmark's MPT snapshot;
+2. the same server's ``/invocations`` with the same requests (the OpenAI layer's cost);
+3. ``transformers serve --continuous-batching`` on a Llama snapshot of the same size, and
+   ``templated-llm serve`` (plugin ``hf-chat``) on that Llama;
+4. MLflow's transformers flavor of that Llama (task ``llm/v1/chat``) under ``mlflow models serve``.
+
+Writes serving.json and serving.md to benchmarks/results/ (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    d_model: int = 512  # with n_layers=8: about 25M parameters, as python -m benchmarks
+    n_layers: int = 8
+    n_heads: int = 8
+    clients: tuple[int, ...] = (16, 64)
+    requests_per_client: int = 1
+    prompt_words: tuple[int, int] = (16, 256)
+    max_tokens: tuple[int, int] = (16, 64)
+
+
+SMOKE = ServingSettings(d_model=64, n_layers=2, n_heads=4, clients=(2,), prompt_words=(4, 16),
+                        max_tokens=(2, 4))
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    server: str  # which server process answers
+    route: Any  # serving_load.Route
+
+
+def _say(message: str) -> None:
+    print(f"[bench.serving] {message}", flush=True)
+
+
+def _snapshots(settings: ServingSettings, cache: Path) -> tuple[Path, Path]:
+    from benchmarks.settings import Settings
+    from benchmarks.snapshot import snapshot
+    from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE, build_tiny_model
+
+    mpt = snapshot(Settings(d_model=settings.d_model, n_layers=settings.n_layers, n_heads=settings.n_heads), cache)
+    llama = cache / f"llama-chat-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
+    if not (llama / "config.json").is_file():
+        build_tiny_model("llama", llama, hidden_size=settings.d_model, n_layers=settings.n_layers,
+                         n_heads=settings.n_heads, chat_template=ZEPHYR_CHAT_TEMPLATE)
+    return mpt, llama
+
+
+def _mlflow_flavor(llama: Path) -> str:
+    import importlib.metadata
+
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(llama),
+                         tokenizer=AutoTokenizer.from_pretrained(llama))
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("mlflow", "torch", "transformers", "accelerate")]
+    return mlflow.transformers.log_model(transformers_model=generator, name="transformers-flavor-chat",
+                                         task="llm/v1/chat", pip_requirements=pins).model_uri
+
+
+def _kv_blocks(settings: ServingSettings) -> int:
+    """transformers serve's KV cache in 256-token blocks, sized for the workload (left to itself,
+    it takes 90% of the free memory)."""
+    longest = 2 * settings.prompt_words[1] + 64 + settings.max_tokens[1]  # tokens, generously
+    return max(settings.clients) * -(-longest // 256) + 16
+
+
+@contextlib.contextmanager
+def _servers(mpt: Path, llama: Path, settings: ServingSettings) -> Iterator[dict[str, str]]:
+    """Every server, started at once; their base URLs by name."""
+    from tests.local_server import free_port, running_server
+    from templated_llm.model_logging.log import log_llm
+
+    cli = [sys.executable, "-m", "templated_llm.cli", "serve"]
+    commands = {
+        "templated_mpt": (cli + [log_llm("mpt-instruct", snapshot=mpt, name="bench-mpt").model_uri], "/ping"),
+        "templated_llama": (cli + [log_llm("hf-chat", snapshot=llama, name="bench-llama").model_uri], "/ping"),
+        "mlflow_flavor": (cli + [_mlflow_flavor(llama), "--mlflow-only"], "/ping"),
+        "transformers_serve": ([str(Path(sys.executable).parent / "transformers"), "serve", str(llama),
+                                "--continuous-batching", "--cb-num-blocks", str(_kv_blocks(settings)),
+                                "--device", "cpu", "--host", "127.0.0.1"], "/health"),
+    }
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name, (command, ready) in commands.items():
+            port = free_port()
+            _say(f"starting {name}")
+            urls[name] = stack.enter_context(running_server(
+                [*command, "--port", str(port)], port, env=env, timeout=900, ready_path=ready))
+        yield urls
+
+
+def _contenders(llama: Path) -> list[Contender]:
+    from benchmarks.serving_load import invocations_route, mlflow_chat_route, openai_route
+
+    return [
+        Contender("templated_mpt_openai", "1. templated-llm serve, OpenAI route (MPT)", "templated_mpt",
+                  openai_route("mpt-instruct")),
+        Contender("templated_mpt_invocations", "2. the same server's /invocations (MPT)", "templated_mpt",
+                  invocations_route(chat=False)),
+        Contender("transformers_serve", "3a. transformers serve --continuous-batching (Llama)",
+                  "transformers_serve", openai_route(str(llama))),
+        Contender("templated_llama_openai", "3b. templated-llm serve, OpenAI route (Llama)", "templated_llama",
+                  openai_route("hf-chat")),
+        Contender("mlflow_flavor", "4. MLflow transformers flavor under mlflow models serve (Llama)",
+                  "mlflow_flavor", mlflow_chat_route()),
+    ]
+
+
+def _server_rss(url: str) -> int:
+    import psutil
+
+    port = url.rsplit(":", 1)[1]
+    roots = [p for p in psutil.Process().children() if port in " ".join(p.cmdline())]
+    return sum(p.memory_info().rss for root in roots for p in [root, *root.children(recursive=True)])
+
+
+def run(settings: ServingSettings, cache: Path) -> dict[str, Any]:
+    from benchmarks.figures import machine
+    from benchmarks.serving_load import run_clients, workload
+
+    mpt, llama = _snapshots(settings, cache)
+    contenders = _contenders(llama)
+    results: dict[str, Any] = {"settings": asdict(settings), "machine": {**machine(), "cpu_model": _cpu_model()},
+                               "contenders": {c.name: c.label for c in contenders}, "runs": [], "rss": {}}
+    with _servers(mpt, llama, settings) as urls:
+        _say("warming up")
+        for contender in contenders:
+            for stream in (False, True)[: 1 + contender.route.streams]:
+                run_clients(urls[contender.server], contender.route, workload(2, (4, 8), (2, 4), seed=1), 2, stream)
+        results["rss"]["idle"] = {name: _server_rss(url) for name, url in urls.items()}
+        turn = 0
+        for clients in settings.clients:
+            requests = workload(clients * settings.requests_per_client, settings.prompt_words, settings.max_tokens)
+            for stream in (False, True):
+                taking_part = [c for c in contenders if c.route.streams or not stream]
+                turn += 1
+                # Taking turns, the order rotating, so that load from elsewhere hits them all alike.
+                for contender in taking_part[turn % len(taking_part):] + taking_part[: turn % len(taking_part)]:
+                    _say(f"{contender.name}: {clients} clients, {'streamed' if stream else 'whole'}")
+                    measured = run_clients(urls[contender.server], contender.route, requests, clients, stream)
+                    results["runs"].append({"contender": contender.name, "clients": clients, "stream": stream,
+                                            **measured})
+        results["rss"]["after"] = {name: _server_rss(url) for name, url in urls.items()}
+    results["figures"] = _figures(results["runs"], settings)
+    return results
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _run(runs: list[dict[str, Any]], contender: str, clients: int, stream: bool) -> dict[str, Any]:
+    return next(r for r in runs if (r["contender"], r["clients"], r["stream"]) == (contender, clients, stream))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def _figures(runs: list[dict[str, Any]], settings: ServingSettings) -> list[dict[str, Any]]:
+    """The issue's targets, per client count: (name, value, target, met)."""
+    figures = []
+
+    def add(name: str, value: float | None, comparison: str, target: float) -> None:
+        met = None if value is None else (value >= target if comparison == ">=" else value <= target)
+        figures.append({"figure": name, "value": value, "target": f"{comparison} {target:g}", "met": met})
+
+    for c in settings.clients:
+        tokens = {(r["contender"], r["stream"]): r["output_tokens_per_s"] for r in runs if r["clients"] == c}
+        add(f"{c} clients, whole: output tokens/s, OpenAI route / /invocations (MPT)",
+            _ratio(tokens[("templated_mpt_openai", False)], tokens[("templated_mpt_invocations", False)]), ">=", 0.95)
+        for stream in (False, True):
+            add(f"{c} clients, {'streamed' if stream else 'whole'}: output tokens/s, templated-llm serve / "
+                "transformers serve (Llama)",
+                _ratio(tokens[("templated_llama_openai", stream)], tokens[("transformers_serve", stream)]), ">=", 1.5)
+        ttft_ours = _run(runs, "templated_llama_openai", c, True)["ttft_s"]["p50"]
+        ttft_theirs = _run(runs, "transformers_serve", c, True)["ttft_s"]["p50"]
+        add(f"{c} clients, streamed: time to first token p50, transformers serve / templated-llm serve (Llama)",
+            _ratio(ttft_theirs, ttft_ours), ">=", 1.0)
+        add(f"{c} clients, whole: output tokens/s, templated-llm serve / MLflow transformers flavor (Llama)",
+            _ratio(tokens[("templated_llama_openai", False)], tokens[("mlflow_flavor", False)]), ">=", 5.0)
+        ours = [r for r in runs if r["clients"] == c and r["contender"].startswith("templated")]
+        add(f"{c} clients: errors answered by templated-llm serve", float(sum(r["errors"] for r in ours)), "<=", 0)
+    return figures
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["| figure | measured | target | met |", "| --- | --- | --- | --- |"]
+    for f in results["figures"]:
+        value = "n/a" if f["value"] is None else f"{f['value']:.3g}"
+        met = {True: "yes", False: "**no**", None: "n/a"}[f["met"]]
+        lines.append(f"| {f['figure']} | {value} | {f['target']} | {met} |")
+    lines += ["", "| contender | clients | streamed | requests/s | output tokens/s | TTFT p50 / p99 ms | "
+              "per-token p50 / p99 ms | latency p50 / p99 ms | errors |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["runs"]:
+        lines.append(
+            f"| {results['contenders'][r['contender']]} | {r['clients']} | {'yes' if r['stream'] else 'no'} | "
+            f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {_ms(r['ttft_s']['p50'])} / "
+            f"{_ms(r['ttft_s']['p99'])} | {_ms(r['tpot_s']['p50'])} / {_ms(r['tpot_s']['p99'])} | "
+            f"{_ms(r['latency_s']['p50'])} / {_ms(r['latency_s']['p99'])} | {r['errors']} |")
+    s, m = results["settings"], results["machine"]
+    rss = ", ".join(f"{n} {results['rss']['idle'][n] / 2**20:.0f} -> {v / 2**20:.0f} MiB"
+                    for n, v in results["rss"]["after"].items())
+    lines += ["", f"Workload: per client count, clients x {s['requests_per_client']} chat requests, prompts of "
+              f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
+              f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string. "
+              f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers. "
+              f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, load average {m['load_average'][0]:.1f} at the "
+              f"start; torch {m['torch']}, transformers {m['transformers']}, mlflow {m['mlflow']}. "
+              f"Server RSS, after the warm-up -> at the end: {rss}. MLflow's transformers flavor gets "
+              "no temperature for greedy requests (it passes 0 to generate, which refuses it)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
+    d = ServingSettings()
+    parser.add_argument("--smoke", action="store_true", help="tiny model and workload: checks the harness runs")
+    parser.add_argument("--clients", type=int, nargs="+", default=list(d.clients),
+                        help=f"concurrent clients, one run each (default {' '.join(map(str, d.clients))})")
+    parser.add_argument("--requests-per-client", type=int, default=d.requests_per_client,
+                        help=f"requests each client sends in turn (default {d.requests_per_client})")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    settings = SMOKE if args.smoke else ServingSettings(clients=tuple(args.clients),
+                                                         requests_per_client=args.requests_per_client)
+    from benchmarks.store import temporary_store
+
+    with temporary_store("serving"):
+        results = run(settings, args.cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "serving.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""What ``templated-llm serve`` is started with: the model, the address, the limits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: The environment variable ``--api-key`` defaults to.
+API_KEY_ENV = "TEMPLATED_LLM_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_uri: str
+    host: str = "127.0.0.1"
+    port: int = 5001
+    #: The name clients pass as ``model``; None: the registered model's, else the plugin's model's.
+    served_model_name: str | None = None
+    #: Bearer token every ``/v1`` and ``/invocations`` request must carry; None: no auth.
+    api_key: str | None = None
+    #: Largest request body, in bytes (HTTP 413 beyond).
+    max_body_bytes: int = 16 * 2**20
+    #: Seconds a request may take before it is answered 504 (its generation is cancelled).
+    request_timeout: float = 600.0
+    #: Seconds running requests get to finish after SIGTERM before they are cancelled.
+    shutdown_timeout: float = 30.0
+    #: Largest ``n`` (choices per prompt) a request may ask for.
+    max_n: int = 8
+    #: Sequences generating or waiting at once; a request beyond is answered 429.
+    max_pending: int = 256
+
+    def __post_init__(self) -> None:
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
+        for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_n", "max_pending"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; received {getattr(self, name)}")

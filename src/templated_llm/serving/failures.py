@@ -1,0 +1,38 @@
+"""What a failed generation is answered with: every exception as a RequestError with its status."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from mlflow.exceptions import MlflowException
+
+from templated_llm.errors import OverloadedError, RequestError
+
+_logger = logging.getLogger("templated_llm.serving")
+_PARAM = re.compile(r"param '(\w+)'")
+# The engine's queue-full error by name too, whatever base it is given.
+_OVERLOADED_NAMES = {"EngineFullError"}
+
+TIMEOUT = RequestError("the request took longer than the server's --request-timeout; it was "
+                       "cancelled", status=504, type="timeout", code="timeout")
+SHUTTING_DOWN = RequestError("the server is shutting down; the request was cancelled. Retry it",
+                             status=503, type="server_error", code="shutting_down")
+
+
+def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) -> RequestError:
+    """``exc`` as the RequestError to answer; ``aliases`` rename a param the model names (its
+    ``max_tokens``) to the request field that set it (``max_completion_tokens``)."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, OverloadedError) or _OVERLOADED_NAMES & {c.__name__ for c in type(exc).__mro__} \
+            or isinstance(exc, MlflowException) and exc.get_http_status_code() == 429:
+        return RequestError(f"the server is at capacity: {exc}. Retry later", status=429,
+                            type="rate_limit_error", code="queue_full")
+    if isinstance(exc, MlflowException) and exc.get_http_status_code() == 400:
+        found = _PARAM.search(exc.message)
+        param = found and found.group(1)
+        return RequestError(exc.message, param=(aliases or {}).get(param, param))
+    _logger.error("generation failed", exc_info=exc)
+    return RequestError(f"generation failed ({type(exc).__name__}); the server log has the details",
+                        status=500, type="server_error", code="generation_failed")

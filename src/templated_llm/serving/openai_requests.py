@@ -1,0 +1,207 @@
+"""OpenAI request bodies: parsed, checked, and turned into the rows and params ``predict`` takes.
+
+Every problem is a :class:`~templated_llm.errors.RequestError` (HTTP 400) naming the field, the
+value received and what is allowed. Fields that would change the output but are not supported
+(``logprobs``, ``tools``, ...) are refused by name; fields that change nothing (``user``,
+``metadata``, ...) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from templated_llm.errors import RequestError
+from templated_llm.runtime.inputs import Row
+from templated_llm.spec import ModelSpec
+
+# Fields that change nothing here: accepted and ignored.
+_HARMLESS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+             "prompt_cache_retention", "prompt_cache_options", "safety_identifier")
+
+
+def _off(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or any(value == v and type(value) is type(v) for v in values)
+
+
+# Fields that would change the output and are not supported, with the values that change nothing.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _off(False), "top_logprobs": _off(0), "logit_bias": _off({}), "tools": _off([]),
+    "tool_choice": _off("none"), "functions": _off([]), "function_call": _off("none"),
+    "frequency_penalty": _off(0, 0.0), "presence_penalty": _off(0, 0.0),
+    "response_format": _off({"type": "text"}), "modalities": _off(["text"]), "audio": _off(),
+    "prediction": _off(), "reasoning_effort": _off(), "web_search_options": _off(),
+    "verbosity": _off(), "moderation": _off(), "echo": _off(False), "suffix": _off(""), "best_of": _off(1),
+}
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+    include_obfuscation: bool = False  # OpenAI's padding against length side channels: none here
+
+
+class _Request(BaseModel):
+    """The fields both routes take; OpenAI's ranges, then the model's own limits at generation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    # Extensions: sampling params predict takes, and the template's variables.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = None
+    template_variables: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+    name: str | None = None  # accepted; no template shows it
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") not in ("text", None) for p in content):
+            raise ValueError(
+                f"only text content parts are supported; received part types "
+                f"{[p.get('type') for p in content if isinstance(p, dict)]}"
+            )
+        return content
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("send at least one prompt")
+        if isinstance(prompt, list) and any(isinstance(p, int | list) for p in prompt):
+            raise ValueError("prompts of token ids are not supported; send text")
+        return prompt
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+def parse(kind: type[_Request], body: bytes) -> Any:
+    """The request of type ``kind`` in ``body``, or a RequestError saying what is wrong with it."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"the body is not valid JSON: {_short(exc)}") from None
+    if not isinstance(document, dict):
+        raise RequestError(f"the body must be a JSON object; received {type(document).__name__}")
+    for name, value in document.items():
+        if name in _UNSUPPORTED and not _UNSUPPORTED[name](value):
+            raise RequestError(f"{name!r} is not supported by this server; received {_short(value)}. "
+                               "Remove it or send its default", param=name, code="unsupported_parameter")
+    fields = {k: v for k, v in document.items() if k not in _UNSUPPORTED and k not in _HARMLESS}
+    try:
+        return kind.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid(exc, kind) from None
+
+
+def _invalid(exc: ValidationError, kind: type[_Request]) -> RequestError:
+    problems, params = [], []
+    for error in exc.errors(include_url=False):
+        param = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("list[", "str")))
+        params.append(param)
+        if error["type"] == "extra_forbidden":
+            allowed = sorted({*kind.model_fields, *_HARMLESS})
+            problems.append(f"unrecognized request argument {param!r}; this server takes {allowed}")
+        elif error["type"] == "missing":
+            problems.append(f"param {param!r} is required")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"param {param!r}: {message}; received {_short(error['input'])}")
+    return RequestError("; ".join(dict.fromkeys(problems)), param=params[0])
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def params(request: _Request, spec: ModelSpec, variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """``predict``'s params for ``request``: the sampling fields sent, and the template variables."""
+    unknown = sorted(set(request.template_variables) - set(spec.template_variables))
+    if unknown:
+        raise RequestError(
+            f"model {spec.name!r} has no template variables {unknown}; its variables: "
+            f"{sorted(spec.template_variables) or 'none'}", param="template_variables")
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": max_tokens,
+                "stop": [request.stop] if isinstance(request.stop, str) else request.stop,
+                "seed": request.seed, "top_k": request.top_k,
+                "repetition_penalty": request.repetition_penalty}
+    return {**{k: v for k, v in sampling.items() if v is not None},
+            **request.template_variables, **(variables or {})}
+
+
+def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]]:
+    """The row ``predict`` takes for a chat, and the template variables its messages set.
+
+    A chat model takes the conversation. An instruction model declared ``chat_as_instruction``
+    takes one user message as its instruction; a system message before it sets the ``system``
+    variable, or, for a template without one, opens the instruction.
+    """
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+             for m in request.messages]
+    if spec.chat:
+        return turns, {}
+    if not spec.chat_as_instruction:
+        raise RequestError(
+            f"model {spec.name!r} has no chat format and takes no chat messages; send its prompt "
+            "to /v1/completions instead", param="messages")
+    roles = [t["role"] for t in turns]
+    if roles not in (["user"], ["system", "user"]):
+        raise RequestError(
+            f"model {spec.name!r} is an instruction model without a chat format: it takes one user "
+            "message, after an optional system message, as its instruction, and cannot be shown "
+            f"earlier turns; received messages with roles {roles}. Send one user message", param="messages")
+    instruction = turns[-1]["content"]
+    if len(turns) == 1:
+        return instruction, {}
+    system = turns[0]["content"]
+    if "system" in spec.template_variables:
+        return instruction, {"system": system}
+    return f"{system}\n\n{instruction}" if system else instruction, {}

@@ -1,0 +1,271 @@
+"""``templated-llm serve``'s OpenAI routes through the official ``openai`` client, sync and async,
+against a real server process (MPT-instruct, an instruction model taking single-turn chats)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import openai
+import pytest
+import requests
+
+from openai_servers import metric, openai_server
+from templated_llm import log_llm
+from templated_llm.serving import API_KEY_ENV
+
+pytestmark = pytest.mark.slow
+
+NAME = "tiny-openai"
+KEY = "test-key"
+PROMPT = "Name three rivers."
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_snapshot):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="openai-served",
+                   registered_model_name=NAME)
+    with openai_server(f"models:/{NAME}/{info.registered_model_version}", env={API_KEY_ENV: KEY}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def _predicted(model, prompt: str, **params) -> dict:
+    [row] = model.predict([prompt], params={**params, "return_usage": True}).to_dict("records")
+    return row
+
+
+@dataclass
+class Answer:
+    texts: list[str]
+    finish_reasons: list[str]
+    usage: openai.types.CompletionUsage
+    ids: set[str]
+
+
+def _ask(server: str, kind: str, route: str, stream: bool, **body) -> Answer:
+    """One request through the sync or async client, streamed or not, read into an Answer."""
+    if route == "chat":
+        body = {"messages": [{"role": "user", "content": body.pop("prompt")}], **body}
+    extra = {"stream_options": {"include_usage": True}} if stream else {}
+
+    async def ask_async() -> Answer:
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as client:
+            create = client.chat.completions.create if route == "chat" else client.completions.create
+            response = await create(model=NAME, stream=stream, **extra, **body)
+            return _read([c async for c in response] if stream else response, route, stream)
+
+    if kind == "async":
+        return asyncio.run(ask_async())
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    create = client.chat.completions.create if route == "chat" else client.completions.create
+    response = create(model=NAME, stream=stream, **extra, **body)
+    return _read(list(response) if stream else response, route, stream)
+
+
+def _read(response, route: str, stream: bool) -> Answer:
+    if not stream:
+        choices = sorted(response.choices, key=lambda c: c.index)
+        texts = [c.message.content if route == "chat" else c.text for c in choices]
+        return Answer(texts, [c.finish_reason for c in choices], response.usage, {response.id})
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in response:
+        for choice in chunk.choices:
+            text = choice.delta.content if route == "chat" else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (text or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert response[-1].choices == [] and all(c.usage is None for c in response[:-1])
+    return Answer([texts[i] for i in sorted(texts)], [finish[i] for i in sorted(finish)],
+                  response[-1].usage, {c.id for c in response})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", ["chat", "completions"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_both_routes_answer_what_predict_answers_with_its_usage(server, loaded_model, kind, route, stream):
+    want = _predicted(loaded_model, PROMPT, **GREEDY)
+    answer = _ask(server, kind, route, stream, prompt=PROMPT, **GREEDY)
+    assert answer.texts == [want["candidates"]]
+    assert answer.finish_reasons == [want["finish_reason"]]
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (
+        want["prompt_tokens"], want["completion_tokens"])
+    assert answer.usage.total_tokens == want["prompt_tokens"] + want["completion_tokens"]
+    [id_] = answer.ids
+    assert id_.startswith("chatcmpl-" if route == "chat" else "cmpl-")
+
+
+def test_a_response_has_openais_fields(client):
+    response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                              **GREEDY)
+    assert response.object == "chat.completion" and response.model == NAME
+    assert response.system_fingerprint.startswith("fp_") and response.created > 0
+    assert response.choices[0].message.role == "assistant"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_stop_string_ends_the_text_where_predict_ends_it(server, loaded_model, stream):
+    text = _predicted(loaded_model, PROMPT, **GREEDY)["candidates"]
+    stop = text[3:5]
+    want = _predicted(loaded_model, PROMPT, **GREEDY, stop=[stop])
+    answer = _ask(server, "sync", "completions", stream, prompt=PROMPT, stop=stop, **GREEDY)
+    assert answer.texts == [want["candidates"]] == [text[: text.find(stop)]]
+    assert answer.finish_reasons == ["stop"]
+    assert answer.usage.completion_tokens == want["completion_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_n_choices_for_each_prompt(server, loaded_model, stream):
+    prompts = [PROMPT, "Hi"]
+    answer = _ask(server, "sync", "completions", stream, prompt=prompts, n=2, **GREEDY)
+    wants = [_predicted(loaded_model, p, **GREEDY) for p in prompts]
+    assert answer.texts == [w["candidates"] for w in wants for _ in range(2)]
+    # Each prompt's tokens count once, each choice's completion counts.
+    assert answer.usage.prompt_tokens == sum(w["prompt_tokens"] for w in wants)
+    assert answer.usage.completion_tokens == 2 * sum(w["completion_tokens"] for w in wants)
+
+
+def test_a_seed_repeats_a_sampled_answer_streamed_or_not(server):
+    sampled = {"temperature": 1.0, "max_tokens": 8, "seed": 7, "n": 2}
+    first = _ask(server, "sync", "chat", False, prompt=PROMPT, **sampled)
+    assert _ask(server, "sync", "chat", False, prompt=PROMPT, **sampled).texts == first.texts
+    assert _ask(server, "async", "chat", True, prompt=PROMPT, **sampled).texts == first.texts
+
+
+def test_a_system_message_opens_the_instruction_of_a_model_without_a_system_prompt(client, loaded_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    response = client.chat.completions.create(model=NAME, messages=messages, **GREEDY)
+    want = _predicted(loaded_model, f"Be brief.\n\n{PROMPT}", **GREEDY)["candidates"]
+    assert response.choices[0].message.content == want
+
+
+BAD = {
+    "temperature above 2": ({"temperature": 3}, "temperature", "less than or equal to 2"),
+    "max_tokens above the model's limit": ({"max_tokens": 5000}, "max_tokens", "max_tokens_limit"),
+    "max_completion_tokens above the limit": ({"max_completion_tokens": 5000}, "max_completion_tokens",
+                                              "max_tokens_limit"),
+    "n above the server's limit": ({"n": 100}, "n", "--max-n"),
+    "top_p of 0": ({"top_p": 0}, "top_p", "greater than 0"),
+    "an empty stop string": ({"stop": [""]}, "stop", "at least 1 character"),
+    "logprobs": ({"logprobs": True}, "logprobs", "not supported"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    "logit_bias": ({"logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+    "an unknown field": ({"extra_body": {"bogus": 1}}, "bogus", "unrecognized request argument"),
+    "a template variable the model lacks": ({"extra_body": {"template_variables": {"context": "x"}}},
+                                            "template_variables", "has no template variables"),
+    "a conversation to an instruction model": (
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": PROMPT}]}, "messages", "instruction model"),
+    "an image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                 "messages.0.content", "only text"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_request_is_a_400_naming_the_param(client, case):
+    fields, param, says = BAD[case]
+    body = {"model": NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, **fields}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(**body)
+    assert raised.value.param == param
+    assert says in raised.value.message
+
+
+def test_harmless_fields_are_accepted(client):
+    response = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": PROMPT}], user="u-1", metadata={"k": "v"},
+        logprobs=False, frequency_penalty=0, response_format={"type": "text"}, **GREEDY)
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
+    assert raised.value.code == "model_not_found" and NAME in raised.value.message
+
+
+def test_the_models_list_names_the_registered_model(client):
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_a_wrong_or_missing_key_is_a_401_on_v1_and_invocations(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    for path, body in (("/v1/models", None), ("/invocations", {"inputs": ["hi"]})):
+        response = requests.request("POST" if body else "GET", f"{server}{path}", json=body, timeout=30)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert requests.get(f"{server}/ping", timeout=30).status_code == 200  # probes need no key
+    answered = requests.post(f"{server}/invocations", json={"inputs": ["hi"], "params": {"max_tokens": 2}},
+                             headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert answered.status_code == 200 and len(answered.json()["predictions"]) == 1
+
+
+def test_a_body_over_the_limit_is_a_413(server):
+    response = requests.post(f"{server}/v1/completions", data=b"x" * (16 * 2**20 + 1),
+                             headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 413
+    assert "--max-body-bytes" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/chat/completions", 405),
+                                                         ("POST", "/v1/embeddings", 404)])
+def test_other_v1_routes_answer_openai_errors(server, method, path, status):
+    response = requests.request(method, f"{server}{path}", headers={"Authorization": f"Bearer {KEY}"},
+                                timeout=30)
+    assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_is_a_400(server):
+    response = requests.post(f"{server}/v1/chat/completions", data=b'{"model": ',
+                             headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_streaming_really_streams(client):
+    """With 128 new tokens the first text comes before a third of the whole time."""
+    start = time.perf_counter()
+    first = None
+    for chunk in client.completions.create(model=NAME, prompt=PROMPT, stream=True, temperature=0.0,
+                                           max_tokens=128):
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    print(f"\nfirst text after {first / total:.1%} of the stream's time")
+    assert first / total < 1 / 3
+
+
+def test_metrics_count_requests_tokens_and_stream_latency(server, client):
+    before = metric(server, "templated_llm_completion_tokens_total")
+    list(client.completions.create(model=NAME, prompt=PROMPT, stream=True, **GREEDY))
+    assert metric(server, "templated_llm_completion_tokens_total") > before
+    text = requests.get(f"{server}/metrics", timeout=30).text
+    for name in ('templated_llm_requests_total{route="/v1/completions",status="200"}',
+                 "templated_llm_time_to_first_token_seconds_count",
+                 "templated_llm_time_per_output_token_seconds_count",
+                 "templated_llm_sequences_in_flight", "templated_llm_prompt_tokens_total"):
+        assert name in text
+    # No engine behind this model: no engine figures are made up.
+    assert "templated_llm_engine_" not in text
+
+
+def test_the_stream_is_server_sent_events(server):
+    body = {"model": NAME, "prompt": PROMPT, "stream": True, **GREEDY}
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = response.content.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert json.loads(events[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
