@@ -45,12 +45,23 @@ def test_a_stop_string_ends_the_stream_where_it_ends_predict(loaded_model, data)
     assert streamed == text[: text.find(stop)]
 
 
-def test_closing_a_stream_early_frees_the_model(loaded_model) -> None:
-    stream = loaded_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
-    next(stream)
-    stream.close()
-    # The generation stopped and let go of the model: predict does not wait on it.
-    lock = loaded_model.unwrap_python_model()._batcher.lock
+def test_closing_a_stream_early_stops_the_generation_and_frees_the_model(loaded_model) -> None:
+    params = {**GREEDY, "max_tokens": 300}
+    usage = loaded_model.predict([PROMPT], params={**params, "return_usage": True})
+    assert usage["finish_reason"].tolist() == ["length"]  # left alone, it runs all 300 steps
+    python_model = loaded_model.unwrap_python_model()
+    steps = []
+    hook = python_model.model.register_forward_pre_hook(lambda *args: steps.append(1))
+    try:
+        stream = loaded_model.predict_stream(PROMPT, params=params)
+        next(stream)
+        stream.close()
+    finally:
+        hook.remove()
+    # close() returns once the generation thread has ended: it ended early, cancelled.
+    assert len(steps) < 300
+    # ... and let go of the model: predict does not wait on it.
+    lock = python_model._batcher.lock
     assert lock.acquire(timeout=30)
     lock.release()
 
