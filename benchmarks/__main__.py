@@ -1,6 +1,7 @@
 """``python -m benchmarks``: every contender on the same snapshot and prompts, side by side.
 
-Writes latest.json, latest.md and latest.png to benchmarks/results/ (or --out).
+Writes latest.json, latest.md and latest.png to benchmarks/results/ (or --out), and then the
+figures the docs show (benchmarks/pages.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients when served (default {d.clients})")
     p.add_argument("--serve-tokens", type=int, default=d.serve_tokens, help=f"new tokens per served request (default {d.serve_tokens})")
     p.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused (default .cache/benchmarks)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where results go (default benchmarks/results; with --smoke CACHE/smoke)")
+    p.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
     return p
 
 
@@ -57,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         experiment = mlflow.create_experiment("benchmarks", artifact_location=(store / "artifacts").as_uri())
         os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
         mlflow.set_experiment(experiment_id=experiment)
-        from benchmarks.run import run
         from benchmarks.report import write
+        from benchmarks.run import run
 
-        results = run(settings, args.cache)
-        write(results, args.out)
-        print((args.out / "latest.md").read_text())
+        out = args.out or (args.cache / "smoke" if args.smoke else RESULTS)
+        results = run(settings, args.cache, args.note)
+        write(results, out)
+        if out.resolve() == RESULTS:  # the reference results: the docs show their figures
+            from benchmarks.pages import update
+
+            update(results)
+        print((out / "latest.md").read_text())
     finally:
         shutil.rmtree(store, ignore_errors=True)
     return 0
