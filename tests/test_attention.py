@@ -98,6 +98,18 @@ def test_sdpa_prefill_with_left_padding_matches_eager_without_a_cache(eager, sdp
     assert (want - have)[real].abs().max().item() < TOLERANCE
 
 
+def test_sdpa_builds_each_query_runs_mask_only_over_the_keys_it_sees(sdpa):
+    alibi = sdpa.transformer.blocks[0].attn.alibi
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)[None, None]  # True = masked
+    chunks = alibi.chunk_masks(causal, torch.float32, size=4)
+    assert [(start, end, keys, tuple(mask.shape)) for start, end, keys, mask in chunks] == [
+        (0, 4, 4, (1, sdpa.config.n_heads, 4, 4)), (4, 8, 8, (1, sdpa.config.n_heads, 4, 8)),
+        (8, 10, 10, (1, sdpa.config.n_heads, 2, 10))]
+    # Each mask is its own tensor, not a view of one over every query and key.
+    assert all(mask.untyped_storage().nbytes() == mask.numel() * 4 for *_, mask in chunks)
+    alibi.release()
+
+
 @pytest.mark.skipif(attention_unavailable("triton", "cpu") is not None, reason="no C++ compiler")
 def test_triton_matches_eager_on_cpu(eager, tiny_snapshot):
     # flex_attention compiles once per shape, tens of seconds on CPU: one small example.

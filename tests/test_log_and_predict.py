@@ -55,20 +55,26 @@ def test_batched_predict_equals_row_by_row(loaded_model):
 
 def test_all_rows_go_through_one_generate_call_with_the_kv_cache(loaded_model, monkeypatch):
     model = loaded_model.unwrap_python_model().model
-    calls, step_lengths = [], []
+    calls, step_lengths, logit_positions = [], [], []
     original = model.generate
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: step_lengths.append(kwargs["input_ids"].shape[1]),
-        with_kwargs=True,
-    )
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: step_lengths.append(kwargs["input_ids"].shape[1]),
+            with_kwargs=True),
+        model.lm_head.register_forward_pre_hook(lambda module, args: logit_positions.append(args[0].shape[1])),
+    ]
     try:
         loaded_model.predict(PROMPTS, params={"temperature": 0.0, "max_tokens": 5})
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert calls == [1]
     # The prompt is read once; every later step feeds one new token per row (cache on).
     assert step_lengths[0] > 1 and step_lengths[1:] == [1] * 4
+    # Logits only for each step's last position: a long prompt's prefill is not a vocabulary-
+    # sized product per token.
+    assert logit_positions == [1] * 5
 
 
 def test_temperature_zero_is_deterministic(loaded_model):
