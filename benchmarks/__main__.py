@@ -40,11 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="where results go (default benchmarks/results; with --smoke CACHE/smoke)")
     p.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every process of the run (default 0: torch's default, one per "
+                        "core); 1 gives steadier ratios on a machine other jobs share")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.threads:  # before torch is imported, here and in every child process of the run
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     from benchmarks.settings import SMOKE, Settings
 
     settings = SMOKE if args.smoke else Settings(
