@@ -110,7 +110,7 @@ def _machine(results: dict[str, Any]) -> str:
             f"{results['snapshot']['weight_bytes'] / 1e6:.0f} MB of weights; {s['prompts']} prompts x "
             f"{s['new_tokens']} new tokens, median of {s['repeats']} after a warm-up call each. "
             f"{m['cpu_model']}, {m['cpus']} CPUs" + (f" (flags {' '.join(flags)})" if flags else "")
-            + f", load average {m['load_average'][0]:.2f} at the start and {m['load_average_end'][0]:.2f} "
+            + f", {m['torch_threads']} torch thread(s) per process, load average {m['load_average'][0]:.2f} at the start and {m['load_average_end'][0]:.2f} "
             f"at the end. {m['note'] + ' ' if m['note'] else ''}torch {m['torch']}, transformers "
             f"{m['transformers']}, mlflow {m['mlflow']}, {m['date']}. The contenders take turns in every "
             "round; a ratio is the median of the per-round ratios, so it need not equal the ratio of two "
