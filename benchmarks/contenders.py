@@ -21,7 +21,7 @@ from benchmarks import tutorial_mpt
 from benchmarks.counting import exact_tokens
 from templated_llm.errors import TemplatedLLMError
 from templated_llm.model_logging.log import log_llm
-from templated_llm.plugins.attention import backend_names
+from templated_llm.plugins.attention import backends
 from templated_llm.runtime.templates import PromptTemplate, find_template
 
 MODEL = "mpt-instruct"
@@ -157,7 +157,7 @@ def templated(snapshot: Path) -> tuple[Contender, list[Contender], dict[str, str
     backend that logs and loads here; why the others do not."""
     default = _templated(snapshot, "auto", "4. TemplatedLLM, default (auto: {})")
     others, unavailable = [], {}
-    for backend in backend_names():  # the attention table: auto is not one of them
+    for backend in (entry.name for entry in backends()):  # the attention table, without auto
         if backend == default.name.removeprefix("templated_"):
             continue
         try:
