@@ -1,6 +1,7 @@
 """``python -m benchmarks``: every contender on the same snapshot and prompts, side by side.
 
-Writes latest.json, latest.md and latest.png to benchmarks/results/ (or --out).
+Writes latest.json, latest.md and latest.png to benchmarks/results/ (or --out), and then the
+figures the docs show (benchmarks/pages.py).
 """
 
 from __future__ import annotations
@@ -36,12 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients when served (default {d.clients})")
     p.add_argument("--serve-tokens", type=int, default=d.serve_tokens, help=f"new tokens per served request (default {d.serve_tokens})")
     p.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused (default .cache/benchmarks)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where results go (default benchmarks/results; with --smoke CACHE/smoke)")
+    p.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every process of the run (default 0: torch's default, one per "
+                        "core); 1 gives steadier ratios on a machine other jobs share")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.threads:  # before torch is imported, here and in every child process of the run
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     from benchmarks.settings import SMOKE, Settings
 
     settings = SMOKE if args.smoke else Settings(
@@ -52,16 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.store import temporary_store
 
     with temporary_store("benchmarks"):
-        from benchmarks.run import run
         from benchmarks.report import write
+        from benchmarks.run import run
 
-        results = run(settings, args.cache)
-        write(results, args.out)
+        out = args.out or (args.cache / "smoke" if args.smoke else RESULTS)
+        results = run(settings, args.cache, args.note)
+        write(results, out)
+        if out.resolve() == RESULTS:  # the reference results: the docs show their figures
+            from benchmarks.pages import update
+
+            update(results)
         if args.mixed:
             from benchmarks import mixed
 
-            mixed.main([*(["--smoke"] if args.smoke else []), "--out", str(args.out)])
-        print((args.out / "latest.md").read_text())
+            mixed.main([*(["--smoke"] if args.smoke else []), "--out", str(out)])
+        print((out / "latest.md").read_text())
     return 0
 
 

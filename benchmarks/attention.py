@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.measure import interleaved_seconds
+from benchmarks.measure import cpu_time_shares, interleaved_seconds
 
 
 def _load(snapshot, backend: str):
@@ -38,14 +38,7 @@ def _medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 
 
 def _cat_share(generate: Callable[[], object]) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    cat = sum(e.self_cpu_time_total for e in events if e.key == "aten::cat")
-    return cat / total
+    return cpu_time_shares(generate).get("aten::cat", 0.0)
 
 
 def main(argv: list[str] | None = None) -> None:

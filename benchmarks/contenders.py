@@ -1,5 +1,9 @@
-"""The four ways to serve the same snapshot, each logged to MLflow (except plain transformers)
-and answering ``complete(prompts, max_tokens)`` with greedy completions."""
+"""The ways to serve the same snapshot, each logged to MLflow (except plain transformers) and
+answering ``complete(prompts, max_tokens)`` with greedy completions.
+
+Every contender's new tokens are counted as it generates (see counting.py): a call that made
+fewer (or more) than asked stops the run.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import pandas as pd
 import torch
 
 from benchmarks import tutorial_mpt
+from benchmarks.counting import exact_tokens
 from templated_llm.errors import TemplatedLLMError
 from templated_llm.model_logging.log import log_llm
 from templated_llm.plugins.attention import backends
@@ -21,16 +26,25 @@ from templated_llm.runtime.templates import PromptTemplate, find_template
 
 MODEL = "mpt-instruct"
 GREEDY = {"temperature": 0.0}
+# The request formats: each kind of contender takes its prompts and params its own way.
+TUTORIAL, PLAIN, FLAVOR, TEMPLATED = "tutorial", "plain", "flavor", "templated"
 
 
 @dataclass
 class Contender:
     name: str
     label: str
-    complete: Callable[[list[str], int], list[str]]
+    generate_texts: Callable[[list[str], int], list[str]]
+    model: Any  # the transformers model whose ``generate`` it calls
+    kind: str
     serial: bool  # generates one prompt at a time
     model_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def complete(self, prompts: list[str], max_tokens: int) -> list[str]:
+        """Greedy completions of ``max_tokens`` new tokens each, counted as they are generated."""
+        with exact_tokens(self.model, self.label, len(prompts), max_tokens):
+            return self.generate_texts(prompts, max_tokens)
 
 
 def _pins(*packages: str) -> list[str]:
@@ -38,7 +52,8 @@ def _pins(*packages: str) -> list[str]:
 
 
 def render(prompts: list[str]) -> list[str]:
-    """The text TemplatedLLM's MPT template makes of each prompt; fed as is to contenders 2 and 3."""
+    """The text TemplatedLLM's MPT template makes of each prompt; fed as is to plain transformers
+    and the transformers flavor."""
     template = PromptTemplate.from_file(find_template("mpt-instruct.jinja"))
     return [template.render(p) for p in prompts]
 
@@ -57,8 +72,8 @@ def tutorial(snapshot: Path) -> Contender:
             for p in prompts
         ]
 
-    return Contender("tutorial", "1. tutorial pyfunc", complete, serial=True,
-                     model_uri=info.model_uri)
+    return Contender("tutorial", "1. tutorial pyfunc", complete, model.unwrap_python_model().model,
+                     TUTORIAL, serial=True, model_uri=info.model_uri)
 
 
 def _first(prediction: Any) -> str:
@@ -66,42 +81,47 @@ def _first(prediction: Any) -> str:
     return str(candidates[0] if isinstance(candidates, list) else candidates.iloc[0])
 
 
-class PlainGenerate:
-    """Contender 2: transformers done right: batched, left-padded, KV cache on, eager attention."""
-
-    def __init__(self, snapshot: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(snapshot, padding_side="left")
-        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            snapshot, dtype=torch.float32, attn_implementation="eager").eval()
-
-    def tokens(self, texts: list[str], max_tokens: int) -> torch.Tensor:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            output = self.model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
-                                         use_cache=True, pad_token_id=self.tokenizer.pad_token_id)
-        return output[:, batch["input_ids"].shape[1]:]
-
-    def complete(self, prompts: list[str], max_tokens: int) -> list[str]:
-        return self.tokenizer.batch_decode(self.tokens(render(prompts), max_tokens),
-                                           skip_special_tokens=True)
+def generate_texts(model: Any, tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
+    """transformers done right: one batched, left-padded ``generate`` with the KV cache on."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        output = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def plain(snapshot: Path) -> Contender:
-    runner = PlainGenerate(snapshot)
-    return Contender("plain", "2. plain transformers", runner.complete, serial=False,
-                     extra={"runner": runner})
+    """Contender 2: AutoModelForCausalLM with eager attention and ``generate_texts``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(snapshot, padding_side="left")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        snapshot, dtype=torch.float32, attn_implementation="eager").eval()
+    return Contender("plain", "2. plain transformers",
+                     lambda prompts, n: generate_texts(model, tokenizer, render(prompts), n),
+                     model, PLAIN, serial=False)
 
 
-def transformers_flavor(snapshot: Path) -> Contender:
+def transformers_flavor(snapshot: Path, *, fair: bool) -> Contender:
+    """Contender 3: a ``text-generation`` pipeline logged with ``mlflow.transformers``.
+
+    As logged by default (``fair=False``) it generates with the snapshot's ``use_cache: false``,
+    one prompt at a time. The fair variant sets ``model_config`` to what the flavor allows: the
+    KV cache on and the pipeline batching a request's prompts.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    if fair:  # a batch needs left padding and a pad token
+        tokenizer.padding_side = "left"
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(snapshot),
-                         tokenizer=AutoTokenizer.from_pretrained(snapshot))
+                         tokenizer=tokenizer)
+    name = "transformers_flavor_fair" if fair else "transformers_flavor"
     info = mlflow.transformers.log_model(
-        transformers_model=generator, name="transformers-flavor", task="llm/v1/completions",
+        transformers_model=generator, name=name.replace("_", "-"), task="llm/v1/completions",
+        model_config={"use_cache": True, "batch_size": 64} if fair else None,
         # Explicit: inferring them imports torchvision, which this environment does not have.
         pip_requirements=_pins("mlflow", "torch", "transformers", "accelerate", "tokenizers"),
     )
@@ -113,30 +133,40 @@ def transformers_flavor(snapshot: Path) -> Contender:
         rows = model.predict(pd.DataFrame({"prompt": texts, "max_tokens": [max_tokens] * len(texts)}))
         return [row["choices"][0]["text"] for row in rows]
 
-    return Contender("transformers_flavor", "3. MLflow transformers flavor", complete,
-                     serial=True, model_uri=info.model_uri)
+    label = ("3. MLflow transformers flavor, cache on, batched" if fair
+             else "3. MLflow transformers flavor, as logged")
+    return Contender(name, label, complete, model.get_raw_model().model, FLAVOR, serial=not fair,
+                     model_uri=info.model_uri)
 
 
-def templated(snapshot: Path) -> tuple[list[Contender], dict[str, str]]:
-    """Contender 4, once per attention backend that logs and loads here; why the others do not."""
-    contenders, unavailable = [], {}
-    for backend in (entry.name for entry in backends()):
+def _templated(snapshot: Path, attention: str, label: str) -> Contender:
+    info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{attention}", attention=attention)
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+
+    def complete(prompts: list[str], max_tokens: int) -> list[str]:
+        return pyfunc.predict(prompts, params={**GREEDY, "max_tokens": max_tokens})["candidates"].tolist()
+
+    python_model = pyfunc.unwrap_python_model()
+    return Contender(f"templated_{python_model.attention}", label.format(python_model.attention),
+                     complete, python_model.model, TEMPLATED, serial=False,
+                     model_uri=info.model_uri, extra={"pyfunc": pyfunc})
+
+
+def templated(snapshot: Path) -> tuple[Contender, list[Contender], dict[str, str]]:
+    """Contender 4 as logged by default (``attention="auto"``), then once per other attention
+    backend that logs and loads here; why the others do not."""
+    default = _templated(snapshot, "auto", "4. TemplatedLLM, default (auto: {})")
+    others, unavailable = [], {}
+    for backend in (entry.name for entry in backends()):  # the attention table, without auto
+        if backend == default.name.removeprefix("templated_"):
+            continue
         try:
-            info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{backend}", attention=backend)
-            model = mlflow.pyfunc.load_model(info.model_uri)
+            contender = _templated(snapshot, backend, "4. TemplatedLLM ({})")
         except (TemplatedLLMError, ValueError, ImportError, RuntimeError) as exc:
             unavailable[backend] = str(exc).splitlines()[0]
             continue
-        in_use = model.unwrap_python_model().attention
-        if in_use != backend:
-            unavailable[backend] = f"log_llm accepted it but the model runs {in_use!r}"
+        if contender.name != f"templated_{backend}":
+            unavailable[backend] = f"log_llm accepted it but the model runs {contender.name!r}"
             continue
-
-        def complete(prompts: list[str], max_tokens: int, model=model) -> list[str]:
-            result = model.predict(prompts, params={**GREEDY, "max_tokens": max_tokens})
-            return result["candidates"].tolist()
-
-        contenders.append(Contender(f"templated_{backend}", f"4. TemplatedLLM ({backend})",
-                                    complete, serial=False, model_uri=info.model_uri,
-                                    extra={"pyfunc": model}))
-    return contenders, unavailable
+        others.append(contender)
+    return default, others, unavailable

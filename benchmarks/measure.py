@@ -9,11 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def interleaved_seconds(
+    runs: dict[str, Callable[[], object]], repeats: int, warm_up_seconds: dict[str, float] | None = None
+) -> dict[str, list[float]]:
     """Wall times of each run, ``repeats`` rounds after a warm-up round, the runs taking turns
-    (their order rotating every round) so that load from elsewhere hits them all alike."""
-    for run in runs.values():
+    (their order rotating every round) so that load from elsewhere hits them all alike.
+
+    The warm-up round pays what a first call pays once (compiling, allocating, caches); its
+    times go into ``warm_up_seconds`` when given, never into the timed rounds.
+    """
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()
+        if warm_up_seconds is not None:
+            warm_up_seconds[name] = time.perf_counter() - start
     names, times = list(runs), {name: [] for name in runs}
     for round_ in range(repeats):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
@@ -21,6 +30,17 @@ def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> 
             runs[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def cpu_time_shares(call: Callable[[], object]) -> dict[str, float]:
+    """Each operator's share of the self CPU time of one ``call`` (torch profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return {e.key: e.self_cpu_time_total / total for e in events}
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:

@@ -44,3 +44,8 @@ def prompts(count: int) -> list[str]:
         + " in simple words" * (i % 4) + f", example {i}."
         for i in range(count)
     ]
+
+
+def words(count: int) -> str:
+    """``count`` of the benchmark's words in a row, the same in every run: a long prompt."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in range(count))

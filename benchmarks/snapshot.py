@@ -15,7 +15,21 @@ def snapshot(settings: Settings, cache: Path) -> Path:
     if not (path / "config.json").is_file():
         build_tiny_mpt(path, d_model=settings.d_model, n_layers=settings.n_layers,
                        n_heads=settings.n_heads)
+    _never_end_early(path)
     return path
+
+
+def _never_end_early(path: Path) -> None:
+    """Suppress the end-of-text token in the snapshot's generation config.
+
+    Every contender's ``generate`` reads this config, so no row of any contender can end before
+    its ``max_tokens``: all do the same work, and tokens/s compares like with like. (A random
+    model may well pick the end token; the contenders count their tokens and fail if one did.)
+    """
+    file = path / "generation_config.json"
+    config = json.loads(file.read_text())
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def parameters(path: Path) -> int:

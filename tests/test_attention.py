@@ -98,6 +98,18 @@ def test_sdpa_prefill_with_left_padding_matches_eager_without_a_cache(eager, sdp
     assert (want - have)[real].abs().max().item() < TOLERANCE
 
 
+def test_sdpa_builds_each_query_runs_mask_only_over_the_keys_it_sees(sdpa):
+    alibi = sdpa.transformer.blocks[0].attn.alibi
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)[None, None]  # True = masked
+    chunks = alibi.chunk_masks(causal, torch.float32, size=4)
+    assert [(start, end, keys, tuple(mask.shape)) for start, end, keys, mask in chunks] == [
+        (0, 4, 4, (1, sdpa.config.n_heads, 4, 4)), (4, 8, 8, (1, sdpa.config.n_heads, 4, 8)),
+        (8, 10, 10, (1, sdpa.config.n_heads, 2, 10))]
+    # Each mask is its own tensor, not a view of one over every query and key.
+    assert all(mask.untyped_storage().nbytes() == mask.numel() * 4 for *_, mask in chunks)
+    alibi.release()
+
+
 @pytest.mark.skipif(attention_unavailable("triton", "cpu") is not None, reason="no C++ compiler")
 def test_triton_matches_eager_on_cpu(eager, tiny_snapshot):
     # flex_attention compiles once per shape, tens of seconds on CPU: one small example.
@@ -147,10 +159,8 @@ def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
     assert "attention 'auto' chose 'sdpa'" in caplog.text
 
 
-def test_an_explicit_backend_that_cannot_run_fails_naming_what_is_missing(tiny_snapshot, monkeypatch):
-    spec = get_model_spec("mpt-instruct")
-    with pytest.raises(AttentionUnavailableError, match="needs a CUDA GPU"):
-        hooks().select_attention(spec=spec, requested="flash", device="cpu", snapshot=None)
+def test_triton_on_cpu_without_a_compiler_fails_at_log_time_naming_what_is_missing(tiny_snapshot, monkeypatch):
+    # flash without CUDA: test_attention_generic.py, for this plugin and the core's defaults.
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(AttentionUnavailableError, match="C\\+\\+ compiler"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, attention="triton")

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl, register_plugin
 from templated_llm.model_logging.log import log_llm
+from templated_llm.plugins.manager import get_model_spec, hooks
 
 
 class TinyLlamaPlugin:
@@ -52,6 +53,9 @@ def test_a_backend_the_model_class_lacks_fails_at_log_time(fresh_plugins, tiny_s
         log_llm("tiny-llama", snapshot=tiny_snapshot, attention="sdpa")
 
 
-def test_flash_fails_at_log_time_without_cuda(tiny_llama, llama_snapshot):
-    with pytest.raises(AttentionUnavailableError, match="needs a CUDA GPU"):
-        log_llm("tiny-llama", snapshot=llama_snapshot, attention="flash")
+@pytest.mark.parametrize("model", ["mpt-instruct", "tiny-llama"])  # the MPT plugin's hook; the core's
+def test_flash_is_refused_on_cpu_naming_what_it_needs(tiny_llama, tiny_snapshot, llama_snapshot, model):
+    snapshot = tiny_snapshot if model == "mpt-instruct" else llama_snapshot
+    with pytest.raises(AttentionUnavailableError, match="'flash' needs a CUDA GPU; this process runs on 'cpu'"):
+        hooks().select_attention(spec=get_model_spec(model), requested="flash", device="cpu",
+                                 snapshot=snapshot)

@@ -32,19 +32,44 @@ class _HeldGenerate:
         return [f"{ids}@{params.max_tokens}" for ids in input_ids]
 
 
-def _run_while_held(requests: list[tuple[list[list[int]], GenerationParams]]):
+def _wait_for(condition, what: str) -> None:
+    for _ in range(6000):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _run_while_held(requests: list[tuple[list[list[int]], GenerationParams]], **batcher_options):
     """Submit one request, then the others while the first generates; return all results."""
     generate = _HeldGenerate()
-    batcher = MicroBatcher(generate, max_prompts=8)
+    batcher = MicroBatcher(generate, **batcher_options)
     with ThreadPoolExecutor(len(requests)) as pool:
         first = pool.submit(batcher.submit, *requests[0])
         assert generate.started.wait(timeout=30)
         rest = [pool.submit(batcher.submit, *r) for r in requests[1:]]
-        while len(batcher._waiting) < len(requests) - 1:  # every other request is queued
-            threading.Event().wait(0.01)
+        _wait_for(lambda: len(batcher._waiting) == len(requests) - 1, "every other request to queue")
         generate.release.set()
         futures = [first, *rest]
         return [f.exception() or f.result() for f in futures], generate.batches
+
+
+def _batches(batches: list[tuple[list[list[int]], GenerationParams]]) -> list[tuple[str, list]]:
+    """Batches as (params, rows sorted): the order of merged requests within one is free."""
+    return sorted((params.model_dump_json(), sorted(ids)) for ids, params in batches)
+
+
+def _merged(requests: list[tuple[list[list[int]], GenerationParams]]) -> list[tuple[str, list]]:
+    """The batches a run of ``_run_while_held`` must make: the first request alone (nothing else
+    waits when it starts), then one batch for every distinct params of the unseeded rest, and
+    every seeded request alone."""
+    first, *rest = requests
+    alone = [first, *((ids, params) for ids, params in rest if params.seed is not None)]
+    merged: dict[str, tuple[GenerationParams, list[list[int]]]] = {}
+    for ids, params in rest:
+        if params.seed is None:
+            merged.setdefault(params.model_dump_json(), (params, []))[1].extend(ids)
+    return _batches([*alone, *((ids, params) for params, ids in merged.values())])
 
 
 @settings(max_examples=20, deadline=None)
@@ -57,12 +82,9 @@ def test_every_request_gets_its_own_results_whatever_the_merging(requests):
     results, batches = _run_while_held(requests)
     for (input_ids, params), texts in zip(requests, results):
         assert texts == [f"{ids}@{params.max_tokens}" for ids in input_ids]
-    # No batch mixes params, a seeded request runs alone, and the queued rest merges.
-    distinct_unseeded = {p.model_dump_json() for _, p in requests[1:] if p.seed is None}
-    seeded = [r for r in requests if r[1].seed is not None]
-    assert len(batches) <= 1 + len(distinct_unseeded) * len(requests) + len(seeded)
-    assert sorted(ids for ids, p in batches if p.seed is not None) == sorted(ids for ids, _ in seeded)
-    assert sum(len(ids) for ids, _ in batches) == sum(len(ids) for ids, _ in requests)
+    # Exactly the merged batches: one generate call per distinct params of the queued unseeded
+    # requests, each seeded request alone. The inputs stay far below a merged batch's bound.
+    assert _batches(batches) == _merged(requests)
 
 
 def test_waiting_requests_with_equal_params_run_as_one_batch():
@@ -90,16 +112,33 @@ def test_a_failed_batch_fails_each_of_its_requests_and_no_other():
 def test_merged_batches_are_capped_but_a_big_request_is_never_split():
     requests = [([[1]], GREEDY), ([[i] for i in range(10)], GREEDY), ([[2]] * 3, GREEDY),
                 ([[3]] * 3, GREEDY)]
-    _, batches = _run_while_held(requests)
+    _, batches = _run_while_held(requests, max_prompts=8)
     assert sorted(len(b[0]) for b in batches) == [1, 6, 10]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 7])
-def test_concurrent_predicts_on_a_loaded_model_equal_serial_ones(loaded_model, max_tokens):
-    prompts = [f"Name {n} rivers" + " please" * n for n in range(8)]
+def test_concurrent_predicts_merge_and_get_the_results_of_serial_calls(loaded_model, monkeypatch, max_tokens):
+    prompts = [[f"Name {n} rivers" + " please" * n, "Hi", f"What is {n} plus {n}?"][: 1 + n % 3]
+               for n in range(8)]
     params = {"temperature": 0.0, "max_tokens": max_tokens}
-    serial = [loaded_model.predict([p], params=params)["candidates"].tolist() for p in prompts]
-    with ThreadPoolExecutor(8) as pool:
-        concurrent = list(pool.map(
-            lambda p: loaded_model.predict([p], params=params)["candidates"].tolist(), prompts))
+    serial = [loaded_model.predict(p, params=params)["candidates"].tolist() for p in prompts]
+    python_model = loaded_model.unwrap_python_model()
+    model, batcher = python_model.model, python_model._batcher
+    rows_per_generate, generate = [], model.generate
+
+    def first_call_held(*args, **kwargs):
+        rows_per_generate.append(kwargs["input_ids"].shape[0])
+        if len(rows_per_generate) == 1:  # the first batch runs once every other request waits
+            _wait_for(lambda: len(batcher._waiting) == len(prompts) - 1, "the other requests")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", first_call_held)
+    predict = lambda p: loaded_model.predict(p, params=params)["candidates"].tolist()  # noqa: E731
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        first = pool.submit(predict, prompts[0])
+        _wait_for(lambda: rows_per_generate, "the first generate call")
+        rest = [pool.submit(predict, p) for p in prompts[1:]]
+        concurrent = [f.result() for f in (first, *rest)]
     assert concurrent == serial
+    # The seven requests that waited ran as one batch on the real model.
+    assert rows_per_generate == [len(prompts[0]), sum(len(p) for p in prompts[1:])]

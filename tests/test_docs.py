@@ -97,6 +97,10 @@ def test_writing_a_plugin_end_to_end(tmp_path: Path) -> None:
     assert tests.returncode == 0, tests.stdout[-4000:]
     out = _run(_python(page), tmp_path, {}, python=python)
     assert out.startswith(shown[1])
+    # The template is the file the editable install ships: editing it changes what the model sees.
+    template = tmp_path / "templated-llm-vicuna" / "src" / "templated_llm_vicuna" / "vicuna.jinja"
+    template.write_text("USER: {{ prompt }} ASSISTANT:")
+    assert cli("render", "vicuna", "--prompt", "Hi") == "USER: Hi ASSISTANT:"
 
 
 @pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))

@@ -1,9 +1,6 @@
-"""A loaded model under hostile input and concurrent callers: limits, verbatim text, threads."""
+"""A loaded model under hostile input: limits checked before generation, user text verbatim."""
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pytest
@@ -60,9 +57,12 @@ def test_a_temperature_near_0_decodes_greedily(limited_model, temperature):
 
 hostile_text = st.one_of(
     st.text(),
-    st.lists(st.sampled_from(["{{", "}}", "{%", "%}", "{#", "#}", "\x00", "\x1b[2J", "\r", "\u2028",
-                              "\ufeff", "\u202e", "<|endoftext|>", "### Response:", "\\", "'", '"'])
-             ).map("".join),
+    # Template syntax, special tokens and control characters among arbitrary text.
+    st.lists(st.one_of(st.text(), st.sampled_from([
+        "{{", "}}", "{%", "%}", "{#", "#}", "{{ 7*7 }}", "{% for x in range(9) %}x{% endfor %}",
+        "{{ prompt }}", "\x00", "\x1b[2J", "\r", "\n", "\u2028", "\ufeff", "\u202e", "\u00e9",
+        "\u4e2d\u6587", "\U0001f600", "<|endoftext|>", "### Response:", "\\", "'", '"']))
+    ).map("".join),
     # What "text" decoded from arbitrary bytes looks like, minus lone surrogates (a 400 of its own).
     st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
     st.integers(1, 3000).map(lambda n: "{{ prompt }}" * n),
@@ -78,17 +78,3 @@ def test_user_text_reaches_the_model_verbatim_and_unevaluated(loaded_model, text
     before, _, after = python_model.render(["\0SENTINEL\0"])[0].partition("\0SENTINEL\0")
     assert rendered == before + text + after
 
-
-def test_8_threads_get_the_greedy_results_of_serial_calls(loaded_model):
-    prompts = [[f"Name {n} rivers.", "Hi", f"What is {n} plus {n}?"][: 1 + n % 3] for n in range(8)]
-    serial = [loaded_model.predict(p, params=GREEDY)["candidates"].tolist() for p in prompts]
-    start = threading.Barrier(8)
-
-    def call(n: int) -> list[list[str]]:
-        start.wait()  # all threads call predict at the same moment
-        return [loaded_model.predict(prompts[n], params=GREEDY)["candidates"].tolist()
-                for _ in range(3)]
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(call, range(8)))
-    assert results == [[expected] * 3 for expected in serial]

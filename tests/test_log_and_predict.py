@@ -56,20 +56,26 @@ def test_batched_predict_equals_row_by_row(loaded_model):
 def test_whole_batch_rows_go_through_one_generate_call_with_the_kv_cache(fallback_model, monkeypatch):
     loaded_model = fallback_model
     model = loaded_model.unwrap_python_model().model
-    calls, step_lengths = [], []
+    calls, step_lengths, logit_positions = [], [], []
     original = model.generate
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: step_lengths.append(kwargs["input_ids"].shape[1]),
-        with_kwargs=True,
-    )
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: step_lengths.append(kwargs["input_ids"].shape[1]),
+            with_kwargs=True),
+        model.lm_head.register_forward_pre_hook(lambda module, args: logit_positions.append(args[0].shape[1])),
+    ]
     try:
         loaded_model.predict(PROMPTS, params={"temperature": 0.0, "max_tokens": 5})
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert calls == [1]
     # The prompt is read once; every later step feeds one new token per row (cache on).
     assert step_lengths[0] > 1 and step_lengths[1:] == [1] * 4
+    # Logits only for each step's last position: a long prompt's prefill is not a vocabulary-
+    # sized product per token.
+    assert logit_positions == [1] * 5
 
 
 def test_temperature_zero_is_deterministic(loaded_model):
@@ -141,8 +147,12 @@ def test_the_logged_model_carries_signature_example_requirements_and_code(logged
     code = local / "code"
     assert (code / "templated_llm" / "runtime" / "pyfunc.py").is_file()
     assert (code / "templated_llm_mpt" / "__init__.py").is_file()
-    config = model.flavors["python_function"]["config"] if "config" in model.flavors["python_function"] else None
-    assert config is None or "model" in config
+    # What load_context reads to find the plugin and rebuild the model, as logged.
+    config = model.flavors["python_function"]["config"]
+    assert {k: config[k] for k in ("model", "plugin", "plugin_module", "attention", "pack_weights")} == {
+        "model": "mpt-instruct", "plugin": "mpt-instruct", "plugin_module": "templated_llm_mpt",
+        "attention": "auto", "pack_weights": True}
+    assert config["generation_defaults"]["max_tokens"] == 256
     weights = local / "artifacts" / "tiny-mpt" / "model.safetensors"
     assert weights.is_file() and not weights.is_symlink()
 
@@ -208,11 +218,9 @@ def test_a_missing_snapshot_directory_is_rejected_before_logging(tmp_path):
         log_llm("mpt-instruct", snapshot=tmp_path)
 
 
-def test_unsupported_attention_fails_at_log_time(tiny_snapshot):
+def test_an_unknown_attention_backend_fails_at_log_time(tiny_snapshot):
     from templated_llm import AttentionUnavailableError
 
-    with pytest.raises(AttentionUnavailableError, match="flash"):
-        log_llm("mpt-instruct", snapshot=tiny_snapshot, attention="flash")
     with pytest.raises(AttentionUnavailableError, match="choose one of"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, attention="fastest")
 

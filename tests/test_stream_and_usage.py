@@ -75,12 +75,23 @@ def test_closing_a_stream_early_frees_its_slot(loaded_model) -> None:
     assert engine.stats().tokens_generated - before < 200
 
 
-def test_closing_a_whole_batch_stream_early_frees_the_model(fallback_model) -> None:
-    stream = fallback_model.predict_stream(PROMPT, params={**GREEDY, "max_tokens": 200})
-    next(stream)
-    stream.close()
-    # The generation stopped and let go of the model: predict does not wait on it.
-    lock = fallback_model.unwrap_python_model()._batcher.lock
+def test_closing_a_whole_batch_stream_early_stops_the_generation_and_frees_the_model(fallback_model) -> None:
+    params = {**GREEDY, "max_tokens": 300}
+    usage = fallback_model.predict([PROMPT], params={**params, "return_usage": True})
+    assert usage["finish_reason"].tolist() == ["length"]  # left alone, it runs all 300 steps
+    python_model = fallback_model.unwrap_python_model()
+    steps = []
+    hook = python_model.model.register_forward_pre_hook(lambda *args: steps.append(1))
+    try:
+        stream = fallback_model.predict_stream(PROMPT, params=params)
+        next(stream)
+        stream.close()
+    finally:
+        hook.remove()
+    # close() returns once the generation thread has ended: it ended early, cancelled.
+    assert len(steps) < 300
+    # ... and let go of the model: predict does not wait on it.
+    lock = python_model._batcher.lock
     assert lock.acquire(timeout=30)
     lock.release()
 

@@ -16,8 +16,8 @@ class Alibi:
     def __init__(self, slopes: torch.Tensor, bias: torch.Tensor) -> None:
         self.slopes = slopes  # (n_heads,), float32
         self.bias = bias  # (n_heads, 1, max_len), float32
-        # What the forward pass under way built from its mask (the additive mask, the query
-        # chunks): the first block builds it and the others reuse it.
+        # What the forward pass under way built from its mask (the query chunks and their
+        # additive masks): the first block builds it and the others reuse it.
         self._pass: tuple[torch.Tensor, dict] | None = None
 
     @classmethod
@@ -33,31 +33,31 @@ class Alibi:
         """The bias of the last ``n_keys`` positions, shape (n_heads, 1, n_keys)."""
         return self.bias[:, :, self.bias.shape[-1] - n_keys :].to(dtype)
 
-    def additive_mask(self, masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """ALiBi plus a boolean mask (True = masked, shape (batch, 1, q, k)) as one float mask.
+    def chunk_masks(
+        self, masked: torch.Tensor, dtype: torch.dtype, size: int
+    ) -> list[tuple[int, int, int, torch.Tensor]]:
+        """``(start, end, keys, mask)`` for every run of ``size`` queries: no query of the run sees
+        a key at or after ``keys`` (under a causal mask early queries see few), and ``mask`` is
+        ALiBi plus ``masked`` (True = masked, shape (batch, 1, q, k)) as one float mask over those
+        queries and keys only: what no query sees is never built.
 
         Masked positions get the dtype's minimum, not -inf, like eager: a row with every key
         masked (a padding query) then averages instead of turning into NaN, which would reach
         real tokens through the values. Built once per forward pass; see :meth:`release`.
         """
         state = self._state(masked)
-        if "additive" not in state:
-            bias = self.for_keys(masked.shape[-1], dtype)
-            state["additive"] = bias.masked_fill(masked, torch.finfo(dtype).min)
-        return state["additive"]
-
-    def query_chunks(self, masked: torch.Tensor, size: int) -> list[tuple[int, int, int]]:
-        """``(start, end, keys)`` for every run of ``size`` queries: no query of the run sees a
-        key at or after ``keys`` (under a causal mask early queries see few). Once per pass."""
-        state = self._state(masked)
         if "chunks" not in state:
+            bias = self.for_keys(masked.shape[-1], dtype)
+            lowest = torch.finfo(dtype).min
             visible = (~masked[:, 0]).any(dim=0)  # (q, kv): seen by some row of the batch
             chunks = []
             for start in range(0, visible.shape[0], size):
                 end = min(start + size, visible.shape[0])
                 seen = visible[start:end].any(dim=0).nonzero()
                 # A run of padding queries sees nothing; one key keeps its output finite.
-                chunks.append((start, end, int(seen[-1]) + 1 if len(seen) else 1))
+                keys = int(seen[-1]) + 1 if len(seen) else 1
+                mask = bias[..., :keys].masked_fill(masked[..., start:end, :keys], lowest)
+                chunks.append((start, end, keys, mask))
             state["chunks"] = chunks
         return state["chunks"]
 

@@ -24,18 +24,16 @@ PREFILL_CHUNK = 256
 
 
 def sdpa(q, k, v, masked, alibi: Alibi, scale: float) -> torch.Tensor:
-    # ALiBi and the mask travel as one additive float mask; SDPA fuses the rest.
-    mask = alibi.additive_mask(masked, q.dtype)
-    # A float mask stops SDPA from skipping keys no query can see, so each run of queries reads
-    # the keys only up to the last one it can see: a decode step skips the static cache's
+    # ALiBi and the mask travel as one additive float mask; SDPA fuses the rest. A float mask
+    # stops SDPA from skipping keys no query can see, so each run of queries reads the keys (and
+    # builds its mask) only up to the last one it can see: a decode step skips the static cache's
     # unfilled slots (half of them on average), and a long prefill most of the causal mask's
     # upper triangle (a 1024-token prompt: -35%).
     outputs = [
         F.scaled_dot_product_attention(
-            q[..., start:end, :], k[..., :keys, :], v[..., :keys, :],
-            attn_mask=mask[..., start:end, :keys], scale=scale,
+            q[..., start:end, :], k[..., :keys, :], v[..., :keys, :], attn_mask=mask, scale=scale
         )
-        for start, end, keys in alibi.query_chunks(masked, PREFILL_CHUNK)
+        for start, end, keys, mask in alibi.chunk_masks(masked, q.dtype, PREFILL_CHUNK)
     ]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 

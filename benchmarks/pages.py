@@ -1,0 +1,71 @@
+"""The parts of the docs that show benchmark figures, generated from ``latest.json``.
+
+No figure in the docs is copied by hand: each sits in a block between ``<!-- generated: NAME -->``
+and ``<!-- end generated -->``, NAME one of :data:`SECTIONS`, rewritten from the results.
+``python -m benchmarks`` does it after a run into ``benchmarks/results``;
+``python -m benchmarks.pages`` does it from the ``latest.json`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import markdown
+
+REPO = Path(__file__).resolve().parents[1]
+LATEST = REPO / "benchmarks" / "results" / "latest.json"
+PAGES = (REPO / "docs" / "benchmarks.md", REPO / "docs" / "scaling.md")
+_BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n).*?(<!-- end generated -->)", re.DOTALL)
+
+
+def _scaling_example(results: dict[str, Any]) -> str:
+    """Spark sizing worked out from the headline's tokens/s."""
+    headline = results["contenders"][results["headline"]]
+    rate, s = headline["tokens_per_s"], results["settings"]
+    hours = 1e6 * s["new_tokens"] / (50 * rate * 3600)
+    return (f"Worked example with the reference run ({results['snapshot']['parameters'] / 1e6:.0f}M-parameter "
+            f"MPT, {results['machine']['cpus']} CPU cores: see [benchmarks.md](benchmarks.md)): one copy of "
+            f"{headline['label'].split('. ', 1)[1]} generated {rate:.0f} tokens/s on batches of "
+            f"{s['prompts']} prompts; 1,000,000 prompts of {s['new_tokens']} new tokens on 50 such copies "
+            f"take 1e6 * {s['new_tokens']} / (50 * {rate:.0f} * 3600) = {hours:.1f} hours.\n")
+
+
+def _replicas_example(results: dict[str, Any]) -> str:
+    """Replica count worked out from the headline's served requests/s."""
+    served, s = results["details"]["served"][results["headline"]], results["settings"]
+    rate = served["requests_per_s"]
+    return (f"In the reference run one replica (one worker, {results['machine']['cpus']} CPU cores) served "
+            f"{rate:.2f} requests/s of {s['serve_tokens']} new tokens under {s['clients']} concurrent "
+            f"clients, so 20 requests/s of the same size need `replicas(20, {rate:.2f})` = "
+            f"{math.ceil(20 / (rate * 0.7))} replicas.\n")
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "benchmark-results": markdown,
+    "scaling-example": _scaling_example,
+    "replicas-example": _replicas_example,
+}
+
+
+def render(text: str, results: dict[str, Any]) -> str:
+    """``text`` with every generated block rewritten from ``results``."""
+    def block(match: re.Match) -> str:
+        if match.group(2) not in SECTIONS:
+            raise ValueError(f"unknown generated block {match.group(2)!r}; known: {sorted(SECTIONS)}")
+        return match.group(1) + SECTIONS[match.group(2)](results) + match.group(3)
+
+    return _BLOCK.sub(block, text)
+
+
+def update(results: dict[str, Any]) -> None:
+    for page in PAGES:
+        page.write_text(render(page.read_text(), results))
+
+
+if __name__ == "__main__":
+    update(json.loads(LATEST.read_text()))
