@@ -16,6 +16,7 @@ raises fails only the sequences in it; the loop goes on.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -84,7 +85,9 @@ class Engine:
 
 class _Scheduler:
     def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter, config: EngineConfig) -> None:
-        self.tokenizer, self.adapter = tokenizer, adapter
+        # A copy of its own: request threads encode with the shared tokenizer, and a Rust
+        # tokenizer used from two threads at once fails ("Already borrowed").
+        self.tokenizer, self.adapter = copy.deepcopy(tokenizer), adapter
         self.end_ids = _end_ids(model.generation_config, tokenizer)
         device = str(adapter.device)
         per_token = SlotCache.bytes_per_token(adapter.layers, adapter.kv_heads, adapter.head_dim,

@@ -132,10 +132,13 @@ class Sequence:
         start of a stop string (the pieces join to ``result().text``). Closing the iterator
         before the end cancels the sequence."""
         self._state.streaming = True
+        ended = False
         try:
             yield from held_back_at_stop(self._deltas(), self._state.params.stop)
+            ended = True  # at a stop string the engine ends the sequence itself, as "stop"
         finally:
-            self.cancel()
+            if not ended:
+                self.cancel()
 
     def _deltas(self) -> Iterator[str]:
         while (delta := self._state.deltas.get()) is not _END:

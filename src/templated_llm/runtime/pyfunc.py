@@ -167,7 +167,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
 def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:
     # Closing this closes the sequence's stream, which cancels it in the engine.
     yield from sequence.stream()
-    yield sequence.completion
+    # The text can end (at a stop string) a step before the engine has ended the sequence.
+    yield sequence.result()
 
 
 def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
