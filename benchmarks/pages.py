@@ -3,7 +3,8 @@
 No figure in the docs is copied by hand: each sits in a block between ``<!-- generated: NAME -->``
 and ``<!-- end generated -->``, NAME one of :data:`SECTIONS`, rewritten from the results.
 ``python -m benchmarks`` does it after a run into ``benchmarks/results``;
-``python -m benchmarks.pages`` does it from the ``latest.json`` there.
+``python -m benchmarks.pages`` does it from the ``latest.json`` there (and rewrites ``latest.md``
+and ``latest.png`` from it too).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import markdown
+from benchmarks.report import markdown, write
 
 REPO = Path(__file__).resolve().parents[1]
 LATEST = REPO / "benchmarks" / "results" / "latest.json"
 PAGES = (REPO / "docs" / "benchmarks.md", REPO / "docs" / "scaling.md")
 _BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n).*?(<!-- end generated -->)", re.DOTALL)
+
+
+def _machine(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    return f"{m['cpus']} CPU cores, {m['torch_threads']} torch thread(s) per process"
 
 
 def _scaling_example(results: dict[str, Any]) -> str:
@@ -29,7 +35,7 @@ def _scaling_example(results: dict[str, Any]) -> str:
     rate, s = headline["tokens_per_s"], results["settings"]
     hours = 1e6 * s["new_tokens"] / (50 * rate * 3600)
     return (f"Worked example with the reference run ({results['snapshot']['parameters'] / 1e6:.0f}M-parameter "
-            f"MPT, {results['machine']['cpus']} CPU cores: see [benchmarks.md](benchmarks.md)): one copy of "
+            f"MPT, {_machine(results)}: see [benchmarks.md](benchmarks.md)): one copy of "
             f"{headline['label'].split('. ', 1)[1]} generated {rate:.0f} tokens/s on batches of "
             f"{s['prompts']} prompts; 1,000,000 prompts of {s['new_tokens']} new tokens on 50 such copies "
             f"take 1e6 * {s['new_tokens']} / (50 * {rate:.0f} * 3600) = {hours:.1f} hours.\n")
@@ -39,7 +45,7 @@ def _replicas_example(results: dict[str, Any]) -> str:
     """Replica count worked out from the headline's served requests/s."""
     served, s = results["details"]["served"][results["headline"]], results["settings"]
     rate = served["requests_per_s"]
-    return (f"In the reference run one replica (one worker, {results['machine']['cpus']} CPU cores) served "
+    return (f"In the reference run one replica (one worker, {_machine(results)}) served "
             f"{rate:.2f} requests/s of {s['serve_tokens']} new tokens under {s['clients']} concurrent "
             f"clients, so 20 requests/s of the same size need `replicas(20, {rate:.2f})` = "
             f"{math.ceil(20 / (rate * 0.7))} replicas.\n")
@@ -68,4 +74,7 @@ def update(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    update(json.loads(LATEST.read_text()))
+    # The results' Markdown and chart, then the docs, from latest.json as it is.
+    latest = json.loads(LATEST.read_text())
+    write(latest, LATEST.parent)
+    update(latest)

@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end in its tiny configuration (no timings asserted)."""
+"""The benchmark harnesses run end to end in their tiny configuration (no timings asserted), counts
+every contender's tokens, and the docs show the figures of the reference results."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import GenerationConfig
 
+from benchmarks import pages
+from benchmarks.counting import TokenShortfall, exact_tokens
 from benchmarks.report import FIGURE_IDS
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,7 @@ def _smoke_run(module: str, tmp_path: Path, result: str) -> dict:
     return json.loads((tmp_path / "results" / result).read_text())
 
 
+@pytest.mark.slow
 def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
     results = _smoke_run("benchmarks", tmp_path, "latest.json")
     assert set(results["figures"]) == set(FIGURE_IDS)
@@ -37,14 +41,19 @@ def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
         else:
             assert math.isfinite(entry["value"]) and entry["value"] >= 0, key
             assert isinstance(entry["met"], bool) and entry["target"], key
-    assert {"tutorial", "plain", "transformers_flavor", "templated_eager"} <= set(results["contenders"])
-    assert all(c["tokens_per_s"] > 0 for c in results["contenders"].values())
+    assert {"tutorial", "plain", "transformers_flavor", "transformers_flavor_fair", "templated_sdpa",
+            "templated_eager"} <= set(results["contenders"])
+    assert results["headline"] == "templated_sdpa"  # what log_llm's default, auto, runs on CPU
+    assert set(results["templated_backends_unavailable"]) == {"flash"}  # without a GPU
+    assert all(c["tokens_per_s"] > 0 and c["warm_up_seconds"] > 0 for c in results["contenders"].values())
+    assert results["machine"]["cpu_model"] and results["machine"]["load_average_end"]
     assert results["figures"]["loads_during_log"]["value"] == 0
     table = (tmp_path / "results" / "latest.md").read_text()
     assert all(entry["description"] in table for entry in results["figures"].values())
     assert (tmp_path / "results" / "latest.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_the_mixed_workload_smoke_run_reports_every_contender(tmp_path):
     results = _smoke_run("benchmarks.mixed", tmp_path, "mixed.json")
     assert set(results["contenders"]) == {"engine_mpt", "micro_batcher_mpt", "engine_llama",
@@ -54,6 +63,7 @@ def test_the_mixed_workload_smoke_run_reports_every_contender(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
 
 
+@pytest.mark.slow
 def test_the_serving_smoke_run_measures_every_contender_without_errors(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.serving", "--smoke", "--out", str(tmp_path / "results"),
@@ -70,3 +80,34 @@ def test_the_serving_smoke_run_measures_every_contender_without_errors(tmp_path)
     assert all(f["value"] is not None for f in results["figures"])
     table = (tmp_path / "results" / "serving.md").read_text()
     assert all(f["figure"] in table for f in results["figures"])
+
+
+class _Generating:
+    """A stand-in model whose generate returns ``new`` rows of new tokens after the prompt."""
+
+    def __init__(self, new: list[list[int]]) -> None:
+        self.new = new
+        self.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0)
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor(self.new)], dim=1)
+
+
+def test_a_contender_that_generates_fewer_tokens_than_asked_stops_the_run():
+    ended_early = _Generating([[5, 6, 7], [5, 0, 0]])  # the second row hit the end token
+    with pytest.raises(TokenShortfall, match=r"generated \[3, 1\] new tokens .* 3 were asked"):
+        with exact_tokens(ended_early, "contender", rows=2, max_tokens=3):
+            ended_early.generate(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TokenShortfall), exact_tokens(ended_early, "contender", rows=1, max_tokens=3):
+        pass  # no generate call at all
+    complete = _Generating([[5, 6, 7], [8, 9, 10]])
+    with exact_tokens(complete, "contender", rows=2, max_tokens=3):
+        complete.generate(torch.ones(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("page", pages.PAGES, ids=lambda p: p.name)
+def test_the_docs_show_the_figures_of_the_reference_results(page):
+    # Regenerate with `python -m benchmarks.pages` (a full `python -m benchmarks` run does it).
+    text = page.read_text()
+    assert "<!-- generated: " in text
+    assert text == pages.render(text, json.loads(pages.LATEST.read_text()))
