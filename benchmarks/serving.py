@@ -30,6 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Every server waits this long for a request (MLflow's default is 60 s): a run measures how fast
+# they serve, not which gives up first.
+_TIMEOUT = 3600
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,15 +104,19 @@ def _servers(mpt: Path, llama: Path, settings: ServingSettings) -> Iterator[dict
     from templated_llm.model_logging.log import log_llm
 
     cli = [sys.executable, "-m", "templated_llm.cli", "serve"]
+    patient = ["--request-timeout", str(_TIMEOUT)]
     commands = {
-        "templated_mpt": (cli + [log_llm("mpt-instruct", snapshot=mpt, name="bench-mpt").model_uri], "/ping"),
-        "templated_llama": (cli + [log_llm("hf-chat", snapshot=llama, name="bench-llama").model_uri], "/ping"),
+        "templated_mpt": (cli + [log_llm("mpt-instruct", snapshot=mpt, name="bench-mpt").model_uri, *patient],
+                          "/ping"),
+        "templated_llama": (cli + [log_llm("hf-chat", snapshot=llama, name="bench-llama").model_uri, *patient],
+                            "/ping"),
         "mlflow_flavor": (cli + [_mlflow_flavor(llama), "--mlflow-only"], "/ping"),
         "transformers_serve": ([str(Path(sys.executable).parent / "transformers"), "serve", str(llama),
                                 "--continuous-batching", "--cb-num-blocks", str(_kv_blocks(settings)),
                                 "--device", "cpu", "--host", "127.0.0.1"], "/health"),
     }
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(_TIMEOUT)}
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, (command, ready) in commands.items():
