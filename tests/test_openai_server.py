@@ -264,7 +264,8 @@ def test_metrics_count_requests_tokens_and_stream_latency(server, client):
         assert name in text
     # The engine's own figures, read from its stats.
     for name in ("templated_llm_engine_running", "templated_llm_engine_waiting",
-                 "templated_llm_engine_cache_tokens_used", "templated_llm_engine_tokens_generated"):
+                 "templated_llm_engine_cache_tokens_used", "templated_llm_engine_tokens_generated",
+                 "templated_llm_engine_time_to_first_token_p50"):
         assert name in text
 
 
