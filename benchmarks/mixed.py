@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.contenders import PlainGenerate
+    from benchmarks.contenders import plain as plain_transformers
     from benchmarks.measure import interleaved_seconds, median_ratio
     from benchmarks.settings import prompts
     from templated_llm.engine import EngineConfig
@@ -233,13 +233,12 @@ def run(args: argparse.Namespace) -> dict:
     results["transformers_cb_on_mpt"] = _cb_on_mpt(snapshots["mpt"])
 
     _say("16 x 128 greedy batch: engine against plain transformers, taking turns")
-    plain = PlainGenerate(snapshots["mpt"])
+    plain = plain_transformers(snapshots["mpt"])  # renders the prompts with the same MPT template
     texts = prompts(args.batch_prompts)
-    rendered = [mpt_engine.render([t])[0] for t in texts]
     greedy = {"temperature": 0.0, "max_tokens": args.batch_tokens}
     seconds = interleaved_seconds({
         "engine": lambda: mpt_engine.predict(None, texts, params=greedy),
-        "plain": lambda: plain.tokens(rendered, args.batch_tokens),
+        "plain": lambda: plain.generate_texts(texts, args.batch_tokens),
     }, args.repeats)
     results["batch"] = {"seconds": seconds, "engine_over_plain": median_ratio(seconds["plain"], seconds["engine"])}
 
