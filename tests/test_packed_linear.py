@@ -98,3 +98,17 @@ def test_log_llm_packs_on_cpu_unless_told_not_to(tiny_snapshot, pack_weights):
     # By name: the loaded model runs the copy of templated_llm it carries, not this import.
     expected = "PackedLinear" if pack_weights else "Linear"
     assert type(model.transformer.blocks[0].ffn.up_proj).__name__ == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_weights_in_anonymous_memory_holds_one_copy_at_a_time():
+    # Weights converted at load live in anonymous memory, not in a file mapping: each original
+    # must be freed as soon as its packed copy exists, not when every layer is packed.
+    from benchmarks.measure import current_rss, peak_rss, reset_peak_rss
+
+    layers = nn.Sequential(*(nn.Linear(1024, 1024, bias=False) for _ in range(12))).eval()
+    total = sum(layer.weight.nbytes for layer in layers)
+    reset_peak_rss()
+    before = current_rss()
+    assert pack_linear_layers(layers) == 12
+    assert peak_rss() - before < total / 3
