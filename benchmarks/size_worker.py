@@ -55,8 +55,9 @@ class _Plain:
     def steps(self, texts: list[str], new_tokens: int) -> int:
         batch = self.tokenizer(render(texts), return_tensors="pt", padding=True)
         with torch.inference_mode():
+            # The KV cache on, as contenders.generate_texts: MPT checkpoints ship use_cache false.
             output = self.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
-                                         pad_token_id=self.tokenizer.pad_token_id)
+                                         use_cache=True, pad_token_id=self.tokenizer.pad_token_id)
         return output.shape[1] - batch["input_ids"].shape[1]
 
 
