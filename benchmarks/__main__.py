@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the mixed workload of arriving requests (python -m benchmarks.mixed)")
     p.add_argument("--size", choices=["mpt-7b", "mpt-7b-scaled", "25m", "smoke"],
                    help="instead: the model at real size in the dtype auto picks, against plain "
-                        "transformers and the memory bandwidth limit (mpt-7b: 40 GB of disk, 16 GiB "
+                        "transformers and the memory bandwidth limit (mpt-7b: 40 GB of disk, 18 GB "
                         "of free memory; see benchmarks/full_size.py)")
     p.add_argument("--d-model", type=int, default=d.d_model, help=f"hidden size (default {d.d_model})")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help=f"blocks (default {d.n_layers}: ~25M parameters)")

@@ -10,7 +10,7 @@ reduction over a tensor far larger than the caches) gives the physical limit of 
 every step reads every weight once, so tokens/s <= bandwidth / weight bytes.
 
 Sizes: ``mpt-7b`` (mosaicml/mpt-7b-instruct's exact configuration, built once as bf16 ``.bin``
-shards like the Hub's; about 40 GB of free disk and 16 GiB of free memory) with the 25M model in
+shards like the Hub's; about 40 GB of free disk and 18 GB of free memory) with the 25M model in
 bf16 and float32; ``mpt-7b-scaled`` (the same architecture and layout at d_model 1024 and 8 layers,
 0.3 GB); ``25m`` (the 25M model alone); ``smoke`` (tiny, checks the harness).
 """
