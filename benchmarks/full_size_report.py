@@ -62,10 +62,13 @@ def _contender_rows(section: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], heading: str = "#") -> str:
+    """The run as Markdown: its title at ``heading``'s level (``""``: no title), each section's
+    one level below."""
     m, bandwidth = results["machine"], results["memory_bandwidth"]
+    title = [f"{heading} `python -m benchmarks --size {results['size']}`", ""] if heading else []
     lines = [
-        f"# `python -m benchmarks --size {results['size']}`", "",
+        *title,
         f"CPU: {m['cpu_model']} (flags: {bf16_flags(m['cpu_flags'])}); "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads; torch {m['torch']}, transformers "
         f"{m['transformers']}; {m['date']}; load average {', '.join(f'{x:.1f}' for x in m['load_average'])}.",
@@ -78,7 +81,7 @@ def markdown(results: dict[str, Any]) -> str:
     for section in results["sections"]:
         verdicts = "; ".join(f"{dtype}: {verdict}" for dtype, verdict in section["memory_check"].items())
         lines += [
-            "", f"## {section['title']}", "",
+            "", f"{heading or '####'}{'#' if heading else ''} {section['title']}", "",
             f"{section['parameters'] / 1e6:,.1f}M parameters; `auto` chose **{section['auto']['chose']}** "
             f"({section['auto']['reason']}). Memory check on this machine: {verdicts}.", "",
             *_contender_rows(section), "", *_figure_rows(section, results["targets"]),

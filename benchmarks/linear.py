@@ -96,6 +96,14 @@ def markdown(rows: list[dict[str, Any]], d_model: int) -> str:
     return "\n".join(lines)
 
 
+def report(results: dict[str, Any]) -> str:
+    """The table and the machine it ran on."""
+    m = results["machine"]
+    return (markdown(results["rows"], results["d_model"]) + f"\n\nCPU: {m['cpu_model']} (flags: "
+            f"{bf16_flags(m['cpu_flags'])}); {m['torch_threads']} torch thread(s); torch {m['torch']}; "
+            f"{m['date']}; load average {m['load_average'][0]:.1f}.\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.linear", description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=1024, help="hidden size (default 1024; mpt-7b: 4096)")
@@ -105,14 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(args.d_model, args.repeats)
-    recorded = machine("")
-    print(markdown(rows, args.d_model))
-    print(f"\nCPU: {recorded['cpu_model']}; {bf16_flags(recorded['cpu_flags'])}; "
-          f"{recorded['torch_threads']} threads, torch {recorded['torch']}")
+    results = {"d_model": args.d_model, "machine": machine(""), "rows": measure(args.d_model, args.repeats)}
+    print(report(results))
     if args.out:
-        args.out.write_text(json.dumps({"d_model": args.d_model, "machine": recorded, "rows": rows},
-                                       indent=2) + "\n")
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
