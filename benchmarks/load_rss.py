@@ -6,7 +6,8 @@ of predict's arguments ``{"input": ..., "params": ...}``; prints one JSON line.
 The model is loaded (and predicts) twice. The first round also pays what any model costs once per
 process (imports done lazily, library caches); the second, after the first model is gone, is what
 this model costs: it is the figure. Both are reported, with the load's wall time, as ratios to the
-bytes of the weights at the dtype the model loaded in.
+bytes of the weights at the dtype the model loaded in, and for TemplatedLLM the KV cache its
+engine allocates at load (``engine_cache_bytes``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,29 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import torch
+from mlflow.exceptions import MlflowException
 
 from benchmarks.measure import current_rss, peak_rss, reset_peak_rss
 from templated_llm.runtime.device import checkpoint_dtype
 from templated_llm.runtime.memory import weight_bytes
+
+
+def _engine_cache_bytes(model: mlflow.pyfunc.PyFuncModel) -> int:
+    """The KV cache a TemplatedLLM's engine allocated at load (keys and values of every slot);
+    0 for a model without one."""
+    try:
+        python_model = model.unwrap_python_model()
+    except MlflowException:  # not a PythonModel (the transformers flavor)
+        return 0
+    engine = getattr(python_model, "engine", None)
+    if engine is None:
+        return 0
+    # Imported once loaded: the model's own copy of templated_llm (its code_paths) is the one.
+    from templated_llm.engine import SlotCache
+
+    config = python_model.model.config
+    return engine.config.max_cache_tokens * SlotCache.bytes_per_token(
+        config.n_layers, config.n_heads, config.d_model // config.n_heads, python_model.model.dtype)
 
 
 def _round(model_uri: str, request: dict) -> dict:
@@ -36,10 +56,11 @@ def _round(model_uri: str, request: dict) -> dict:
     dtype = _dtype(model)
     model.predict(request["input"], params=request.get("params"))
     predict = peak_rss() - before
+    cache = _engine_cache_bytes(model)
     del model
     gc.collect()
     return {"load_peak_bytes": load, "load_and_predict_peak_bytes": predict,
-            "load_seconds": seconds, "dtype": dtype}
+            "load_seconds": seconds, "dtype": dtype, "engine_cache_bytes": cache}
 
 
 def _dtype(model) -> str | None:
