@@ -99,17 +99,17 @@ def generate_texts(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def plain(snapshot: Path) -> Contender:
+def plain(snapshot: Path, dtype: torch.dtype = torch.float32) -> Contender:
     """Contender 2: AutoModelForCausalLM with eager attention and ``generate_texts``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(snapshot, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        snapshot, dtype=torch.float32, attn_implementation="eager").eval()
+        snapshot, dtype=dtype, attn_implementation="eager").eval()
     return Contender("plain", "2. plain transformers",
                      lambda prompts, n: generate_texts(model, tokenizer, render(prompts), n),
-                     model, generate_spy(model), PLAIN, serial=False)
+                     model, generate_spy(model), PLAIN, serial=False, extra={"tokenizer": tokenizer})
 
 
 def transformers_flavor(snapshot: Path, *, fair: bool) -> Contender:

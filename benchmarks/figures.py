@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,15 @@ def log_versus_copy(snapshot: Path, settings: Settings) -> dict[str, Any]:
             "ratio": median_ratio(times["log"], times["copy"])}
 
 
-def loads_during_log(snapshot: Path) -> int:
-    """Models loaded while logging: calls of from_pretrained and of the pyfunc's load_context."""
+@contextlib.contextmanager
+def counted_loads() -> Iterator[list[str]]:
+    """The models loaded inside the block: calls of from_pretrained and of the pyfunc's
+    load_context, one name each in the list yielded."""
     from transformers import PreTrainedModel
 
     from templated_llm.runtime.pyfunc import TemplatedLLM
 
-    calls = []
+    calls: list[str] = []
     original_from_pretrained = PreTrainedModel.from_pretrained.__func__
     original_load_context = TemplatedLLM.load_context
 
@@ -156,10 +159,16 @@ def loads_during_log(snapshot: Path) -> int:
     PreTrainedModel.from_pretrained = classmethod(counted_from_pretrained)
     TemplatedLLM.load_context = counted_load_context
     try:
-        log_llm(MODEL, snapshot=snapshot, name="counted")
+        yield calls
     finally:
         PreTrainedModel.from_pretrained = classmethod(original_from_pretrained)
         TemplatedLLM.load_context = original_load_context
+
+
+def loads_during_log(snapshot: Path) -> int:
+    """Models loaded while logging (see :func:`counted_loads`)."""
+    with counted_loads() as calls:
+        log_llm(MODEL, snapshot=snapshot, name="counted")
     return len(calls)
 
 

@@ -5,7 +5,8 @@ of predict's arguments ``{"input": ..., "params": ...}``; prints one JSON line.
 
 The model is loaded (and predicts) twice. The first round also pays what any model costs once per
 process (imports done lazily, library caches); the second, after the first model is gone, is what
-this model costs: it is the figure. Both are reported, and for TemplatedLLM the KV cache its
+this model costs: it is the figure. Both are reported, with the load's wall time, as ratios to the
+bytes of the weights at the dtype the model loaded in, and for TemplatedLLM the KV cache its
 engine allocates at load (``engine_cache_bytes``).
 """
 
@@ -14,12 +15,16 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlflow.pyfunc
+import torch
 from mlflow.exceptions import MlflowException
 
-from benchmarks.measure import current_rss, peak_rss, reset_peak_rss, weight_bytes
+from benchmarks.measure import current_rss, peak_rss, reset_peak_rss
+from templated_llm.runtime.device import checkpoint_dtype
+from templated_llm.runtime.memory import weight_bytes
 
 
 def _engine_cache_bytes(model: mlflow.pyfunc.PyFuncModel) -> int:
@@ -40,24 +45,38 @@ def _engine_cache_bytes(model: mlflow.pyfunc.PyFuncModel) -> int:
         config.n_layers, config.n_heads, config.d_model // config.n_heads, python_model.model.dtype)
 
 
-def _round(model_uri: str, request: dict) -> dict[str, int]:
+def _round(model_uri: str, request: dict) -> dict:
     gc.collect()
     reset_peak_rss()
     before = current_rss()
+    start = time.perf_counter()
     model = mlflow.pyfunc.load_model(model_uri)
+    seconds = time.perf_counter() - start
     load = peak_rss() - before
+    dtype = _dtype(model)
     model.predict(request["input"], params=request.get("params"))
     predict = peak_rss() - before
     cache = _engine_cache_bytes(model)
     del model
     gc.collect()
-    return {"load_peak_bytes": load, "load_and_predict_peak_bytes": predict, "engine_cache_bytes": cache}
+    return {"load_peak_bytes": load, "load_and_predict_peak_bytes": predict,
+            "load_seconds": seconds, "dtype": dtype, "engine_cache_bytes": cache}
+
+
+def _dtype(model) -> str | None:
+    """The dtype a TemplatedLLM or the tutorial pyfunc loaded in; ``None`` for other flavors."""
+    try:
+        return str(model.unwrap_python_model().model.dtype).removeprefix("torch.")
+    except Exception:  # noqa: BLE001 - the transformers flavor has no python model
+        return None
 
 
 def main(model_uri: str, snapshot: str, request: dict) -> None:
-    weights = weight_bytes(Path(snapshot))
     first = _round(model_uri, request)
     second = _round(model_uri, request)
+    snapshot = Path(snapshot)
+    dtype = second["dtype"] or checkpoint_dtype(snapshot) or "float32"
+    weights = weight_bytes(snapshot, getattr(torch, dtype))
     print(json.dumps({
         "weights_bytes": weights,
         "first_load_in_process": first,

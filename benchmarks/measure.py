@@ -71,3 +71,14 @@ def peak_rss() -> int:
 
 def weight_bytes(snapshot: Path) -> int:
     return sum(f.stat().st_size for f in snapshot.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+# The CPU flags (/proc/cpuinfo) that decide whether bfloat16 is computed natively: x86's AMX and
+# AVX512-BF16, Arm's BF16; AVX-512 for float32.
+_BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "bf16")
+
+
+def bf16_flags(cpu_flags: list[str]) -> str:
+    """Which of the flags that matter for bfloat16 the CPU has, as one line."""
+    found = [flag for flag in _BF16_FLAGS if flag in cpu_flags]
+    return " ".join(found) or "none of " + " ".join(_BF16_FLAGS)

@@ -51,10 +51,41 @@ def _replicas_example(results: dict[str, Any]) -> str:
             f"{math.ceil(20 / (rate * 0.7))} replicas.\n")
 
 
+def _from_file(name: str, render_file: Callable[[dict[str, Any]], str], command: str
+               ) -> Callable[[dict[str, Any]], str]:
+    """A block rendered from the results file ``name`` beside latest.json, which ``command``
+    writes; until it has run, the block says so."""
+    def block(results: dict[str, Any]) -> str:
+        path = LATEST.parent / name
+        if not path.is_file():
+            return f"Not measured yet: `{command}` writes `benchmarks/results/{name}`.\n"
+        return render_file(json.loads(path.read_text()))
+
+    return block
+
+
+def _full_size_markdown(results: dict[str, Any]) -> str:
+    from benchmarks.full_size_report import markdown as full_size_markdown  # heavy: only when shown
+
+    return full_size_markdown(results, heading="")
+
+
+def _linear_report(results: dict[str, Any]) -> str:
+    from benchmarks.linear import report  # imports torch and the benchmark harness
+
+    return report(results)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "benchmark-results": markdown,
     "scaling-example": _scaling_example,
     "replicas-example": _replicas_example,
+    # The full-size runs and the linear-layer benchmark, each from its own results file.
+    **{f"full-size-{size}": _from_file(f"full-size-{size}.json", _full_size_markdown,
+                                        f"python -m benchmarks --size {size}")
+       for size in ("mpt-7b", "25m", "mpt-7b-scaled")},
+    "linear-d4096": _from_file("linear-d4096.json", _linear_report, "python -m benchmarks.linear "
+                               "--d-model 4096 --out benchmarks/results/linear-d4096.json"),
 }
 
 

@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from benchmarks import pages
 from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
+from benchmarks.measure import bf16_flags
 from benchmarks.report import FIGURE_IDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,27 @@ def test_the_docs_show_the_figures_of_the_reference_results(page):
     text = page.read_text()
     assert "<!-- generated: " in text
     assert text == pages.render(text, json.loads(pages.LATEST.read_text()))
+
+
+def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
+    # `--size mpt-7b` on a tiny model of the same layout (bf16 .bin shards, 50432-token
+    # vocabulary), then the two-dtype section: every figure computed, the CPU recorded.
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--size", "smoke", "--out", str(tmp_path / "results"),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, check=True, timeout=1200, capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    results = json.loads((tmp_path / "results" / "full-size-smoke.json").read_text())
+    assert results["machine"]["cpu_model"] and results["memory_bandwidth"]["bytes_per_s"] > 0
+    layout, dtypes = results["sections"]
+    assert len(list(Path(layout["snapshot"]).glob("pytorch_model-*-of-*.bin"))) == 2
+    assert layout["auto"]["chose"] in ("bfloat16", "float32") and layout["auto"]["reason"]
+    assert set(dtypes["contenders"]) == {"templated_auto", "templated_float32", "plain_float32",
+                                         f"plain_{dtypes['auto']['chose']}"}
+    for section in (layout, dtypes):
+        assert section["figures"]["loads_during_log"] == 0
+        for contender in section["contenders"].values():
+            assert contender["load_seconds"] > 0 and contender["prefill"]["tokens_per_s"] > 0
+    table = (tmp_path / "results" / "full-size-smoke.md").read_text()
+    assert bf16_flags(results["machine"]["cpu_flags"]) in table and "bandwidth limit" in table

@@ -18,7 +18,7 @@ ORDER = [
     "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.adapters", "engine.scheduler",
-    "model_logging.config", "model_logging.snapshot",
+    "model_logging.config", "model_logging.snapshot", "runtime.memory",
     "plugins.hf_defaults", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",
     "model_logging.log", "model_logging.model_code",

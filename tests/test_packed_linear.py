@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,6 +18,8 @@ from transformers import MptForCausalLM
 
 from templated_llm.model_logging.log import log_llm
 from templated_llm.runtime.packed_linear import PackedLinear, pack_linear_layers, packing_available
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
 
@@ -98,3 +103,25 @@ def test_log_llm_packs_on_cpu_unless_told_not_to(tiny_snapshot, pack_weights):
     # By name: the loaded model runs the copy of templated_llm it carries, not this import.
     expected = "PackedLinear" if pack_weights else "Linear"
     assert type(model.transformer.blocks[0].ffn.up_proj).__name__ == expected
+
+
+_PACK_ANONYMOUS = """
+from torch import nn
+from benchmarks.measure import current_rss, peak_rss, reset_peak_rss
+from templated_llm.runtime.packed_linear import pack_linear_layers
+layers = nn.Sequential(*(nn.Linear(1024, 1024, bias=False) for _ in range(12))).eval()
+reset_peak_rss()
+before = current_rss()
+assert pack_linear_layers(layers) == 12
+print(peak_rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_weights_in_anonymous_memory_holds_one_copy_at_a_time():
+    # Weights converted at load live in anonymous memory, not in a file mapping: each original
+    # must be freed as soon as its packed copy exists, not when every layer is packed. In a
+    # process of its own: this one's other threads (an engine's, say) would move its peak.
+    result = subprocess.run([sys.executable, "-c", _PACK_ANONYMOUS], capture_output=True, text=True,
+                            check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert int(result.stdout) < 12 * 1024 * 1024 * 4 / 3  # a third of the 48 MiB of weights

@@ -210,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("--attention", default="auto",
                      help="attention backend: auto, eager, sdpa, triton, flash, or one a plugin "
                           "adds (default auto)")
-    log.add_argument("--dtype", choices=get_args(DType),
-                     help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    log.add_argument("--dtype", choices=get_args(DType), default="auto",
+                     help="weights dtype (default auto: the checkpoint's where the device "
+                          "computes it natively, else float32; chosen at load)")
     log.add_argument("--registered-model-name", help="also register a version under this name")
     log.add_argument("--trust-remote-code", action="store_true",
                      help="allow loading to run Python code shipped in the snapshot (off by default)")

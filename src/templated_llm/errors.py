@@ -33,6 +33,14 @@ class AttentionUnavailableError(TemplatedLLMError, ValueError):
     """The requested attention backend cannot run for this model on this machine."""
 
 
+class DTypeUnavailableError(TemplatedLLMError, ValueError):
+    """The requested dtype cannot run on this device."""
+
+
+class InsufficientMemoryError(TemplatedLLMError, MemoryError):
+    """The model would not fit the memory available, so it is not loaded."""
+
+
 class PluginLoadWarning(UserWarning):
     """A plugin entry point failed to load and was skipped."""
 
@@ -72,3 +80,7 @@ class EngineClosedError(EngineError):
 
 class SequenceFailedError(EngineError):
     """A step of the engine raised while this sequence was in it; other sequences go on."""
+
+
+class EmulatedDTypeWarning(UserWarning):
+    """The requested dtype runs on this CPU without native instructions: slower than float32."""

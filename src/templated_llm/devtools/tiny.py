@@ -13,11 +13,13 @@ family's special tokens) in a second, and the same bytes for the same seed:
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -129,6 +131,39 @@ def _config(architecture: str, tokenizer, hidden_size: int, n_layers: int, n_hea
     )
 
 
+def write_bin_shards(tensors: Iterable[tuple[str, Any]], path: Path, shard_bytes: int) -> list[Path]:
+    """Write named tensors as ``pytorch_model-0000i-of-0000n.bin`` shards of at most about
+    ``shard_bytes`` each, with ``pytorch_model.bin.index.json``, as older Hub checkpoints
+    (mosaicml/mpt-7b-instruct) are stored. ``tensors`` is consumed lazily: one shard at a time
+    is in memory."""
+    import torch
+
+    written, shard, size, total, names = [], {}, 0, 0, []
+
+    def flush() -> None:
+        nonlocal shard, size
+        written.append(path / f"pytorch_model-shard-{len(written)}.bin")
+        torch.save(shard, written[-1])
+        names.append(list(shard))
+        shard, size = {}, 0
+
+    for name, tensor in tensors:
+        if shard and size + tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
+    if shard:
+        flush()
+    final, weight_map = [], {}
+    for i, (file, keys) in enumerate(zip(written, names), start=1):
+        final.append(file.rename(path / f"pytorch_model-{i:05d}-of-{len(written):05d}.bin"))
+        weight_map.update(dict.fromkeys(keys, final[-1].name))
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return final
+
+
 def build_tiny_model(
     architecture: str,
     path: str | os.PathLike[str],
@@ -141,12 +176,16 @@ def build_tiny_model(
     max_seq_len: int = 2048,
     chat_template: str | None = None,
     extra_special_tokens: Sequence[str] = (),
+    dtype: str = "float32",
+    bin_shard_bytes: int | None = None,
 ) -> Path:
     """Write a random snapshot of ``architecture`` (one of :data:`ARCHITECTURES`) to ``path``.
 
     ``chat_template`` is stored on the tokenizer, as instruct models ship theirs;
     ``extra_special_tokens`` are added as special tokens (Dolly's ``### End``). The defaults
-    give a model of a few hundred thousand parameters for second-long tests.
+    give a model of a few hundred thousand parameters for second-long tests. The weights are
+    stored in ``dtype``, as ``model.safetensors``, or with ``bin_shard_bytes`` as sharded
+    ``pytorch_model-*.bin`` files of about that size (see :func:`write_bin_shards`).
     """
     if architecture not in _VOCABULARIES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
@@ -160,10 +199,19 @@ def build_tiny_model(
         tokenizer.chat_template = chat_template
     config = _config(architecture, tokenizer, hidden_size, n_layers, n_heads, max_seq_len)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval().to(getattr(torch, dtype))
+    model.config.dtype = getattr(torch, dtype)  # config.json says what the weights are
     if architecture == "mpt":
         model.generation_config.use_cache = False
-    model.save_pretrained(path)
+    if bin_shard_bytes is None:
+        model.save_pretrained(path)
+    else:
+        model.config.save_pretrained(path)
+        model.generation_config.save_pretrained(path)
+        stored = {}  # tied weights once, under their first name, as save_pretrained does
+        for name, tensor in model.state_dict().items():
+            stored.setdefault(tensor.data_ptr(), (name, tensor))
+        write_bin_shards(stored.values(), path, bin_shard_bytes)
     tokenizer.save_pretrained(path)
     return path
 
@@ -177,11 +225,15 @@ def build_tiny_mpt(
     n_heads: int = 4,
     vocab_size: int = 1024,
     max_seq_len: int = 2048,
+    dtype: str = "float32",
+    bin_shard_bytes: int | None = None,
 ) -> Path:
     """Write a random MPT snapshot to ``path`` (created if needed) and return the path.
 
     The defaults give a ~0.2M-parameter model for second-long tests; raise ``d_model`` and
     ``n_layers`` for benchmarks (``d_model=512, n_layers=8`` is about 25M parameters).
+    ``dtype`` and ``bin_shard_bytes`` as for :func:`build_tiny_model`.
     """
     return build_tiny_model("mpt", path, seed=seed, hidden_size=d_model, n_layers=n_layers,
-                            n_heads=n_heads, vocab_size=vocab_size, max_seq_len=max_seq_len)
+                            n_heads=n_heads, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                            dtype=dtype, bin_shard_bytes=bin_shard_bytes)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Request limits a logged model enforces unless log_llm sets others: enough for interactive and
 # moderate batch use, small enough that one request cannot hold a server for long.
@@ -23,7 +23,7 @@ class LoggedConfig(BaseModel):
     plugin: str
     plugin_module: str
     attention: str = "auto"
-    dtype: DType | None = None  # None: bfloat16 on GPU, float32 on CPU
+    dtype: DType = "auto"  # auto: the checkpoint's dtype where the device computes it natively
     device: str | None = None  # None: CUDA when present, else CPU
     generation_defaults: dict[str, Any] = {}
     templated_llm_version: str = ""

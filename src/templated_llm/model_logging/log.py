@@ -36,7 +36,7 @@ from templated_llm.plugins.manager import (
     main_statement_line,
 )
 from templated_llm.runtime.completions import output_schema
-from templated_llm.runtime.device import default_device
+from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
@@ -189,7 +189,7 @@ def log_llm(
     name: str = "model",
     template: str | os.PathLike[str] | None = None,
     attention: str = "auto",
-    dtype: str | None = None,
+    dtype: str = AUTO,
     registered_model_name: str | None = None,
     extra_pip_requirements: list[str] | None = None,
     trust_remote_code: bool = False,
@@ -208,7 +208,8 @@ def log_llm(
         name: the logged model's name.
         template: a Jinja template file (or shipped template name) replacing the plugin's.
         attention: ``auto``, ``eager``, ``sdpa``, ``triton`` or ``flash``.
-        dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks per device at load.
+        dtype: ``auto`` (the checkpoint's dtype where the device computes it natively, else
+            float32; chosen at load, and logged), ``float32``, ``bfloat16`` or ``float16``.
         registered_model_name: also register a version under this name in the Model Registry.
         extra_pip_requirements: requirements added to the pinned defaults.
         trust_remote_code: allow loading to run Python code shipped in the snapshot (an
@@ -230,6 +231,8 @@ def log_llm(
     """
     spec = get_model_spec(model)
     plugin_module, plugin_code = _plugin_code(spec)
+    # A dtype that cannot run here fails now, as an attention backend does.
+    check_dtype(dtype, default_device())
     # An explicit backend that cannot run here fails now rather than at serving time.
     select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
     template_file = template_path(spec, template)

@@ -162,21 +162,25 @@ def _weight_files(snapshot: Path, index_name: str, pattern: str) -> list[Path]:
     return sorted(snapshot.glob(pattern))
 
 
+def weight_files(snapshot: Path) -> list[Path]:
+    """The files transformers loads the weights from: the safetensors files when there are any
+    (it prefers them), else the ``pytorch_model*.bin`` files; none when there are neither."""
+    return (_weight_files(snapshot, _SAFETENSORS_INDEX, "*.safetensors")
+            or _weight_files(snapshot, _BIN_INDEX, "pytorch_model*.bin"))
+
+
 def _check_weights(snapshot: Path) -> None:
-    # transformers prefers safetensors when both are present; so do the checks.
-    safetensors = _weight_files(snapshot, _SAFETENSORS_INDEX, "*.safetensors")
-    if safetensors:
-        for path in safetensors:
-            _check_safetensors(path)
-        return
-    bins = _weight_files(snapshot, _BIN_INDEX, "pytorch_model*.bin")
-    if not bins:
+    files = weight_files(snapshot)
+    if not files:
         raise SnapshotError(
             f"snapshot {snapshot} has no weights; expected model.safetensors (preferred), "
             f"sharded *.safetensors with {_SAFETENSORS_INDEX}, or pytorch_model.bin"
         )
-    for path in bins:
-        _check_bin(path)
+    for path in files:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+        else:
+            _check_bin(path)
 
 
 def _check_safetensors(path: Path) -> None:

@@ -6,23 +6,29 @@ Shared by ``log_llm`` (which checks that they would load), ``TemplatedLLM.load_c
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from templated_llm.errors import AttentionUnavailableError, PluginError, RemoteCodeWarning, TemplateError
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
 from templated_llm.plugins.manager import get_model_spec, hooks
-from templated_llm.runtime.device import default_device, torch_dtype
+from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, default_device
 from templated_llm.runtime.inputs import Row
-from templated_llm.runtime.packed_linear import pack_linear_layers
+from templated_llm.runtime.memory import check_load
+from templated_llm.runtime.packed_linear import convert_weights, pack_linear_layers
 from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.templates import PromptTemplate, find_template
 from templated_llm.runtime.tokens import add_special_tokens, prepare_tokenizer, tokenize
 from templated_llm.spec import ModelSpec
+
+_logger = logging.getLogger(__name__)
 
 
 def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Path | None) -> str:
@@ -55,22 +61,28 @@ def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model on its device, with the attention backend it runs."""
+    """A model on its device in its dtype, with the attention backend it runs, and the KV cache
+    budget, in tokens, of a whole batch where it runs without the engine (``None``: unbounded;
+    see :func:`~templated_llm.runtime.memory.check_load`)."""
 
     model: Any
     device: str
     attention: str
+    dtype: str
+    batch_cache_tokens: int | None
 
 
 def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer: Any) -> LoadedModel:
-    """Load the logged model's weights through the hooks, its attention backend installed and
-    the plugins' adjustments (``prepare_model``) made; on CPU, its linear layers packed."""
+    """Load the logged model's weights through the hooks, in the dtype chosen for the device,
+    once the memory check has passed; its attention backend installed and the plugins'
+    adjustments (``prepare_model``) made; on CPU, its linear layers packed."""
     device = config.device or default_device()
     attention = select_attention(spec, config.attention, device, snapshot)
-    model = hooks().load_model(
-        spec=spec, snapshot=snapshot, dtype=torch_dtype(config.dtype, device), device=device,
-        attention=attention, trust_remote_code=config.trust_remote_code,
-    )
+    choice = choose_dtype(config.dtype, device, snapshot)
+    _logger.info("dtype %s on %s: %s", choice.name, device, choice.reason)
+    # Before any weight is read: refuse a model that cannot fit.
+    batch_cache_tokens = check_load(snapshot, config, choice, device)
+    model = _load_weights(spec, snapshot, choice, device, attention, config.trust_remote_code)
     in_use = hooks().configure_attention(spec=spec, model=model, attention=attention)
     if in_use != attention:
         raise AttentionUnavailableError(
@@ -80,7 +92,27 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     hooks().prepare_model(spec=spec, model=model, tokenizer=tokenizer)
     if config.pack_weights and device == "cpu":
         pack_linear_layers(model)
-    return LoadedModel(model, device, attention)
+    return LoadedModel(model, device, attention, choice.name, batch_cache_tokens)
+
+
+def _load_weights(spec: ModelSpec, snapshot: Path, choice: DTypeChoice, device: str, attention: str,
+                  trust_remote_code: bool) -> Any:
+    """The plugin's model in the chosen dtype.
+
+    On CPU, a checkpoint stored in another dtype loads in its own (memory-mapped, not copied)
+    and is converted here one tensor at a time, so the weights are resident about once at the
+    new dtype; converting while loading would hold both.
+    """
+    stored = checkpoint_dtype(snapshot)
+    convert = device == "cpu" and stored is not None and stored != choice.name
+    model = hooks().load_model(
+        spec=spec, snapshot=snapshot, dtype=getattr(torch, stored) if convert else choice.torch_dtype,
+        device=device, attention=attention, trust_remote_code=trust_remote_code,
+    )
+    if convert:
+        convert_weights(model, choice.torch_dtype)
+        model.config.dtype = choice.torch_dtype
+    return model
 
 
 def warn_if_remote_code(config: LoggedConfig, snapshot: Path) -> None:

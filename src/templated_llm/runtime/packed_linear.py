@@ -6,6 +6,10 @@ and prefill matmuls of the benchmark's MPT then ran about twice as fast (docs/be
 The arithmetic is the same float32 (or bfloat16) multiply-add in a different summation order,
 so outputs agree with ``nn.Linear`` to rounding. This is the packing torch.compile's CPU
 backend applies when it freezes weights, without the compile.
+
+A model loaded in its checkpoint's dtype and run in another is converted here too, one tensor at
+a time (``convert_weights``), for the same reason packing hands pages back: the weights resident
+once, not twice.
 """
 
 from __future__ import annotations
@@ -149,6 +153,59 @@ def _release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -
     return None
 
 
+def _kept_resident(dtype: torch.dtype, why: str) -> list[tuple[int, int]]:
+    """Say that converting goes on without handing pages back; no mappings to hand back from."""
+    _logger.warning("converting the weights to %s, the originals stay resident until loading "
+                    "ends: %s", dtype, why)
+    return []
+
+
+def convert_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Convert the model's floating-point CPU parameters and persistent buffers to ``dtype``, in
+    place, one tensor at a time; return how many were converted.
+
+    For a model loaded in its checkpoint's dtype from a memory-mapped file. ``Module.to`` (and
+    transformers converting while it loads) keeps every original resident in its mapping until
+    the last is gone: the peak is both copies. Here each original's pages are handed back as soon
+    as its copy exists. Tied tensors stay tied; modules transformers keeps in float32
+    (``_keep_in_fp32_modules``) and non-persistent buffers (computed at init, in the precision
+    the model chose) are left as they are.
+    """
+    mappings = _file_mappings()
+    if isinstance(mappings, str):
+        mappings = _kept_resident(dtype, mappings)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    tensors = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())]
+    shared = {key for key, count in Counter(map(id, tensors)).items() if count > 1}
+    del tensors
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared: id -> (original, copy)
+    converted = 0
+    for module_name, module in model.named_modules():
+        if any(part in keep for part in module_name.split(".")):
+            continue
+        persistent = [n for n in module._buffers if n not in module._non_persistent_buffers_set]
+        for table, names in ((module._parameters, list(module._parameters)), (module._buffers, persistent)):
+            for name in names:
+                tensor = table[name]
+                if (tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype
+                        or tensor.device.type != "cpu"):
+                    continue
+                if id(tensor) in done:
+                    table[name] = done[id(tensor)][1]
+                    continue
+                copy = tensor.detach().to(dtype)
+                if isinstance(tensor, nn.Parameter):
+                    copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                if id(tensor) in shared:
+                    done[id(tensor)] = (tensor, copy)  # the original stays alive: its id stays its own
+                table[name] = copy
+                converted += 1
+                if failure := _release_file_pages(tensor, mappings):
+                    mappings = _kept_resident(dtype, failure)
+    _logger.info("converted %d weights to %s", converted, dtype)
+    return converted
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace the model's CPU ``nn.Linear`` layers by :class:`PackedLinear`; return how many.
 
@@ -165,20 +222,22 @@ def pack_linear_layers(model: nn.Module) -> int:
                         "weights would be resident twice", mappings)
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # Parents and names only: a list of the layers themselves would keep every replaced weight
+    # alive until the end, and weights not backed by a file (converted at load) would be twice
+    # in memory.
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if type(child) is nn.Linear]
     packed = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            weight = child.weight
-            if (weight.device.type != "cpu" or owners[id(weight)] > 1
-                    or not packing_available(weight.dtype)):
-                continue
-            setattr(parent, name, PackedLinear(child))
-            packed += 1
-            if failure := _release_file_pages(weight, mappings):
-                _logger.warning("stopped packing linear layers for oneDNN after %d: %s, and the "
-                                "weights would be resident twice", packed, failure)
-                return packed
+    for parent, name in places:
+        weight = getattr(parent, name).weight
+        if (weight.device.type != "cpu" or owners[id(weight)] > 1
+                or not packing_available(weight.dtype)):
+            continue
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+        packed += 1
+        if failure := _release_file_pages(weight, mappings):
+            _logger.warning("stopped packing linear layers for oneDNN after %d: %s, and the "
+                            "weights would be resident twice", packed, failure)
+            return packed
     _logger.info("packed %d linear layers for oneDNN", packed)
     return packed

@@ -21,7 +21,7 @@ from templated_llm.engine import Engine, EngineFullError, Sequence
 
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins.manager import get_model_spec, hooks
-from templated_llm.runtime.batching import MicroBatcher
+from templated_llm.runtime.batching import MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import generate_completions, stream
 from templated_llm.runtime.inputs import Row, read_rows
@@ -53,13 +53,18 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self.renderer = PromptRenderer(self.spec, template, self.tokenizer)
         # One scheduler thread owns the model and runs every request a step at a time; a model
         # no plugin adapts to it generates whole batches, one at a time, concurrent requests
-        # with equal params joining the next (transformers' generate is not thread-safe).
+        # with equal params joining the next (transformers' generate is not thread-safe), as
+        # long as the batch fits the KV cache budget the memory check left it.
         self._engine = self._start_engine()
-        self._batcher = MicroBatcher(self._generate)
+        self.cache_tokens = None if self._engine is not None else loaded.batch_cache_tokens
+        merged = MAX_MERGED_TOKENS if self.cache_tokens is None else min(MAX_MERGED_TOKENS, self.cache_tokens)
+        self._batcher = MicroBatcher(self._generate, max_padded_tokens=merged)
         self.tokens = self._prompt_tokens()
         _logger.info(
-            "loaded %s (plugin %s) on %s with %s attention",
-            self.spec.name, self.spec.plugin_name, self.device, self.attention,
+            "loaded %s (plugin %s) on %s in %s with %s attention, %s",
+            self.spec.name, self.spec.plugin_name, self.device, loaded.dtype, self.attention,
+            "on the engine" if self._engine is not None
+            else f"whole batches of at most {self.cache_tokens} tokens of KV cache",
         )
 
     def _start_engine(self) -> Engine | None:
@@ -81,7 +86,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if self._engine is not None and (limit is None or self._engine.max_seq_len < limit):
             limit, name = self._engine.max_seq_len, (
                 "what one sequence may hold in the engine (max_cache_tokens / max_num_seqs)")
-        return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name)
+        return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name, self.cache_tokens)
 
     @property
     def engine(self) -> Engine | None:

@@ -1,6 +1,7 @@
 """The tokens stage: rendered prompts to token ids that fit the model's context, and padded batches.
 
-Prompt plus ``max_tokens`` must fit the context; what cannot is a 400 before any generation.
+Prompt plus ``max_tokens`` must fit the context, and a request's rows the KV cache budget; what
+cannot is a 400 before any generation.
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ class PromptTokens:
     """The tokens stage of one loaded model: its tokenizer, within its context length."""
 
     def __init__(self, tokenizer: Any, context: int | None, add_special_tokens: bool,
-                 context_name: str = "the model's context") -> None:
+                 context_name: str = "the model's context", cache_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.context_length = context
         self.context_name = context_name  # what sets the limit, for the error messages
+        self.cache_tokens = cache_tokens  # the whole-batch path's KV cache budget a request must fit
         self.add_special_tokens = add_special_tokens
         self._max_prompt_chars = _max_prompt_chars(tokenizer, context)
         # transformers reconfigures the shared Rust tokenizer per call, and calls at once can
@@ -87,7 +89,7 @@ class PromptTokens:
 
     def encode(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
         """Each prompt's token ids; raises ``MlflowException`` (HTTP 400) when prompt plus
-        ``max_tokens`` cannot fit the context."""
+        ``max_tokens`` cannot fit the context, or the rows the KV cache budget."""
         self._check_chars(prompts)
         with self._lock:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
@@ -109,12 +111,19 @@ class PromptTokens:
                 )
 
     def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
-        if self.context_length is None:
-            return
         longest = max(len(ids) for ids in input_ids)
-        if longest + max_tokens > self.context_length:
+        if self.context_length is not None and longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="
                 f"{max_tokens} that exceeds {self.context_name} of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
+            )
+        # Every row is padded to the longest, and its cache holds max_tokens more.
+        cache = len(input_ids) * (longest + max_tokens)
+        if self.cache_tokens is not None and cache > self.cache_tokens:
+            raise MlflowException.invalid_parameter_value(
+                f"the request needs {cache} tokens of KV cache ({len(input_ids)} rows of the "
+                f"longest prompt's {longest} tokens plus max_tokens={max_tokens}); this model's "
+                f"cache budget for a batch is {self.cache_tokens} tokens (max_cache_tokens, or what "
+                "memory held at load). Send fewer rows or lower max_tokens."
             )
