@@ -14,7 +14,7 @@ ORDER = [
     "errors", "spec",
     "plugins.hookspecs", "plugins.attention",
     "runtime.device", "runtime.templates", "runtime.inputs", "runtime.params", "runtime.prompts",
-    "runtime.tokens", "runtime.completions", "runtime.generation", "runtime.batching",
+    "runtime.tokens", "runtime.completions", "runtime.tasks", "runtime.generation", "runtime.batching",
     "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.adapters", "engine.scheduler",

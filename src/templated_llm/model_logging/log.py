@@ -40,6 +40,7 @@ from templated_llm.runtime.device import default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
+from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
 from templated_llm_link import staging_uri
@@ -165,13 +166,16 @@ class _ExampleNotRunModel(Model):
         return None
 
 
-def _signature(defaults: dict[str, Any], template_variables: dict[str, str]) -> ModelSignature:
+def _signature(task: Task | None, defaults: dict[str, Any], template_variables: dict[str, str]) -> ModelSignature:
+    params = param_schema(defaults, template_variables)
+    if task is not None:
+        return task_signature(task, params)
     return ModelSignature(
         # No input schema: MLflow accepts either a plain list of prompts (unnamed schema) or
         # a 'prompt' column (named schema), never both; predict checks the input itself.
         inputs=None,
         outputs=output_schema(),
-        params=param_schema(defaults, template_variables),
+        params=params,
     )
 
 
@@ -197,6 +201,7 @@ def log_llm(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     pack_weights: bool = True,
     engine: bool | EngineConfig = True,
+    task: Task | None = None,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -222,6 +227,10 @@ def log_llm(
         engine: serve through the continuous-batching engine (``True``, budget sized at load),
             with an ``EngineConfig`` budget, or ``False`` to generate whole batches with
             transformers' ``generate``. Overridable at load through ``model_config``.
+        task: ``"llm/v1/chat"`` or ``"llm/v1/completions"`` logs MLflow's own signature for
+            that task and sets ``metadata.task``: the served model takes OpenAI-shaped bodies
+            and answers each with one ``chat.completion`` (or ``text_completion``) object.
+            ``None`` keeps the ``prompt``/``candidates`` schema.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
@@ -230,6 +239,7 @@ def log_llm(
     """
     spec = get_model_spec(model)
     plugin_module, plugin_code = _plugin_code(spec)
+    check_task(task, spec.chat, spec.name)
     # An explicit backend that cannot run here fails now rather than at serving time.
     select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
     template_file = template_path(spec, template)
@@ -249,11 +259,14 @@ def log_llm(
         max_tokens_limit=max_tokens_limit,
         pack_weights=pack_weights,
         **_engine_fields(engine),
+        task=task,
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
     _check_snapshot(spec, snapshot_dir, trust_remote_code)
     requirements = list(_runtime_requirements())
     requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
+    if task is not None:
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "task": task}
     with tempfile.TemporaryDirectory() as staging:
         return _ExampleNotRunModel.log(
             artifact_path=None,
@@ -263,8 +276,8 @@ def log_llm(
             python_model=str(_MODEL_CODE),
             artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
             model_config=config.model_dump(),
-            signature=_signature(defaults, spec.template_variables),
-            input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
+            signature=_signature(task, defaults, spec.template_variables),
+            input_example=INPUT_EXAMPLES[task] if task else pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
             pip_requirements=requirements,
             code_paths=_code_paths(plugin_module, plugin_code, Path(staging)),
             registered_model_name=registered_model_name,

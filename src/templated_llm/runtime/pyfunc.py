@@ -28,6 +28,7 @@ from templated_llm.runtime.inputs import Row, read_rows
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
+from templated_llm.runtime.tasks import read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
 
@@ -102,12 +103,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         # A DataFrame hint is one MLflow derives no schema from: our signature is explicit.
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
-    ) -> pd.DataFrame:
-        input_ids, generation = self._prepare(model_input, params)
-        if self._engine is None:
-            completions = self._batcher.submit(input_ids, generation)
-        else:
-            completions = [row.result() for row in self._submit(input_ids, generation)]
+    ) -> pd.DataFrame | dict[str, Any] | list[dict[str, Any]]:
+        """Completions for every row: the ``candidates`` DataFrame or, for a model logged with
+        an MLflow task, one OpenAI-shaped response per request (the response itself for one)."""
+        if self.config.task is not None:
+            return self._predict_task(model_input, params)
+        rows = read_rows(model_input, self.config.max_rows_per_request)
+        completions, generation = self._complete(rows, params)
         return to_frame(completions, generation.return_usage)
 
     def predict_stream(
@@ -125,11 +127,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
         counts, finish reason). Input and params are checked before this returns; closing the
         iterator stops the generation."""
-        input_ids, generation = self._prepare(model_input, params)
-        if len(input_ids) != 1:
+        rows = read_rows(model_input, self.config.max_rows_per_request)
+        if len(rows) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes one prompt or conversation; received {len(input_ids)}"
+                f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
+        input_ids, generation = self._encode(rows, params)
         if self._engine is not None:
             return _then_completion(self._submit(input_ids, generation)[0])
         batch = self.tokens.pad(input_ids, self.device)
@@ -148,11 +151,32 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
         return rows
 
-    def _prepare(
+    def _predict_task(
         self, model_input: Any, params: dict[str, Any] | None
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        # Each request (row) has its own params, from its body over the request's params.
+        responses = [
+            task_response(self.config.task, self.spec.name,
+                          self._complete([request.row], {**(params or {}), **request.params})[0][0])
+            for request in read_task_requests(model_input, self.config.task,
+                                              self.config.max_rows_per_request)
+        ]
+        return responses[0] if len(responses) == 1 else responses
+
+    def _complete(
+        self, rows: list[Row], params: dict[str, Any] | None
+    ) -> tuple[list[Completion], GenerationParams]:
+        input_ids, generation = self._encode(rows, params)
+        if self._engine is None:
+            completions = list(self._batcher.submit(input_ids, generation))
+        else:
+            completions = [row.result() for row in self._submit(input_ids, generation)]
+        return completions, generation
+
+    def _encode(
+        self, rows: list[Row], params: dict[str, Any] | None
     ) -> tuple[list[list[int]], GenerationParams]:
         """Each row's token ids and the validated params: every check made before generation."""
-        rows = read_rows(model_input, self.config.max_rows_per_request)
         variables, generation = read_params(
             params, self.spec.template_variables, self.config.generation_defaults,
             self.config.max_tokens_limit,
