@@ -15,7 +15,7 @@ ORDER = [
     "plugins.hookspecs", "plugins.attention",
     "runtime.device", "runtime.templates", "runtime.inputs", "runtime.params", "runtime.prompts",
     "runtime.tokens", "runtime.completions", "runtime.tasks", "runtime.generation", "runtime.batching",
-    "runtime.packed_linear",
+    "runtime.tracing", "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.adapters", "engine.scheduler",
     "model_logging.config", "model_logging.snapshot",

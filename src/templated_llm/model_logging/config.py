@@ -49,6 +49,12 @@ class LoggedConfig(BaseModel):
     # MLflow's LLM task the model was logged with (its request and response shapes); None is
     # the 'prompt'/'candidates' schema.
     task: Task | None = None
+    # Traces of requests (see runtime/tracing.py), and whether they hold prompt and completion text.
+    tracing: bool = True
+    trace_content: bool = True
+    # Which template the model renders with: its file (or prompt) name, and its version.
+    template_name: str = ""
+    template_version: str = ""
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:

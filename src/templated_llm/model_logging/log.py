@@ -179,6 +179,11 @@ def _signature(task: Task | None, defaults: dict[str, Any], template_variables: 
     )
 
 
+def _file_version(path: Path) -> str:
+    """A file's version: the start of its SHA-256, so two logs of one template name it alike."""
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
     """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
     check_snapshot(snapshot)
@@ -202,6 +207,8 @@ def log_llm(
     pack_weights: bool = True,
     engine: bool | EngineConfig = True,
     task: Task | None = None,
+    tracing: bool = True,
+    trace_content: bool = True,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -231,6 +238,10 @@ def log_llm(
             that task and sets ``metadata.task``: the served model takes OpenAI-shaped bodies
             and answers each with one ``chat.completion`` (or ``text_completion``) object.
             ``None`` keeps the ``prompt``/``candidates`` schema.
+        tracing: trace every request with MLflow tracing (when MLflow's tracing is enabled);
+            ``TEMPLATED_LLM_TRACING`` overrides it where the model is loaded.
+        trace_content: keep prompt and completion text in those traces; ``False`` records
+            counts only. ``TEMPLATED_LLM_TRACE_CONTENT`` overrides it where the model is loaded.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
@@ -260,6 +271,10 @@ def log_llm(
         pack_weights=pack_weights,
         **_engine_fields(engine),
         task=task,
+        tracing=tracing,
+        trace_content=trace_content,
+        template_name=template_file.name,
+        template_version=_file_version(template_file),
     )
     snapshot_dir = resolve_snapshot(spec, snapshot)
     _check_snapshot(spec, snapshot_dir, trust_remote_code)

@@ -31,6 +31,7 @@ from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.tasks import read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
+from templated_llm.runtime.tracing import RequestTrace, Tracer
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self._engine = self._start_engine()
         self._batcher = MicroBatcher(self._generate)
         self.tokens = self._prompt_tokens()
+        self.tracer = Tracer(
+            enabled=self.config.tracing, content=self.config.trace_content, model=self.spec.name,
+            template=self.config.template_name, template_version=self.config.template_version,
+            task=self.config.task,
+        )
         _logger.info(
             "loaded %s (plugin %s) on %s with %s attention",
             self.spec.name, self.spec.plugin_name, self.device, self.attention,
@@ -106,11 +112,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame | dict[str, Any] | list[dict[str, Any]]:
         """Completions for every row: the ``candidates`` DataFrame or, for a model logged with
         an MLflow task, one OpenAI-shaped response per request (the response itself for one)."""
-        if self.config.task is not None:
-            return self._predict_task(model_input, params)
-        rows = read_rows(model_input, self.config.max_rows_per_request)
-        completions, generation = self._complete(rows, params)
-        return to_frame(completions, generation.return_usage)
+        with self.tracer.request() as trace:
+            if self.config.task is not None:
+                return self._predict_task(model_input, params, trace)
+            rows = read_rows(model_input, self.config.max_rows_per_request)
+            trace.rows(rows)
+            completions, generation = self._complete(rows, params, trace)
+            frame = to_frame(completions, generation.return_usage)
+            trace.response(frame, completions)
+            return frame
 
     def predict_stream(
         self,
@@ -132,7 +142,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
-        input_ids, generation = self._encode(rows, params)
+        variables, generation = self._params(params)
+        input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
         if self._engine is not None:
             return _then_completion(self._submit(input_ids, generation)[0])
         batch = self.tokens.pad(input_ids, self.device)
@@ -152,36 +163,40 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return rows
 
     def _predict_task(
-        self, model_input: Any, params: dict[str, Any] | None
+        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        # Each request (row) has its own params, from its body over the request's params.
-        responses = [
-            task_response(self.config.task, self.spec.name,
-                          self._complete([request.row], {**(params or {}), **request.params})[0][0])
-            for request in read_task_requests(model_input, self.config.task,
-                                              self.config.max_rows_per_request)
-        ]
-        return responses[0] if len(responses) == 1 else responses
+        requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
+        trace.rows([r.row for r in requests], requests[0].params if len(requests) == 1 else None)
+        completions, responses = [], []
+        for request in requests:
+            # Each request (row) has its own params: its body's over the request's params.
+            [completion], _ = self._complete([request.row], {**(params or {}), **request.params}, trace)
+            completions.append(completion)
+            responses.append(task_response(self.config.task, self.spec.name, completion))
+        response = responses[0] if len(responses) == 1 else responses
+        trace.response(response, completions)
+        return response
 
     def _complete(
-        self, rows: list[Row], params: dict[str, Any] | None
+        self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
     ) -> tuple[list[Completion], GenerationParams]:
-        input_ids, generation = self._encode(rows, params)
-        if self._engine is None:
-            completions = list(self._batcher.submit(input_ids, generation))
-        else:
-            completions = [row.result() for row in self._submit(input_ids, generation)]
+        variables, generation = self._params(params)
+        trace.params(generation, variables)
+        with trace.rendering(rows) as stage:
+            prompts = self.render(rows, variables)
+            stage.rendered(prompts)
+        input_ids = self.tokens.encode(prompts, generation.max_tokens)
+        with trace.generation(input_ids) as stage:
+            if self._engine is None:
+                completions = list(self._batcher.submit(input_ids, generation))
+            else:
+                completions = [row.result() for row in self._submit(input_ids, generation)]
+            stage.generated(completions)
         return completions, generation
 
-    def _encode(
-        self, rows: list[Row], params: dict[str, Any] | None
-    ) -> tuple[list[list[int]], GenerationParams]:
-        """Each row's token ids and the validated params: every check made before generation."""
-        variables, generation = read_params(
-            params, self.spec.template_variables, self.config.generation_defaults,
-            self.config.max_tokens_limit,
-        )
-        return self.tokens.encode(self.render(rows, variables), generation.max_tokens), generation
+    def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
+        return read_params(params, self.spec.template_variables, self.config.generation_defaults,
+                           self.config.max_tokens_limit)
 
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
         batch = self.tokens.pad(input_ids, self.device)
