@@ -21,7 +21,7 @@ ORDER = [
     "model_logging.config", "model_logging.snapshot",
     "plugins.hf_defaults", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",
-    "model_logging.log", "model_logging.model_code",
+    "model_logging.log", "model_logging.model_code", "evaluation",
     "serving.config", "serving.openai_requests", "serving.openai_responses", "serving.backend",
     "serving.generations", "serving.failures", "serving.metrics", "serving.gate", "serving.app",
     "serving.server",
