@@ -18,7 +18,7 @@ ORDER = [
     "runtime.tracing", "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.adapters", "engine.scheduler",
-    "model_logging.config", "model_logging.snapshot",
+    "model_logging.config", "model_logging.prompt_registry", "model_logging.snapshot",
     "plugins.hf_defaults", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",
     "model_logging.log", "model_logging.model_code", "evaluation",

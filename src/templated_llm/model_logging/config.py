@@ -55,6 +55,8 @@ class LoggedConfig(BaseModel):
     # Which template the model renders with: its file (or prompt) name, and its version.
     template_name: str = ""
     template_version: str = ""
+    # The prompt registry version the template came from ("prompts:/name/3"), if it did.
+    template_uri: str | None = None
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:

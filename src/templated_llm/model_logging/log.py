@@ -27,6 +27,7 @@ from templated_llm.model_logging.config import (
     DEFAULT_MAX_TOKENS_LIMIT,
     LoggedConfig,
 )
+from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
 from templated_llm.plugins.manager import (
     get_model_spec,
@@ -179,9 +180,14 @@ def _signature(task: Task | None, defaults: dict[str, Any], template_variables: 
     )
 
 
-def _file_version(path: Path) -> str:
-    """A file's version: the start of its SHA-256, so two logs of one template name it alike."""
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, staging: Path) -> TemplateSource:
+    """The template file to log: a file (the plugin's when ``template`` is None), versioned by
+    the start of its SHA-256, or a prompt registry version's text, written under ``staging``."""
+    if is_prompt_uri(template):
+        staging.mkdir()
+        return fetch_prompt_template(template, staging)
+    path = template_path(spec, template)
+    return TemplateSource(path, path.name, "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12])
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
@@ -218,7 +224,10 @@ def log_llm(
         snapshot: a local snapshot directory, used as is; ``None`` downloads the plugin's
             Hugging Face repository.
         name: the logged model's name.
-        template: a Jinja template file (or shipped template name) replacing the plugin's.
+        template: a Jinja template replacing the plugin's: a file, a shipped template's name,
+            or a version in MLflow's prompt registry (``prompts:/name/3``,
+            ``prompts:/name@alias``), whose text is copied into the model and whose version
+            is linked to it.
         attention: ``auto``, ``eager``, ``sdpa``, ``triton`` or ``flash``.
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks per device at load.
         registered_model_name: also register a version under this name in the Model Registry.
@@ -253,43 +262,48 @@ def log_llm(
     check_task(task, spec.chat, spec.name)
     # An explicit backend that cannot run here fails now rather than at serving time.
     select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
-    template_file = template_path(spec, template)
-    # Fail before logging: sandbox checks, and one render with the spec's template variables.
-    validate_template(template_file, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
-    defaults = GenerationParams(**spec.generation_defaults).model_dump()
-    config = LoggedConfig(
-        model=spec.name,
-        plugin=spec.plugin_name,
-        plugin_module=plugin_module,
-        attention=attention,
-        dtype=dtype,
-        generation_defaults=defaults,
-        templated_llm_version=importlib.metadata.version("templated-llm"),
-        trust_remote_code=trust_remote_code,
-        max_rows_per_request=max_rows_per_request,
-        max_tokens_limit=max_tokens_limit,
-        pack_weights=pack_weights,
-        **_engine_fields(engine),
-        task=task,
-        tracing=tracing,
-        trace_content=trace_content,
-        template_name=template_file.name,
-        template_version=_file_version(template_file),
-    )
-    snapshot_dir = resolve_snapshot(spec, snapshot)
-    _check_snapshot(spec, snapshot_dir, trust_remote_code)
-    requirements = list(_runtime_requirements())
-    requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
-    if task is not None:
-        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "task": task}
     with tempfile.TemporaryDirectory() as staging:
+        source = _template_source(spec, template, Path(staging) / "template")
+        # Fail before logging: sandbox checks, and one render with the spec's template variables.
+        validate_template(source.path, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
+        defaults = GenerationParams(**spec.generation_defaults).model_dump()
+        config = LoggedConfig(
+            model=spec.name,
+            plugin=spec.plugin_name,
+            plugin_module=plugin_module,
+            attention=attention,
+            dtype=dtype,
+            generation_defaults=defaults,
+            templated_llm_version=importlib.metadata.version("templated-llm"),
+            trust_remote_code=trust_remote_code,
+            max_rows_per_request=max_rows_per_request,
+            max_tokens_limit=max_tokens_limit,
+            pack_weights=pack_weights,
+            **_engine_fields(engine),
+            task=task,
+            tracing=tracing,
+            trace_content=trace_content,
+            template_name=source.name,
+            template_version=source.version,
+            template_uri=source.uri,
+        )
+        snapshot_dir = resolve_snapshot(spec, snapshot)
+        _check_snapshot(spec, snapshot_dir, trust_remote_code)
+        requirements = list(_runtime_requirements())
+        requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
+        if task is not None:
+            kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "task": task}
+        if source.uri is not None:
+            # MLflow links the prompt version to the logged model (and its run).
+            kwargs["prompts"] = [*(kwargs.get("prompts") or []), source.uri]
         return _ExampleNotRunModel.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
             flavor_name="pyfunc",
             name=name,
             python_model=str(_MODEL_CODE),
-            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
+            # The template's text travels in the model: serving needs no prompt registry.
+            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(source.path)},
             model_config=config.model_dump(),
             signature=_signature(task, defaults, spec.template_variables),
             input_example=INPUT_EXAMPLES[task] if task else pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),

@@ -63,6 +63,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             enabled=self.config.tracing, content=self.config.trace_content, model=self.spec.name,
             template=self.config.template_name, template_version=self.config.template_version,
             task=self.config.task,
+            prompt=(self.config.template_name, self.config.template_version) if self.config.template_uri else None,
         )
         _logger.info(
             "loaded %s (plugin %s) on %s with %s attention",

@@ -11,6 +11,7 @@ completion text, and template variables' values, out of the traces: only counts 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,12 +47,16 @@ class Tracer:
     """Starts the trace of each request for one loaded model."""
 
     def __init__(self, *, enabled: bool, content: bool, model: str, template: str,
-                 template_version: str, task: str | None) -> None:
+                 template_version: str, task: str | None, prompt: tuple[str, str] | None = None) -> None:
         self.enabled = setting(TRACING_ENV, enabled)
         self.content = setting(TRACE_CONTENT_ENV, content)
         self._attributes = {_MODEL: model, _TEMPLATE: template, _TEMPLATE_VERSION: template_version}
         if task:
             self._attributes[_TASK] = task
+        if prompt is not None:
+            # The prompt registry version the template came from, as MLflow records one.
+            name, version = prompt
+            self._attributes[SpanAttributeKey.LINKED_PROMPTS] = json.dumps([{"name": name, "version": version}])
         self._name = model
 
     @contextlib.contextmanager
