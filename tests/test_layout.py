@@ -13,7 +13,8 @@ PACKAGE = Path(templated_llm.__file__).parent
 ORDER = [
     "errors", "spec",
     "plugins.hookspecs", "plugins.attention",
-    "runtime.device", "runtime.templates", "runtime.inputs", "runtime.params", "runtime.prompts",
+    "runtime.device", "runtime.templates", "runtime.inputs", "runtime.structured", "runtime.params",
+    "runtime.prompts",
     "runtime.tokens", "runtime.completions", "runtime.tasks", "runtime.generation", "runtime.batching",
     "runtime.tracing", "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",

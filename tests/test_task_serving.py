@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+import jsonschema
 import mlflow
 import pandas as pd
 import pytest
@@ -77,7 +78,7 @@ def test_the_logged_model_carries_mlflows_own_signature_and_task(chat_model, com
     assert chat.signature.inputs == CHAT_MODEL_INPUT_SCHEMA
     assert chat.signature.outputs == CHAT_MODEL_OUTPUT_SCHEMA
     # What the chat body cannot carry travels as params.
-    assert {p.name for p in chat.signature.params} == {"repetition_penalty", "seed", "system"}
+    assert {p.name for p in chat.signature.params} == {"repetition_penalty", "seed", "system", "response_format"}
     completions = Model.load(completions_model.model_uri)
     assert completions.metadata["task"] == "llm/v1/completions"
     assert completions.signature.inputs == COMPLETIONS_MODEL_INPUT_SCHEMA
@@ -117,11 +118,26 @@ def test_a_system_message_and_params_beyond_the_chat_schema(chat_server, expecte
     ({"messages": [{"role": "bot", "content": "hi"}]}, "role 'bot'"),
     ({"messages": CHAT, "temperature": 9.0}, "param 'temperature'"),
     ({"messages": CHAT, "max_tokens": 100000}, "max_tokens"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "strin"}}}}, "json_schema.schema cannot be enforced: Invalid type: strin"),
 ])
 def test_what_the_model_cannot_serve_is_a_400_naming_it(chat_server, body, named):
     response = _post(chat_server, body)
     assert response.status_code == 400, response.text
     assert named in response.json()["message"]
+
+
+def test_an_openai_response_format_constrains_the_answer(chat_server):
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 8},
+                                               "length_km": {"type": "integer", "minimum": 1, "maximum": 7000}},
+              "required": ["river", "length_km"]}
+    body = {"messages": CHAT, "temperature": 0.0, "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "river", "schema": schema, "strict": True}}}
+    response = _post(chat_server, body)
+    assert response.status_code == 200, response.text
+    [choice] = response.json()["choices"]
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    assert choice["finish_reason"] == "stop"
 
 
 def test_a_completions_request_gets_one_text_completion(completions_model):

@@ -49,7 +49,7 @@ from templated_llm_link import staging_uri
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
     "mlflow", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
-    "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas",
+    "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas", "llguidance",
 )
 # MLflow runs this file to build the model where it loads (the code travels in code_paths too).
 _MODEL_CODE = Path(__file__).with_name("model_code.py")

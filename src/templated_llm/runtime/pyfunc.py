@@ -23,11 +23,12 @@ from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
-from templated_llm.runtime.generation import generate_completions, stream
+from templated_llm.runtime.generation import end_ids, generate_completions, stream
 from templated_llm.runtime.inputs import Row, read_rows
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
+from templated_llm.runtime.structured import Grammar, StructuredOutput
 from templated_llm.runtime.tasks import read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
@@ -59,6 +60,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self._engine = self._start_engine()
         self._batcher = MicroBatcher(self._generate)
         self.tokens = self._prompt_tokens()
+        self.structured = StructuredOutput(self.tokenizer, self.model.config.vocab_size,
+                                           sorted(end_ids(self.model.generation_config, self.tokenizer)))
         self.tracer = Tracer(
             enabled=self.config.tracing, content=self.config.trace_content, model=self.spec.name,
             template=self.config.template_name, template_version=self.config.template_version,
@@ -144,19 +147,21 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
         variables, generation = self._params(params)
+        grammar = self._grammar(generation)
         input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
         if self._engine is not None:
-            return _then_completion(self._submit(input_ids, generation)[0])
+            return _then_completion(self._submit(input_ids, generation, grammar)[0])
         batch = self.tokens.pad(input_ids, self.device)
         # The model alone for the whole stream: no batch runs beside it.
-        return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock)
+        return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock, grammar)
 
-    def _submit(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Sequence]:
+    def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
+                grammar: Grammar | None) -> list[Sequence]:
         """Every row on the engine, or none: a full queue cancels the rows already queued."""
         rows: list[Sequence] = []
         try:
             for ids in input_ids:
-                rows.append(self._engine.submit(ids, generation))
+                rows.append(self._engine.submit(ids, generation, grammar))
         except EngineFullError as exc:
             for row in rows:
                 row.cancel()
@@ -183,6 +188,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     ) -> tuple[list[Completion], GenerationParams]:
         variables, generation = self._params(params)
         trace.params(generation, variables)
+        grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
         with trace.rendering(rows) as stage:
             prompts = self.render(rows, variables)
             stage.rendered(prompts)
@@ -191,7 +197,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             if self._engine is None:
                 completions = list(self._batcher.submit(input_ids, generation))
             else:
-                completions = [row.result() for row in self._submit(input_ids, generation)]
+                completions = [row.result() for row in self._submit(input_ids, generation, grammar)]
             stage.generated(completions)
         return completions, generation
 
@@ -199,9 +205,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,
                            self.config.max_tokens_limit)
 
+    def _grammar(self, generation: GenerationParams) -> Grammar | None:
+        """The compiled grammar of the request's response_format (cached); None for text."""
+        return self.structured.compile(generation.response_format)
+
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
         batch = self.tokens.pad(input_ids, self.device)
-        return generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+        return generate_completions(self.model, self.tokenizer, batch, generation, self.device,
+                                    self._grammar(generation))
 
 
 def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:

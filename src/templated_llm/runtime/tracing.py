@@ -99,7 +99,7 @@ class RequestTrace:
     def params(self, generation: GenerationParams, variables: dict[str, str]) -> None:
         if self._span is None:
             return
-        values = generation.model_dump(mode="json")
+        values = generation.model_dump(mode="json", by_alias=True, exclude_none=True)
         # Template variables carry the user's text: without content, only their names.
         values.update(self._shown(variables, dict.fromkeys(variables, "<not traced>")))
         self._span.set_attribute(_PARAMS, values)
