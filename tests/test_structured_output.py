@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from templated_llm.runtime.generation import end_ids
+from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import GrammarLogitsProcessor, ResponseFormat
 
 PROMPTS = ["Describe a river as JSON.", "Name three cities."]
@@ -111,7 +112,7 @@ def test_constrained_and_free_rows_share_a_batch(loaded_model):
     grammar = llm.structured.compile(ResponseFormat.model_validate(_json_schema(schema)))
     ids = llm.tokens.encode(llm.render(PROMPTS), 16)
     batch = llm.tokens.pad(ids, llm.device)
-    ends = end_ids(llm.model, llm.tokenizer)
+    ends = sorted(end_ids(llm.model.generation_config, llm.tokenizer))
     common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": llm.tokenizer.pad_token_id}
     with torch.inference_mode():
         mixed = llm.model.generate(**batch, **common, logits_processor=[
@@ -121,6 +122,23 @@ def test_constrained_and_free_rows_share_a_batch(loaded_model):
     constrained, unconstrained = llm.tokenizer.batch_decode(mixed[:, width:], skip_special_tokens=True)
     jsonschema.validate(json.loads(constrained), schema)
     assert unconstrained == llm.tokenizer.decode(free[1, width:], skip_special_tokens=True)
+
+
+def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_model):
+    llm = loaded_model.unwrap_python_model()
+    assert llm.engine is not None
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"]}
+    grammar = llm.structured.compile(ResponseFormat.model_validate(_json_schema(schema)))
+    constrained_ids, free_ids = llm.tokens.encode(llm.render(PROMPTS), 16)
+    params = GenerationParams(temperature=0.0, max_tokens=16)
+    alone = llm.engine.submit(free_ids, params).result()
+    # Submitted together, they share the engine's steps: one row masked, one not.
+    constrained = llm.engine.submit(constrained_ids, params, grammar)
+    free = llm.engine.submit(free_ids, params)
+    jsonschema.validate(json.loads(constrained.result().text), schema)
+    assert constrained.result().finish_reason == "stop"
+    assert free.result() == alone
 
 
 @pytest.mark.parametrize(("response_format", "named"), [

@@ -26,13 +26,9 @@ from mlflow.types.llm import (
 
 from local_server import free_port, running_server
 from templated_llm import TaskError, log_llm
+from test_chat_serving import CHAT, GREEDY, SYSTEM  # the same conversations as the default schema's
 
 pytestmark = pytest.mark.slow
-
-CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Name a river."}]
-SYSTEM = {"role": "system", "content": "Be brief."}
-GREEDY = {"temperature": 0.0, "max_tokens": 6}
 
 
 @pytest.fixture(scope="module")

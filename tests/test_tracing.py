@@ -68,6 +68,17 @@ def test_a_conversation_is_a_chat_model_span_holding_the_messages(tiny_model):
     assert root.inputs == {"messages": messages}
 
 
+def test_a_stream_is_one_trace_ending_with_it(loaded_model):
+    chunks = list(loaded_model.predict_stream("Stream three rivers.", params=GREEDY))
+    [trace] = [t for t in mlflow.search_traces(return_type="list", max_results=20, flush=True)
+               if "Stream three rivers." in (t.info.request_preview or "")]
+    root = _spans(trace)["mpt-instruct"]
+    assert root.outputs["text"] == "".join(chunks)
+    assert root.get_attribute(SpanAttributeKey.CHAT_USAGE)["output_tokens"] == GREEDY["max_tokens"] or \
+        root.outputs["finish_reason"] == "stop"
+    assert trace.info.state == "OK"
+
+
 def test_a_failing_request_leaves_an_error_trace(loaded_model):
     with pytest.raises(MlflowException):
         loaded_model.predict(["Hi"], params={"temperature": 9.0})

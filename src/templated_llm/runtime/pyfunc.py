@@ -7,6 +7,7 @@ each stage is a module of this package, and this class only connects them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,12 +120,19 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         with self.tracer.request() as trace:
             if self.config.task is not None:
                 return self._predict_task(model_input, params, trace)
-            rows = read_rows(model_input, self.config.max_rows_per_request)
-            trace.rows(rows)
-            completions, generation = self._complete(rows, params, trace)
+            completions, generation = self._complete_input(model_input, params, trace)
             frame = to_frame(completions, generation.return_usage)
             trace.response(frame, completions)
             return frame
+
+    def complete(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Completion]:
+        """Every row's :class:`Completion` (text, token counts, finish reason), whatever task the
+        model was logged with; ``model_input`` and ``params`` as ``predict`` takes them without
+        a task. Traced as ``predict`` is."""
+        with self.tracer.request() as trace:
+            completions, _ = self._complete_input(model_input, params, trace)
+            trace.response([dataclasses.asdict(c) for c in completions], completions)
+            return completions
 
     def predict_stream(
         self,
@@ -150,10 +158,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         grammar = self._grammar(generation)
         input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
         if self._engine is not None:
-            return _then_completion(self._submit(input_ids, generation, grammar)[0])
-        batch = self.tokens.pad(input_ids, self.device)
-        # The model alone for the whole stream: no batch runs beside it.
-        return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock, grammar)
+            chunks = _then_completion(self._submit(input_ids, generation, grammar)[0])
+        else:
+            batch = self.tokens.pad(input_ids, self.device)
+            # The model alone for the whole stream: no batch runs beside it.
+            chunks = stream(self.model, self.tokenizer, batch, generation, self.device,
+                            self._batcher.lock, grammar)
+        return self.tracer.stream(rows, generation, variables, chunks)
 
     def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
                 grammar: Grammar | None) -> list[Sequence]:
@@ -182,6 +193,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         response = responses[0] if len(responses) == 1 else responses
         trace.response(response, completions)
         return response
+
+    def _complete_input(
+        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
+    ) -> tuple[list[Completion], GenerationParams]:
+        rows = read_rows(model_input, self.config.max_rows_per_request)
+        trace.rows(rows)
+        return self._complete(rows, params, trace)
 
     def _complete(
         self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace

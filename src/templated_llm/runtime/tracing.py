@@ -70,6 +70,37 @@ class Tracer:
             yield RequestTrace(span if isinstance(span, LiveSpan) else None, self.content)
 
 
+    def stream(self, rows: list[Row], generation: GenerationParams, variables: dict[str, str],
+               chunks: Iterator[str | Completion]) -> Iterator[str | Completion]:
+        """A stream's chunks (its text, then its :class:`Completion`) traced as one request span
+        that ends with the stream: a span started apart from the caller's context (under the
+        caller's current span, if any), as the stream is read piece by piece."""
+        if not self.enabled:
+            return chunks
+        span = mlflow.start_span_no_context(self._name, SpanType.LLM, attributes=self._attributes,
+                                            parent_span=mlflow.get_current_active_span())
+        if not isinstance(span, LiveSpan):  # MLflow's tracing is disabled
+            return chunks
+        trace = RequestTrace(span, self.content)
+        trace.rows(rows)
+        trace.params(generation, variables)
+        return _traced_stream(trace, span, chunks)
+
+
+def _traced_stream(trace: RequestTrace, span: LiveSpan, chunks: Iterator[str | Completion]
+                   ) -> Iterator[str | Completion]:
+    status = "ERROR"  # unless the stream reaches its Completion: failed, or closed early
+    try:
+        with contextlib.closing(chunks):  # closing this closes them, which stops the generation
+            for chunk in chunks:
+                if isinstance(chunk, Completion):
+                    trace.response({"text": chunk.text, "finish_reason": chunk.finish_reason}, [chunk])
+                    status = "OK"
+                yield chunk
+    finally:
+        span.end(status=status)
+
+
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:
     prompt = sum(c.prompt_tokens for c in completions)
     generated = sum(c.completion_tokens for c in completions)
