@@ -1,8 +1,8 @@
 """The ways to serve the same snapshot, each logged to MLflow (except plain transformers) and
 answering ``complete(prompts, max_tokens)`` with greedy completions.
 
-Every contender's new tokens are counted as it generates (see counting.py): a call that made
-fewer (or more) than asked stops the run.
+Every contender's new tokens are counted (see counting.py): a call that made fewer (or more)
+than asked stops the run.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import pandas as pd
 import torch
 
 from benchmarks import tutorial_mpt
-from benchmarks.counting import exact_tokens
+from benchmarks.counting import Counted, check_tokens, generate_spy
 from templated_llm.errors import TemplatedLLMError
 from templated_llm.model_logging.log import log_llm
 from templated_llm.plugins.attention import backends
+from templated_llm.runtime.device import default_device
 from templated_llm.runtime.templates import PromptTemplate, find_template
 
 MODEL = "mpt-instruct"
+# Why a run on a CPU does not time triton (docs/benchmarks.md says more).
+_TRITON_ON_CPU = ("not timed on a CPU: auto never picks it there, and on the engine each step "
+                  "runs flex_attention padded to every slot's whole length, so a round of the "
+                  "throughput batch would take many minutes")
 GREEDY = {"temperature": 0.0}
 # The request formats: each kind of contender takes its prompts and params its own way.
 TUTORIAL, PLAIN, FLAVOR, TEMPLATED = "tutorial", "plain", "flavor", "templated"
@@ -35,7 +40,8 @@ class Contender:
     name: str
     label: str
     generate_texts: Callable[[list[str], int], list[str]]
-    model: Any  # the transformers model whose ``generate`` it calls
+    model: Any  # the transformers model it runs
+    counted: Counted  # the new tokens of each row it generates
     kind: str
     serial: bool  # generates one prompt at a time
     model_uri: str | None = None
@@ -43,8 +49,10 @@ class Contender:
 
     def complete(self, prompts: list[str], max_tokens: int) -> list[str]:
         """Greedy completions of ``max_tokens`` new tokens each, counted as they are generated."""
-        with exact_tokens(self.model, self.label, len(prompts), max_tokens):
-            return self.generate_texts(prompts, max_tokens)
+        self.counted.take()  # rows generated outside a counted call are not this call's
+        texts = self.generate_texts(prompts, max_tokens)
+        check_tokens(self.label, self.counted.take(), len(prompts), max_tokens)
+        return texts
 
 
 def _pins(*packages: str) -> list[str]:
@@ -72,7 +80,8 @@ def tutorial(snapshot: Path) -> Contender:
             for p in prompts
         ]
 
-    return Contender("tutorial", "1. tutorial pyfunc", complete, model.unwrap_python_model().model,
+    hf_model = model.unwrap_python_model().model
+    return Contender("tutorial", "1. tutorial pyfunc", complete, hf_model, generate_spy(hf_model),
                      TUTORIAL, serial=True, model_uri=info.model_uri)
 
 
@@ -100,7 +109,7 @@ def plain(snapshot: Path) -> Contender:
         snapshot, dtype=torch.float32, attn_implementation="eager").eval()
     return Contender("plain", "2. plain transformers",
                      lambda prompts, n: generate_texts(model, tokenizer, render(prompts), n),
-                     model, PLAIN, serial=False)
+                     model, generate_spy(model), PLAIN, serial=False)
 
 
 def transformers_flavor(snapshot: Path, *, fair: bool) -> Contender:
@@ -135,20 +144,25 @@ def transformers_flavor(snapshot: Path, *, fair: bool) -> Contender:
 
     label = ("3. MLflow transformers flavor, cache on, batched" if fair
              else "3. MLflow transformers flavor, as logged")
-    return Contender(name, label, complete, model.get_raw_model().model, FLAVOR, serial=not fair,
+    hf_model = model.get_raw_model().model
+    return Contender(name, label, complete, hf_model, generate_spy(hf_model), FLAVOR, serial=not fair,
                      model_uri=info.model_uri)
 
 
 def _templated(snapshot: Path, attention: str, label: str) -> Contender:
     info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{attention}", attention=attention)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    counted = Counted()
 
     def complete(prompts: list[str], max_tokens: int) -> list[str]:
-        return pyfunc.predict(prompts, params={**GREEDY, "max_tokens": max_tokens})["candidates"].tolist()
+        # predict runs on the engine, not generate: the rows' own counts (usage) are the count.
+        out = pyfunc.predict(prompts, params={**GREEDY, "max_tokens": max_tokens, "return_usage": True})
+        counted.rows.extend(out["completion_tokens"].tolist())
+        return out["candidates"].tolist()
 
     python_model = pyfunc.unwrap_python_model()
     return Contender(f"templated_{python_model.attention}", label.format(python_model.attention),
-                     complete, python_model.model, TEMPLATED, serial=False,
+                     complete, python_model.model, counted, TEMPLATED, serial=False,
                      model_uri=info.model_uri, extra={"pyfunc": pyfunc})
 
 
@@ -159,6 +173,9 @@ def templated(snapshot: Path) -> tuple[Contender, list[Contender], dict[str, str
     others, unavailable = [], {}
     for backend in (entry.name for entry in backends()):  # the attention table, without auto
         if backend == default.name.removeprefix("templated_"):
+            continue
+        if backend == "triton" and default_device() == "cpu":
+            unavailable[backend] = _TRITON_ON_CPU
             continue
         try:
             contender = _templated(snapshot, backend, "4. TemplatedLLM ({})")

@@ -20,7 +20,7 @@ import requests
 import torch
 
 from benchmarks.contenders import FLAVOR, GREEDY, MODEL, TEMPLATED, TUTORIAL, Contender, generate_texts, render
-from benchmarks.counting import TokenShortfall
+from benchmarks.counting import TokenShortfall, generate_spy
 from benchmarks.measure import cpu_time_shares, interleaved_seconds, median_ratio
 from benchmarks.settings import Settings, prompts, words
 from templated_llm.cli import serve_command
@@ -73,7 +73,7 @@ def overhead(templated: Contender, settings: Settings) -> dict[str, Any]:
     model, tokenizer = python_model.model, python_model.tokenizer
     own = Contender("generate", f"{templated.label}: its model's own generate",
                     lambda texts, n: generate_texts(model, tokenizer, python_model.render(texts), n),
-                    model, templated.kind, serial=False)
+                    model, generate_spy(model), templated.kind, serial=False)
     text = prompts(1)
     times = interleaved_seconds({"predict": lambda: templated.complete(text, settings.new_tokens),
                                  "generate": lambda: own.complete(text, settings.new_tokens)},

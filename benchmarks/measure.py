@@ -34,9 +34,12 @@ def interleaved_seconds(
 
 def cpu_time_shares(call: Callable[[], object]) -> dict[str, float]:
     """Each operator's share of the self CPU time of one ``call`` (torch profiler), largest first."""
+    from torch._C._profiler import _ExperimentalConfig
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # Every thread's operators: predict runs the model on the engine's scheduler thread.
+    with profile(activities=[ProfilerActivity.CPU],
+                 experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
         call()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) or 1

@@ -30,6 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Every server waits this long for a request (MLflow's default is 60 s): a run measures how fast
+# they serve, not which gives up first.
+_TIMEOUT = 3600
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,15 +104,19 @@ def _servers(mpt: Path, llama: Path, settings: ServingSettings) -> Iterator[dict
     from templated_llm.model_logging.log import log_llm
 
     cli = [sys.executable, "-m", "templated_llm.cli", "serve"]
+    patient = ["--request-timeout", str(_TIMEOUT)]
     commands = {
-        "templated_mpt": (cli + [log_llm("mpt-instruct", snapshot=mpt, name="bench-mpt").model_uri], "/ping"),
-        "templated_llama": (cli + [log_llm("hf-chat", snapshot=llama, name="bench-llama").model_uri], "/ping"),
+        "templated_mpt": (cli + [log_llm("mpt-instruct", snapshot=mpt, name="bench-mpt").model_uri, *patient],
+                          "/ping"),
+        "templated_llama": (cli + [log_llm("hf-chat", snapshot=llama, name="bench-llama").model_uri, *patient],
+                            "/ping"),
         "mlflow_flavor": (cli + [_mlflow_flavor(llama), "--mlflow-only"], "/ping"),
         "transformers_serve": ([str(Path(sys.executable).parent / "transformers"), "serve", str(llama),
                                 "--continuous-batching", "--cb-num-blocks", str(_kv_blocks(settings)),
                                 "--device", "cpu", "--host", "127.0.0.1"], "/health"),
     }
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(_TIMEOUT)}
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, (command, ready) in commands.items():
@@ -145,13 +152,13 @@ def _server_rss(url: str) -> int:
     return sum(p.memory_info().rss for root in roots for p in [root, *root.children(recursive=True)])
 
 
-def run(settings: ServingSettings, cache: Path) -> dict[str, Any]:
+def run(settings: ServingSettings, cache: Path, note: str = "") -> dict[str, Any]:
     from benchmarks.figures import machine
     from benchmarks.serving_load import run_clients, workload
 
     mpt, llama = _snapshots(settings, cache)
     contenders = _contenders(llama)
-    results: dict[str, Any] = {"settings": asdict(settings), "machine": {**machine(), "cpu_model": _cpu_model()},
+    results: dict[str, Any] = {"settings": asdict(settings), "machine": machine(note),
                                "contenders": {c.name: c.label for c in contenders}, "runs": [], "rss": {}}
     with _servers(mpt, llama, settings) as urls:
         _say("warming up")
@@ -174,13 +181,6 @@ def run(settings: ServingSettings, cache: Path) -> dict[str, Any]:
         results["rss"]["after"] = {name: _server_rss(url) for name, url in urls.items()}
     results["figures"] = _figures(results["runs"], settings)
     return results
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _run(runs: list[dict[str, Any]], contender: str, clients: int, stream: bool) -> dict[str, Any]:
@@ -244,7 +244,8 @@ def markdown(results: dict[str, Any]) -> str:
               f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
               f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string. "
               f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers. "
-              f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, load average {m['load_average'][0]:.1f} at the "
+              f"Machine: {m['cpu_model']}, {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
+              f"average {m['load_average'][0]:.1f} at the "
               f"start; torch {m['torch']}, transformers {m['transformers']}, mlflow {m['mlflow']}. "
               f"Server RSS, after the warm-up -> at the end: {rss}. MLflow's transformers flavor gets "
               "no temperature for greedy requests (it passes 0 to generate, which refuses it)."]
@@ -261,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"requests each client sends in turn (default {d.requests_per_client})")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
+    parser.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else ServingSettings(clients=tuple(args.clients),
                                                          requests_per_client=args.requests_per_client)
     from benchmarks.store import temporary_store
 
     with temporary_store("serving"):
-        results = run(settings, args.cache)
+        results = run(settings, args.cache, args.note)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "serving.md").write_text(markdown(results))

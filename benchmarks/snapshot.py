@@ -20,16 +20,25 @@ def snapshot(settings: Settings, cache: Path) -> Path:
 
 
 def _never_end_early(path: Path) -> None:
-    """Suppress the end-of-text token in the snapshot's generation config.
+    """Make the end-of-text token unreachable for greedy decoding, whoever decodes.
 
-    Every contender's ``generate`` reads this config, so no row of any contender can end before
-    its ``max_tokens``: all do the same work, and tokens/s compares like with like. (A random
-    model may well pick the end token; the contenders count their tokens and fail if one did.)
+    MPT ties its output layer to the token embeddings: with the end token's row zero, its logit
+    is 0 at every step, while a random model's largest logit over the rest of the vocabulary is
+    far above 0 (a zero-mean logit per token: all of them below 0 has odds of 2^-(vocab - 1)).
+    So no contender's greedy row ends before its ``max_tokens``, whatever decodes it
+    (transformers' ``generate``, MLflow's pipeline, templated-llm's engine), and all do the same
+    work. The row is only ever read for the end token, which no prompt contains (it pads, masked).
+    The contenders still count their tokens, and fail on a shortfall.
     """
-    file = path / "generation_config.json"
-    config = json.loads(file.read_text())
-    config["suppress_tokens"] = [config["eos_token_id"]]
-    file.write_text(json.dumps(config, indent=2) + "\n")
+    from safetensors.torch import load_file, save_file
+
+    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    embeddings = tensors["transformer.wte.weight"]
+    if embeddings[eos].any():
+        embeddings[eos] = 0
+        save_file(tensors, weights, metadata={"format": "pt"})
 
 
 def parameters(path: Path) -> int:

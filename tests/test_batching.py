@@ -117,7 +117,9 @@ def test_merged_batches_are_capped_but_a_big_request_is_never_split():
 
 
 @pytest.mark.parametrize("max_tokens", [1, 7])
-def test_concurrent_predicts_merge_and_get_the_results_of_serial_calls(loaded_model, monkeypatch, max_tokens):
+def test_concurrent_predicts_merge_and_get_the_results_of_serial_calls(fallback_model, monkeypatch, max_tokens):
+    # The whole-batch path (engine=False): merging is the MicroBatcher's job there.
+    loaded_model = fallback_model
     prompts = [[f"Name {n} rivers" + " please" * n, "Hi", f"What is {n} plus {n}?"][: 1 + n % 3]
                for n in range(8)]
     params = {"temperature": 0.0, "max_tokens": max_tokens}

@@ -208,6 +208,12 @@ def test_an_unknown_model_is_a_404(client):
     assert raised.value.code == "model_not_found" and NAME in raised.value.message
 
 
+def test_ping_answered_503_while_the_model_loaded_then_200(server):
+    # The harness polled /ping from the server's start: uvicorn listens before the model is in.
+    assert metric(server, 'templated_llm_requests_total{route="/ping",status="503"}') > 0
+    assert metric(server, 'templated_llm_requests_total{route="/ping",status="200"}') > 0
+
+
 def test_the_models_list_names_the_registered_model(client):
     assert [m.id for m in client.models.list()] == [NAME]
     assert client.models.retrieve(NAME).id == NAME
@@ -274,7 +280,8 @@ def test_metrics_count_requests_tokens_and_stream_latency(server, client):
         assert name in text
     # The engine's own figures, read from its stats.
     for name in ("templated_llm_engine_running", "templated_llm_engine_waiting",
-                 "templated_llm_engine_cache_tokens_used", "templated_llm_engine_tokens_generated"):
+                 "templated_llm_engine_cache_tokens_used", "templated_llm_engine_tokens_generated",
+                 "templated_llm_engine_time_to_first_token_p50"):
         assert name in text
 
 

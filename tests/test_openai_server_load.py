@@ -269,3 +269,21 @@ def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
     assert len(ends) == 3
     for end in ends.values():
         assert end == "[DONE]" or json.loads(end)["error"]["code"] == "shutting_down", end
+
+
+def test_a_request_past_the_timeout_is_cancelled_and_answered_504(logged_model):
+    with openai_server(logged_model.model_uri, "--request-timeout", "1") as url:
+        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 300, "temperature": 0.0}
+        whole = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+        assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
+        with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True,
+                           timeout=300) as response:
+            *_, last = _read_events(response)
+        assert json.loads(last)["error"]["code"] == "timeout"
+        # Both slots come free: the stream's generation cancelled at its next token, the whole
+        # one's (a predict batch, which cannot be cancelled) at its end.
+        deadline = time.monotonic() + 120
+        while metric(url, "templated_llm_sequences_in_flight") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(url, "templated_llm_sequences_in_flight") == 0
+        assert metric(url, "templated_llm_sequences_cancelled_total") == 2

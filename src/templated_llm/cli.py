@@ -237,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                        help=f"largest request body; 413 beyond (default {d.max_body_bytes})")
     serve.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                       help=f"seconds before a request is cancelled and answered 504 (default {d.request_timeout:g})")
+                       help=f"seconds before a request is answered 504 (default {d.request_timeout:g})")
     serve.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                        help=f"seconds running requests get after SIGTERM (default {d.shutdown_timeout:g})")
     serve.add_argument("--max-n", type=int, default=d.max_n,

@@ -8,6 +8,7 @@ everything else once the model is loaded, so ``/invocations``, ``/ping``, ``/hea
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -282,42 +283,39 @@ class _Exchange:
     async def completions(self) -> list[Completion]:
         """Every sequence's completion (they are not streamed)."""
         finished = 0
-        async for index, item in self.generations.events():
+        while finished < self._count:
+            index, item = await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
                 raise self._fail(item)
             if isinstance(item, Completion):
                 self._completed(index, item)
-            elif item is FINISHED:
-                finished += 1
-                if finished == self._count:
-                    return self._check_complete()
-        raise AssertionError("unreachable")  # events() never ends
+            finished += item is FINISHED
+        return self._check_complete()
 
     async def accepted(self) -> list[tuple[int, Any]]:
         """Wait until every sequence's input is accepted (or raise the first refusal, before any
         response is sent); returns the events that came meanwhile."""
         accepted, early = 0, []
-        async for index, item in self.generations.events():
+        while accepted < self._count:
+            index, item = await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
                 raise self._fail(item)
             if item is ACCEPTED:
                 accepted += 1
-                if accepted == self._count:
-                    return early
             else:
                 early.append((index, item))
-        raise AssertionError("unreachable")
+        return early
 
     async def events(self, reply: Reply, early: list[tuple[int, Any]]) -> AsyncIterator[bytes]:
         """The stream's events: each choice's role, text and end; usage; ``[DONE]``."""
         if reply.chat:
             for index in range(self._count):
                 yield reply.chunk(index, first=True)
-        finished = 0
-        async for index, item in _chain(early, self.generations.events()):
+        waiting, finished = collections.deque(early), 0
+        while finished < self._count:
+            index, item = waiting.popleft() if waiting else await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
-                error = self._fail(item)
-                yield error_event(error.message, type=error.type, param=error.param, code=error.code)
+                yield _error_event(self._fail(item))
                 return
             if isinstance(item, str) and item:
                 if self._first_text[index] is None:
@@ -326,14 +324,11 @@ class _Exchange:
             elif isinstance(item, Completion):
                 self._completed(index, item)
                 yield reply.chunk(index, finish_reason=item.finish_reason)
-            elif item is FINISHED:
-                finished += 1
-                if finished == self._count:
-                    break
+            finished += item is FINISHED
         try:
             completions = self._check_complete()
         except RequestError as error:
-            yield error_event(error.message, type=error.type, param=error.param, code=error.code)
+            yield _error_event(error)
             return
         if reply.include_usage:
             yield reply.usage_chunk(completions, self._n)
@@ -368,10 +363,8 @@ class _Exchange:
         unfinished = sum(c is None for c in self._completions)
         if unfinished:
             self._metrics.cancelled.inc(unfinished)
+            self._record.outcome = self._record.outcome or "cancelled"
 
 
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+def _error_event(error: RequestError) -> bytes:
+    return error_event(error.message, type=error.type, param=error.param, code=error.code)

@@ -20,7 +20,7 @@ class ServerConfig:
     api_key: str | None = None
     #: Largest request body, in bytes (HTTP 413 beyond).
     max_body_bytes: int = 16 * 2**20
-    #: Seconds a request may take before it is answered 504 (its generation is cancelled).
+    #: Seconds a request may take before it is answered 504 (a stream's generation is cancelled).
     request_timeout: float = 600.0
     #: Seconds running requests get to finish after SIGTERM before they are cancelled.
     shutdown_timeout: float = 30.0

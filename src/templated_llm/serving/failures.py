@@ -14,8 +14,8 @@ _PARAM = re.compile(r"param '(\w+)'")
 # The engine's queue-full error by name too, whatever base it is given.
 _OVERLOADED_NAMES = {"EngineFullError"}
 
-TIMEOUT = RequestError("the request took longer than the server's --request-timeout; it was "
-                       "cancelled", status=504, type="timeout", code="timeout")
+TIMEOUT = RequestError("the request took longer than the server's --request-timeout",
+                       status=504, type="timeout", code="timeout")
 SHUTTING_DOWN = RequestError("the server is shutting down; the request was cancelled. Retry it",
                              status=503, type="server_error", code="shutting_down")
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _logger = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ class InFlight:
 
 
 class Generations:
-    """The sequences of one request. Iterate :meth:`events` for ``(index, item)`` pairs: ``item``
-    is ``ACCEPTED``, what the sequence yielded, an exception it raised, then ``FINISHED``;
-    index -1 carries what :meth:`interrupt` posted."""
+    """The sequences of one request. :meth:`next` gives ``(index, item)`` pairs: ``item`` is
+    ``ACCEPTED``, what the sequence yielded, an exception it raised, then ``FINISHED``; index -1
+    carries what :meth:`interrupt` posted."""
 
     def __init__(self, in_flight: InFlight) -> None:
         self._loop = asyncio.get_running_loop()
@@ -111,9 +111,9 @@ class Generations:
         """Stop every sequence at its next item."""
         self._cancelled.set()
 
-    async def events(self) -> AsyncIterator[tuple[int, Any]]:
-        while True:
-            yield await self._queue.get()
+    async def next(self) -> tuple[int, Any]:
+        """The next ``(index, item)``."""
+        return await self._queue.get()
 
 
 def _close(iterator: Iterator[Any]) -> None:

@@ -66,4 +66,17 @@ def _numbers(stats: Any | None) -> dict[str, float]:
         fields = stats.model_dump()
     else:
         fields = vars(stats)
-    return {k: float(v) for k, v in fields.items() if isinstance(v, int | float) and not k.startswith("_")}
+    return _flat(fields)
+
+
+def _flat(fields: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric fields, nested ones (a latency summary's p50) named ``outer_inner``."""
+    numbers = {}
+    for key, value in fields.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            numbers.update(_flat(value, f"{prefix}{key}_"))
+        elif isinstance(value, int | float):
+            numbers[f"{prefix}{key}"] = float(value)
+    return numbers
