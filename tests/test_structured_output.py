@@ -124,7 +124,7 @@ def test_constrained_and_free_rows_share_a_batch(loaded_model):
     assert unconstrained == llm.tokenizer.decode(free[1, width:], skip_special_tokens=True)
 
 
-def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_model):
+def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_model, monkeypatch):
     llm = loaded_model.unwrap_python_model()
     assert llm.engine is not None
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -133,10 +133,17 @@ def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_mo
     constrained_ids, free_ids = llm.tokens.encode(llm.render(PROMPTS), 16)
     params = GenerationParams(temperature=0.0, max_tokens=16)
     alone = llm.engine.submit(free_ids, params).result()
-    # Submitted together, they share the engine's steps: one row masked, one not.
-    constrained = llm.engine.submit(constrained_ids, params, grammar)
-    free = llm.engine.submit(free_ids, params)
+    scheduler = llm.engine._scheduler
+    steps: list[list[bool]] = []  # per sampling step, which rows were constrained
+    advance = scheduler._advance
+    monkeypatch.setattr(scheduler, "_advance", lambda states, logits: (
+        steps.append([s.grammar is not None for s in states]), advance(states, logits)))
+    # Queued under the scheduler's lock, they are admitted at once and share its steps.
+    with scheduler.condition:
+        constrained = llm.engine.submit(constrained_ids, params, grammar)
+        free = llm.engine.submit(free_ids, params)
     jsonschema.validate(json.loads(constrained.result().text), schema)
+    assert [True, False] in steps  # one step sampled both rows: one masked, one not
     assert constrained.result().finish_reason == "stop"
     assert free.result() == alone
 
