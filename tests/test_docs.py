@@ -40,7 +40,10 @@ def _python(page: str) -> str:
                       "400 param 'max_tokens': at most 512"]),
      ("chat-and-streaming.md", ["<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Name three rivers. [/INST]",
                                 "chunks", "'finish_reason'"]),
-     ("scaling.md", ["replicas:"])],
+     ("scaling.md", ["replicas:"]),
+     ("genai.md", ["chat.completion", "('render_prompts', 'CHAIN')", "response_length/mean 1.0",
+                   "Q: Name three rivers.\nA:", '"name": "river-qa", "version": "1"',
+                   "required fields: True stop", "Invalid type: strin"])],
 )
 def test_page_python_runs(page: str, printed: list[str], tmp_path: Path) -> None:
     if page == "serving.md":

@@ -137,13 +137,15 @@ def test_the_logged_model_carries_signature_example_requirements_and_code(logged
     params = {p.name: p.default for p in model.signature.params.params}
     assert params["temperature"] == 0.1 and params["max_tokens"] == 256  # the plugin's defaults
     assert set(params) == {"temperature", "max_tokens", "top_p", "top_k", "repetition_penalty",
-                           "stop", "seed", "return_usage"}
+                           "stop", "seed", "return_usage", "response_format"}
+    assert params["response_format"] == {"type": "text"}
     assert model.load_input_example() is not None
     local = Path(mlflow.artifacts.download_artifacts(logged_model.model_uri))
     requirements = (local / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert f"transformers=={transformers.__version__}" in requirements
     assert any(r.startswith("accelerate==") for r in requirements)
+    assert any(r.startswith("llguidance==") for r in requirements)  # structured output
     code = local / "code"
     assert (code / "templated_llm" / "runtime" / "pyfunc.py").is_file()
     assert (code / "templated_llm_mpt" / "__init__.py").is_file()

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -164,6 +165,9 @@ BAD = {
     "a conversation to an instruction model": (
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                       {"role": "user", "content": PROMPT}]}, "messages", "instruction model"),
+    "a schema that cannot be enforced": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+        "response_format", "Invalid type: strin"),
     "an image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                  "messages.0.content", "only text"),
 }
@@ -184,6 +188,18 @@ def test_harmless_fields_are_accepted(client):
         model=NAME, messages=[{"role": "user", "content": PROMPT}], user="u-1", metadata={"k": "v"},
         logprobs=False, frequency_penalty=0, response_format={"type": "text"}, **GREEDY)
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_json_schema_response_format_holds_the_answer_to_it(server):
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 10},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["river", "rank"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "river", "schema": schema, "strict": True}}
+    for stream in (False, True):
+        answer = _ask(server, "sync", "chat", stream, prompt=PROMPT, response_format=response_format,
+                      temperature=0.0, max_tokens=48)
+        jsonschema.validate(json.loads(answer.texts[0]), schema)
+        assert answer.finish_reasons == ["stop"]
 
 
 def test_an_unknown_model_is_a_404(client):

@@ -79,7 +79,7 @@ def test_any_valid_combination_is_accepted(temperature, max_tokens, top_p, top_k
     values = dict(temperature=temperature, max_tokens=max_tokens, top_p=top_p, top_k=top_k,
                   stop=stop, seed=seed)
     params = validate_params(values, {})
-    assert params.model_dump(exclude={"repetition_penalty", "return_usage"}) == values
+    assert params.model_dump(exclude={"repetition_penalty", "return_usage", "response_format"}) == values
 
 
 def test_param_schema_has_every_param_with_the_model_defaults() -> None:
@@ -90,6 +90,7 @@ def test_param_schema_has_every_param_with_the_model_defaults() -> None:
     assert specs["max_tokens"].default == 64
     assert specs["stop"].shape == (-1,)
     assert specs["seed"].default is None
+    assert specs["response_format"].default == {"type": "text"}
 
 
 def test_template_variables_are_string_params_with_the_spec_defaults() -> None:

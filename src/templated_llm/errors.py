@@ -29,6 +29,10 @@ class TemplateSecurityError(TemplateError):
     """A prompt template reaches outside the sandbox: private attributes, imports or files."""
 
 
+class TaskError(TemplatedLLMError, ValueError):
+    """A model cannot be logged with the requested MLflow task."""
+
+
 class AttentionUnavailableError(TemplatedLLMError, ValueError):
     """The requested attention backend cannot run for this model on this machine."""
 

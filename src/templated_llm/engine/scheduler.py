@@ -33,8 +33,9 @@ from templated_llm.engine.config import EngineConfig, resolve
 from templated_llm.engine.sequence import CANCELLED, Sequence, SequenceState, step_failure
 from templated_llm.engine.stats import EngineStats, StatsRecorder
 from templated_llm.errors import EngineClosedError, EngineFullError
-from templated_llm.runtime.generation import _end_ids
+from templated_llm.runtime.generation import end_ids
 from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.structured import Grammar, mask_logits
 from templated_llm.runtime.tokens import context_length
 
 _logger = logging.getLogger(__name__)
@@ -70,10 +71,12 @@ class Engine:
         """Most tokens (prompt plus ``max_tokens``) one sequence may hold: a slot's length."""
         return self._scheduler.cache.slot_len
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
-        """Queue a sequence; it starts when a slot is free. Raises ``ValueError`` when it cannot
-        fit a slot and :class:`EngineFullError` when the waiting queue is at its limit."""
-        return self._scheduler.submit(prompt_ids, params)
+    def submit(self, prompt_ids: list[int], params: GenerationParams,
+               grammar: Grammar | None = None) -> Sequence:
+        """Queue a sequence; it starts when a slot is free. ``grammar`` holds its output to a
+        response format (structured output). Raises ``ValueError`` when it cannot fit a slot and
+        :class:`EngineFullError` when the waiting queue is at its limit."""
+        return self._scheduler.submit(prompt_ids, params, grammar)
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
@@ -88,7 +91,8 @@ class _Scheduler:
         # A copy of its own: request threads encode with the shared tokenizer, and a Rust
         # tokenizer used from two threads at once fails ("Already borrowed").
         self.tokenizer, self.adapter = copy.deepcopy(tokenizer), adapter
-        self.end_ids = _end_ids(model.generation_config, tokenizer)
+        self.end_ids = end_ids(model.generation_config, tokenizer)
+        self.end_list = sorted(self.end_ids)
         device = str(adapter.device)
         per_token = SlotCache.bytes_per_token(adapter.layers, adapter.kv_heads, adapter.head_dim,
                                               adapter.dtype)
@@ -114,7 +118,7 @@ class _Scheduler:
 
     # -- any thread ---------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
+    def submit(self, prompt_ids: list[int], params: GenerationParams, grammar: Grammar | None) -> Sequence:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens; the engine needs at least one")
         needed = len(prompt_ids) + params.max_tokens
@@ -125,7 +129,8 @@ class _Scheduler:
                 "in this engine (max_cache_tokens / max_num_seqs, capped at the model's context). "
                 "Shorten the prompt or lower max_tokens."
             )
-        state = SequenceState(list(prompt_ids), params, sampling.generator(params, self.adapter.device))
+        state = SequenceState(list(prompt_ids), params, sampling.generator(params, self.adapter.device),
+                              grammar.start() if grammar is not None else None)
         with self.condition:
             if self.stopping:
                 raise EngineClosedError("the engine is closed; load the model again")
@@ -242,6 +247,9 @@ class _Scheduler:
 
     def _advance(self, states: list[SequenceState], logits: torch.Tensor) -> None:
         """Sample each sequence's next token; end those that are done."""
+        for row, state in enumerate(states):
+            if state.grammar is not None:  # structured output: only the tokens it allows
+                mask_logits(logits[row], state.grammar, self.end_list)
         tokens = sampling.next_tokens(logits, [s.params for s in states], [s.seen for s in states],
                                       [s.generator for s in states])
         now = time.perf_counter()
@@ -249,6 +257,8 @@ class _Scheduler:
         ended = []
         for state, token in zip(states, tokens):
             state.generated.append(token)
+            if state.grammar is not None and not state.grammar.is_done():
+                state.grammar.advance(token)
             if state.first_token_at is None:
                 state.first_token_at = now
                 self.recorder.first_token(now - state.submitted)

@@ -14,6 +14,7 @@ import torch
 from templated_llm.errors import SequenceFailedError
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.structured import GrammarState
 
 #: ``finish_reason`` of a sequence cancelled before it ended.
 CANCELLED = "cancelled"
@@ -28,6 +29,7 @@ class SequenceState:
     prompt_ids: list[int]
     params: GenerationParams
     generator: torch.Generator | None
+    grammar: GrammarState | None = None  # structured output: the tokens this sequence may take
     submitted: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys and values are in the slot

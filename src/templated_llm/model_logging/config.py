@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig
+from templated_llm.runtime.tasks import Task
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -45,6 +46,17 @@ class LoggedConfig(BaseModel):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.max_num_seqs, self.max_cache_tokens, self.max_waiting,
                             self.prefill_chunk)
+    # MLflow's LLM task the model was logged with (its request and response shapes); None is
+    # the 'prompt'/'candidates' schema.
+    task: Task | None = None
+    # Traces of requests (see runtime/tracing.py), and whether they hold prompt and completion text.
+    tracing: bool = True
+    trace_content: bool = True
+    # Which template the model renders with: its file (or prompt) name, and its version.
+    template_name: str = ""
+    template_version: str = ""
+    # The prompt registry version the template came from ("prompts:/name/3"), if it did.
+    template_uri: str | None = None
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:

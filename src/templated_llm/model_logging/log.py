@@ -27,6 +27,7 @@ from templated_llm.model_logging.config import (
     DEFAULT_MAX_TOKENS_LIMIT,
     LoggedConfig,
 )
+from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
 from templated_llm.plugins.manager import (
     get_model_spec,
@@ -40,6 +41,7 @@ from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
+from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
 from templated_llm_link import staging_uri
@@ -47,7 +49,7 @@ from templated_llm_link import staging_uri
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
     "mlflow", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
-    "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas",
+    "huggingface_hub", "pluggy", "pydantic", "jinja2", "pandas", "llguidance",
 )
 # MLflow runs this file to build the model where it loads (the code travels in code_paths too).
 _MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -165,14 +167,27 @@ class _ExampleNotRunModel(Model):
         return None
 
 
-def _signature(defaults: dict[str, Any], template_variables: dict[str, str]) -> ModelSignature:
+def _signature(task: Task | None, defaults: dict[str, Any], template_variables: dict[str, str]) -> ModelSignature:
+    params = param_schema(defaults, template_variables)
+    if task is not None:
+        return task_signature(task, params)
     return ModelSignature(
         # No input schema: MLflow accepts either a plain list of prompts (unnamed schema) or
         # a 'prompt' column (named schema), never both; predict checks the input itself.
         inputs=None,
         outputs=output_schema(),
-        params=param_schema(defaults, template_variables),
+        params=params,
     )
+
+
+def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, staging: Path) -> TemplateSource:
+    """The template file to log: a file (the plugin's when ``template`` is None), versioned by
+    the start of its SHA-256, or a prompt registry version's text, written under ``staging``."""
+    if is_prompt_uri(template):
+        staging.mkdir()
+        return fetch_prompt_template(template, staging)
+    path = template_path(spec, template)
+    return TemplateSource(path, path.name, "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12])
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
@@ -197,6 +212,9 @@ def log_llm(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     pack_weights: bool = True,
     engine: bool | EngineConfig = True,
+    task: Task | None = None,
+    tracing: bool = True,
+    trace_content: bool = True,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log ``model`` (a name a plugin serves, e.g. ``"mpt-instruct"``) as an MLflow pyfunc.
@@ -206,7 +224,10 @@ def log_llm(
         snapshot: a local snapshot directory, used as is; ``None`` downloads the plugin's
             Hugging Face repository.
         name: the logged model's name.
-        template: a Jinja template file (or shipped template name) replacing the plugin's.
+        template: a Jinja template replacing the plugin's: a file, a shipped template's name,
+            or a version in MLflow's prompt registry (``prompts:/name/3``,
+            ``prompts:/name@alias``), whose text is copied into the model and whose version
+            is linked to it.
         attention: ``auto``, ``eager``, ``sdpa``, ``triton`` or ``flash``.
         dtype: ``auto`` (the checkpoint's dtype where the device computes it natively, else
             float32; chosen at load, and logged), ``float32``, ``bfloat16`` or ``float16``.
@@ -223,6 +244,14 @@ def log_llm(
         engine: serve through the continuous-batching engine (``True``, budget sized at load),
             with an ``EngineConfig`` budget, or ``False`` to generate whole batches with
             transformers' ``generate``. Overridable at load through ``model_config``.
+        task: ``"llm/v1/chat"`` or ``"llm/v1/completions"`` logs MLflow's own signature for
+            that task and sets ``metadata.task``: the served model takes OpenAI-shaped bodies
+            and answers each with one ``chat.completion`` (or ``text_completion``) object.
+            ``None`` keeps the ``prompt``/``candidates`` schema.
+        tracing: trace every request with MLflow tracing (when MLflow's tracing is enabled);
+            ``TEMPLATED_LLM_TRACING`` overrides it where the model is loaded.
+        trace_content: keep prompt and completion text in those traces; ``False`` records
+            counts only. ``TEMPLATED_LLM_TRACE_CONTENT`` overrides it where the model is loaded.
         **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
 
     The weights are not loaded here, and they are copied once, into the artifact store.
@@ -233,41 +262,54 @@ def log_llm(
     plugin_module, plugin_code = _plugin_code(spec)
     # A dtype that cannot run here fails now, as an attention backend does.
     check_dtype(dtype, default_device())
+    check_task(task, spec.chat, spec.name)
     # An explicit backend that cannot run here fails now rather than at serving time.
     select_attention(spec, attention, default_device(), Path(snapshot) if snapshot is not None else None)
-    template_file = template_path(spec, template)
-    # Fail before logging: sandbox checks, and one render with the spec's template variables.
-    validate_template(template_file, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
-    defaults = GenerationParams(**spec.generation_defaults).model_dump()
-    config = LoggedConfig(
-        model=spec.name,
-        plugin=spec.plugin_name,
-        plugin_module=plugin_module,
-        attention=attention,
-        dtype=dtype,
-        generation_defaults=defaults,
-        templated_llm_version=importlib.metadata.version("templated-llm"),
-        trust_remote_code=trust_remote_code,
-        max_rows_per_request=max_rows_per_request,
-        max_tokens_limit=max_tokens_limit,
-        pack_weights=pack_weights,
-        **_engine_fields(engine),
-    )
-    snapshot_dir = resolve_snapshot(spec, snapshot)
-    _check_snapshot(spec, snapshot_dir, trust_remote_code)
-    requirements = list(_runtime_requirements())
-    requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
     with tempfile.TemporaryDirectory() as staging:
+        source = _template_source(spec, template, Path(staging) / "template")
+        # Fail before logging: sandbox checks, and one render with the spec's template variables.
+        validate_template(source.path, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
+        defaults = GenerationParams(**spec.generation_defaults).model_dump()
+        config = LoggedConfig(
+            model=spec.name,
+            plugin=spec.plugin_name,
+            plugin_module=plugin_module,
+            attention=attention,
+            dtype=dtype,
+            generation_defaults=defaults,
+            templated_llm_version=importlib.metadata.version("templated-llm"),
+            trust_remote_code=trust_remote_code,
+            max_rows_per_request=max_rows_per_request,
+            max_tokens_limit=max_tokens_limit,
+            pack_weights=pack_weights,
+            **_engine_fields(engine),
+            task=task,
+            tracing=tracing,
+            trace_content=trace_content,
+            template_name=source.name,
+            template_version=source.version,
+            template_uri=source.uri,
+        )
+        snapshot_dir = resolve_snapshot(spec, snapshot)
+        _check_snapshot(spec, snapshot_dir, trust_remote_code)
+        requirements = list(_runtime_requirements())
+        requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
+        if task is not None:
+            kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "task": task}
+        if source.uri is not None:
+            # MLflow links the prompt version to the logged model (and its run).
+            kwargs["prompts"] = [*(kwargs.get("prompts") or []), source.uri]
         return _ExampleNotRunModel.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
             flavor_name="pyfunc",
             name=name,
             python_model=str(_MODEL_CODE),
-            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(template_file)},
+            # The template's text travels in the model: serving needs no prompt registry.
+            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(source.path)},
             model_config=config.model_dump(),
-            signature=_signature(defaults, spec.template_variables),
-            input_example=pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
+            signature=_signature(task, defaults, spec.template_variables),
+            input_example=INPUT_EXAMPLES[task] if task else pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
             pip_requirements=requirements,
             code_paths=_code_paths(plugin_module, plugin_code, Path(staging)),
             registered_model_name=registered_model_name,

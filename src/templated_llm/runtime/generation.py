@@ -14,6 +14,7 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.structured import Grammar, GrammarLogitsProcessor
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:
@@ -50,27 +51,39 @@ def _seeded(seed: int | None, device: str) -> Iterator[None]:
         yield
 
 
-def _end_ids(config: Any, tokenizer: Any) -> set[int]:
-    eos = config.eos_token_id
+def end_ids(config: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a sequence: the generation config's end tokens and the pad token."""
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     ids = set(eos) if isinstance(eos, list) else {eos}
     return {i for i in ids | {tokenizer.pad_token_id} if i is not None}
 
 
+def _constrained(batch: dict[str, torch.Tensor], grammar: Grammar | None, ends: set[int]) -> dict[str, Any]:
+    """``generate``'s arguments that hold every row to ``grammar`` (a state per row), if any."""
+    if grammar is None:
+        return {}
+    states = [grammar.start() for _ in range(batch["input_ids"].shape[0])]
+    return {"logits_processor": [GrammarLogitsProcessor(states, sorted(ends))]}
+
+
 def generate_completions(
-    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams, device: str
+    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams, device: str,
+    grammar: Grammar | None = None,
 ) -> list[Completion]:
-    """Generate a completion for every row of an encoded batch in one ``generate`` call.
+    """Generate a completion for every row of an encoded batch in one ``generate`` call,
+    each row held to ``grammar`` when one is given (structured output).
 
     The prompt is cut off by token position (not by matching text), so a completion that
     repeats the prompt, or a tokenizer that does not round-trip, cannot corrupt the result.
     """
     config = _generation_config(model, tokenizer, params)
+    ends = end_ids(config, tokenizer)
     with torch.inference_mode(), _seeded(params.seed, device):
-        output = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
+        output = model.generate(**batch, generation_config=config, tokenizer=tokenizer,
+                                **_constrained(batch, grammar, ends))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-    ends = _end_ids(config, tokenizer)
     completions = []
     for row, text in enumerate(texts):
         tokens = new_tokens[row].tolist()
@@ -135,7 +148,7 @@ class _Streamer(TextIteratorStreamer):
 
 def stream(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
-    device: str, lock: contextlib.AbstractContextManager[Any],
+    device: str, lock: contextlib.AbstractContextManager[Any], grammar: Grammar | None = None,
 ) -> Iterator[str | Completion]:
     """Yield one row's generated text in chunks as it is decoded, then its :class:`Completion`.
 
@@ -144,7 +157,9 @@ def stream(
     :func:`generate_completions` returns. Closing the iterator early stops the generation.
     """
     config = _generation_config(model, tokenizer, params)
-    streamer = _Streamer(tokenizer, _end_ids(config, tokenizer))
+    ends = end_ids(config, tokenizer)
+    streamer = _Streamer(tokenizer, ends)
+    constrained = _constrained(batch, grammar, ends)
     cancelled = threading.Event()
     failure: list[BaseException] = []
 
@@ -152,7 +167,7 @@ def stream(
         try:
             with lock, torch.inference_mode(), _seeded(params.seed, device):
                 model.generate(**batch, generation_config=config, tokenizer=tokenizer,
-                               streamer=streamer, stopping_criteria=[_Cancelled(cancelled)])
+                               streamer=streamer, stopping_criteria=[_Cancelled(cancelled)], **constrained)
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)
             streamer.end()

@@ -28,11 +28,7 @@ def read_rows(model_input: Any, max_rows: int) -> list[Row]:
     ``max_rows`` rows (the limit logged with the model), or text that is not valid Unicode.
     """
     rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
-    if len(rows) > max_rows:
-        raise MlflowException.invalid_parameter_value(
-            f"the request has {len(rows)} prompts; this model accepts at most {max_rows} per "
-            "request (max_rows_per_request, set when it was logged). Split the request."
-        )
+    check_row_limit(len(rows), max_rows)
     for row, value in enumerate(rows):
         texts = [value] if isinstance(value, str) else [m["content"] for m in value]
         if found := next(filter(None, map(_LONE_SURROGATE.search, texts)), None):
@@ -41,6 +37,15 @@ def read_rows(model_input: Any, max_rows: int) -> list[Row]:
                 f"{found.group()!r} at character {found.start()}; send UTF-8 text"
             )
     return rows
+
+
+def check_row_limit(rows: int, max_rows: int) -> None:
+    """Refuse a request of more than ``max_rows`` rows (the limit logged with the model)."""
+    if rows > max_rows:
+        raise MlflowException.invalid_parameter_value(
+            f"the request has {rows} prompts; this model accepts at most {max_rows} per "
+            "request (max_rows_per_request, set when it was logged). Split the request."
+        )
 
 
 def _rows(value: Any) -> list[Any]:

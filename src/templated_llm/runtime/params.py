@@ -8,10 +8,11 @@ from typing import Annotated, Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.types.schema import ParamSchema, ParamSpec
+from mlflow.types.schema import AnyType, Map, Object, ParamSchema, ParamSpec, Property
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from templated_llm.errors import TemplateError
+from templated_llm.runtime.structured import ResponseFormat
 
 
 _GREEDY_BELOW = 1e-5
@@ -32,6 +33,10 @@ class GenerationParams(BaseModel):
     return_usage: bool = Field(
         False, description="add prompt_tokens, completion_tokens and finish_reason columns"
     )
+    response_format: ResponseFormat = Field(
+        default_factory=ResponseFormat,
+        description="OpenAI's response_format: text, json_object or json_schema (structured output)",
+    )
 
     @property
     def greedy(self) -> bool:
@@ -42,7 +47,10 @@ class GenerationParams(BaseModel):
 
 _MLFLOW_TYPES = {"temperature": "double", "top_p": "double", "repetition_penalty": "double",
                  "max_tokens": "long", "top_k": "long", "seed": "long", "stop": "string",
-                 "return_usage": "boolean"}
+                 "return_usage": "boolean",
+                 # An object, as OpenAI clients send it; the schema inside is any JSON object.
+                 "response_format": Object([Property("type", "string"),
+                                            Property("json_schema", Map(AnyType()), required=False)])}
 
 
 def param_schema(defaults: dict[str, Any], template_variables: dict[str, str] | None = None) -> ParamSchema:
@@ -55,9 +63,9 @@ def param_schema(defaults: dict[str, Any], template_variables: dict[str, str] | 
             f"template variables {clashing} have the names of inference params; rename them "
             f"(inference params: {list(GenerationParams.model_fields)})"
         )
+    defaults = {**values.model_dump(), "response_format": values.response_format.dump()}
     return ParamSchema([
-        *(ParamSpec(name, _MLFLOW_TYPES[name], getattr(values, name),
-                    (-1,) if name == "stop" else None)
+        *(ParamSpec(name, _MLFLOW_TYPES[name], defaults[name], (-1,) if name == "stop" else None)
           for name in GenerationParams.model_fields),
         *(ParamSpec(name, "string", default) for name, default in (template_variables or {}).items()),
     ])
@@ -120,7 +128,8 @@ def validate_params(
                     f"unknown param {name!r}; allowed params: {list(GenerationParams.model_fields)}"
                 )
             else:
-                where = f" item {item[0]}" if item else ""
+                where = f" item {item[0]}" if item and isinstance(item[0], int) else (
+                    f" field {'.'.join(map(str, item))}" if item else "")
                 problems.append(
                     f"param {name!r}{where}: {error['msg']}; received {merged[name]!r}"
                 )

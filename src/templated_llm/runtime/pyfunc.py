@@ -7,6 +7,7 @@ each stage is a module of this package, and this class only connects them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,16 @@ from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
-from templated_llm.runtime.generation import generate_completions, stream
+from templated_llm.runtime.generation import end_ids, generate_completions, stream
 from templated_llm.runtime.inputs import Row, read_rows
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
+from templated_llm.runtime.structured import Grammar, StructuredOutput
+from templated_llm.runtime.tasks import read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
+from templated_llm.runtime.tracing import RequestTrace, Tracer
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +64,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         merged = MAX_MERGED_TOKENS if self.cache_tokens is None else min(MAX_MERGED_TOKENS, self.cache_tokens)
         self._batcher = MicroBatcher(self._generate, max_padded_tokens=merged)
         self.tokens = self._prompt_tokens()
+        self.structured = StructuredOutput(self.tokenizer, self.model.config.vocab_size,
+                                           sorted(end_ids(self.model.generation_config, self.tokenizer)))
+        self.tracer = Tracer(
+            enabled=self.config.tracing, content=self.config.trace_content, model=self.spec.name,
+            template=self.config.template_name, template_version=self.config.template_version,
+            task=self.config.task,
+            prompt=(self.config.template_name, self.config.template_version) if self.config.template_uri else None,
+        )
         _logger.info(
             "loaded %s (plugin %s) on %s in %s with %s attention, %s",
             self.spec.name, self.spec.plugin_name, self.device, loaded.dtype, self.attention,
@@ -107,13 +119,25 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         # A DataFrame hint is one MLflow derives no schema from: our signature is explicit.
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
-    ) -> pd.DataFrame:
-        input_ids, generation = self._prepare(model_input, params)
-        if self._engine is None:
-            completions = self._batcher.submit(input_ids, generation)
-        else:
-            completions = [row.result() for row in self._submit(input_ids, generation)]
-        return to_frame(completions, generation.return_usage)
+    ) -> pd.DataFrame | dict[str, Any] | list[dict[str, Any]]:
+        """Completions for every row: the ``candidates`` DataFrame or, for a model logged with
+        an MLflow task, one OpenAI-shaped response per request (the response itself for one)."""
+        with self.tracer.request() as trace:
+            if self.config.task is not None:
+                return self._predict_task(model_input, params, trace)
+            completions, generation = self._complete_input(model_input, params, trace)
+            frame = to_frame(completions, generation.return_usage)
+            trace.response(frame, completions)
+            return frame
+
+    def complete(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Completion]:
+        """Every row's :class:`Completion` (text, token counts, finish reason), whatever task the
+        model was logged with; ``model_input`` and ``params`` as ``predict`` takes them without
+        a task. Traced as ``predict`` is."""
+        with self.tracer.request() as trace:
+            completions, _ = self._complete_input(model_input, params, trace)
+            trace.response([dataclasses.asdict(c) for c in completions], completions)
+            return completions
 
     def predict_stream(
         self,
@@ -130,43 +154,88 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
         counts, finish reason). Input and params are checked before this returns; closing the
         iterator stops the generation."""
-        input_ids, generation = self._prepare(model_input, params)
-        if len(input_ids) != 1:
+        rows = read_rows(model_input, self.config.max_rows_per_request)
+        if len(rows) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes one prompt or conversation; received {len(input_ids)}"
+                f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
+        variables, generation = self._params(params)
+        grammar = self._grammar(generation)
+        input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
         if self._engine is not None:
-            return _then_completion(self._submit(input_ids, generation)[0])
-        batch = self.tokens.pad(input_ids, self.device)
-        # The model alone for the whole stream: no batch runs beside it.
-        return stream(self.model, self.tokenizer, batch, generation, self.device, self._batcher.lock)
+            chunks = _then_completion(self._submit(input_ids, generation, grammar)[0])
+        else:
+            batch = self.tokens.pad(input_ids, self.device)
+            # The model alone for the whole stream: no batch runs beside it.
+            chunks = stream(self.model, self.tokenizer, batch, generation, self.device,
+                            self._batcher.lock, grammar)
+        return self.tracer.stream(rows, generation, variables, chunks)
 
-    def _submit(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Sequence]:
+    def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
+                grammar: Grammar | None) -> list[Sequence]:
         """Every row on the engine, or none: a full queue cancels the rows already queued."""
         rows: list[Sequence] = []
         try:
             for ids in input_ids:
-                rows.append(self._engine.submit(ids, generation))
+                rows.append(self._engine.submit(ids, generation, grammar))
         except EngineFullError as exc:
             for row in rows:
                 row.cancel()
             raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
         return rows
 
-    def _prepare(
-        self, model_input: Any, params: dict[str, Any] | None
-    ) -> tuple[list[list[int]], GenerationParams]:
-        """Each row's token ids and the validated params: every check made before generation."""
+    def _predict_task(
+        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
+        trace.rows([r.row for r in requests], requests[0].params if len(requests) == 1 else None)
+        completions, responses = [], []
+        for request in requests:
+            # Each request (row) has its own params: its body's over the request's params.
+            [completion], _ = self._complete([request.row], {**(params or {}), **request.params}, trace)
+            completions.append(completion)
+            responses.append(task_response(self.config.task, self.spec.name, completion))
+        response = responses[0] if len(responses) == 1 else responses
+        trace.response(response, completions)
+        return response
+
+    def _complete_input(
+        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
+    ) -> tuple[list[Completion], GenerationParams]:
         rows = read_rows(model_input, self.config.max_rows_per_request)
-        variables, generation = read_params(
-            params, self.spec.template_variables, self.config.generation_defaults,
-            self.config.max_tokens_limit,
-        )
-        return self.tokens.encode(self.render(rows, variables), generation.max_tokens), generation
+        trace.rows(rows)
+        return self._complete(rows, params, trace)
+
+    def _complete(
+        self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
+    ) -> tuple[list[Completion], GenerationParams]:
+        variables, generation = self._params(params)
+        trace.params(generation, variables)
+        grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
+        with trace.rendering(rows) as stage:
+            prompts = self.render(rows, variables)
+            stage.rendered(prompts)
+        input_ids = self.tokens.encode(prompts, generation.max_tokens)
+        with trace.generation(input_ids) as stage:
+            if self._engine is None:
+                completions = list(self._batcher.submit(input_ids, generation))
+            else:
+                completions = [row.result() for row in self._submit(input_ids, generation, grammar)]
+            stage.generated(completions)
+        return completions, generation
+
+    def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
+        return read_params(params, self.spec.template_variables, self.config.generation_defaults,
+                           self.config.max_tokens_limit)
+
+    def _grammar(self, generation: GenerationParams) -> Grammar | None:
+        """The compiled grammar of the request's response_format (cached); None for text."""
+        return self.structured.compile(generation.response_format)
 
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
         batch = self.tokens.pad(input_ids, self.device)
-        return generate_completions(self.model, self.tokenizer, batch, generation, self.device)
+        return generate_completions(self.model, self.tokenizer, batch, generation, self.device,
+                                    self._grammar(generation))
 
 
 def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:

@@ -1,8 +1,8 @@
 """What the HTTP server asks of a loaded model: complete a row, stream a row, engine stats.
 
-The server sees only :class:`Backend`, so it does not care how generation runs: today through
-``TemplatedLLM.predict`` (batched) and ``TemplatedLLM.generate_stream``; on the engine when the
-model has one.
+The server sees only :class:`Backend`, so it does not care how generation runs: through
+``TemplatedLLM.complete`` (``predict``'s rows, whatever task the model was logged with) and
+``TemplatedLLM.generate_stream``, on the engine when the model has one.
 """
 
 from __future__ import annotations
@@ -54,12 +54,9 @@ class TemplatedLLMBackend:
         self.max_rows: int = model.config.max_rows_per_request
 
     def complete(self, row: Row, params: dict[str, Any]) -> Completion:
-        # predict merges concurrent requests with the same params into one generate batch.
-        [result] = self._model.predict(None, _model_input(row), {**params, "return_usage": True}) \
-            .to_dict("records")
-        return Completion(text=result["candidates"], prompt_tokens=int(result["prompt_tokens"]),
-                          completion_tokens=int(result["completion_tokens"]),
-                          finish_reason=str(result["finish_reason"]))
+        # As predict (traced, on the engine), whatever MLflow task the model was logged with.
+        [completion] = self._model.complete(_model_input(row), params)
+        return completion
 
     def stream(self, row: Row, params: dict[str, Any]) -> Iterator[str | Completion]:
         return self._model.generate_stream(_model_input(row), params)

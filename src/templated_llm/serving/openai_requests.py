@@ -32,7 +32,7 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": _off(False), "top_logprobs": _off(0), "logit_bias": _off({}), "tools": _off([]),
     "tool_choice": _off("none"), "functions": _off([]), "function_call": _off("none"),
     "frequency_penalty": _off(0, 0.0), "presence_penalty": _off(0, 0.0),
-    "response_format": _off({"type": "text"}), "modalities": _off(["text"]), "audio": _off(),
+    "modalities": _off(["text"]), "audio": _off(),
     "prediction": _off(), "reasoning_effort": _off(), "web_search_options": _off(),
     "verbosity": _off(), "moderation": _off(), "echo": _off(False), "suffix": _off(""), "best_of": _off(1),
 }
@@ -63,6 +63,8 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = None
     template_variables: dict[str, str] = Field(default_factory=dict)
+    # Structured output: checked (a 400 naming the problem) by predict's params.
+    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -172,7 +174,8 @@ def params(request: _Request, spec: ModelSpec, variables: dict[str, str] | None 
     sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": max_tokens,
                 "stop": [request.stop] if isinstance(request.stop, str) else request.stop,
                 "seed": request.seed, "top_k": request.top_k,
-                "repetition_penalty": request.repetition_penalty}
+                "repetition_penalty": request.repetition_penalty,
+                "response_format": request.response_format}
     return {**{k: v for k, v in sampling.items() if v is not None},
             **request.template_variables, **(variables or {})}
 

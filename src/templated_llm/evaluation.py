@@ -1,0 +1,58 @@
+"""``predict_fn``: a logged TemplatedLLM as the ``predict_fn`` of ``mlflow.genai.evaluate``.
+
+``mlflow.genai.evaluate(data, scorers, predict_fn=predict_fn(model_uri))`` calls it once per
+row with the row's ``inputs`` as keywords, from many threads at once: the loaded model is
+shared, and its batcher merges the concurrent calls into batches. Each call is a trace: a span
+for the call (the row's inputs, the answer) over the model's own (see ``runtime/tracing.py``),
+so the scorers and the evaluation's results see each row's trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlflow
+from mlflow.entities import SpanType
+from mlflow.pyfunc import PyFuncModel
+
+from templated_llm.runtime.inputs import Message
+from templated_llm.runtime.tasks import COMPLETIONS
+
+
+def predict_fn(model: str | PyFuncModel, params: dict[str, Any] | None = None) -> Callable[..., str]:
+    """A thread-safe function of one evaluation row's inputs that returns the model's answer.
+
+    ``model`` is a model URI (loaded once, here) or a loaded model; ``params`` (``temperature``,
+    ``max_tokens``, ``response_format``, ...) apply to every row. The function takes
+    ``prompt=`` (a string) or ``messages=`` (OpenAI-style chat turns), and any template
+    variables (``system=``, ...) as further keywords, and returns the completion's text.
+    Whatever task the model was logged with, the call and the answer are the same.
+    """
+    loaded = mlflow.pyfunc.load_model(model) if isinstance(model, str) else model
+    task = (loaded.metadata.metadata or {}).get("task")
+    schema = loaded.metadata.get_params_schema()
+    in_schema = {spec.name for spec in schema.params} if schema else set()
+    fixed = dict(params or {})
+
+    def predict(prompt: str | None = None, messages: list[Message] | None = None, **variables: str) -> str:
+        if (prompt is None) == (messages is None):
+            raise TypeError("pass the row's text as prompt=... or its chat turns as messages=..., not both")
+        request = {**fixed, **variables}
+        if task is None:  # the 'prompt'/'candidates' schema
+            frame = loaded.predict({"messages": [messages]} if messages is not None else [prompt],
+                                   params=request)
+            return frame["candidates"][0]
+        # A task model reads the request body's fields from the input, the rest as params.
+        body = {key: value for key, value in request.items() if key not in in_schema}
+        request = {key: value for key, value in request.items() if key in in_schema}
+        if task == COMPLETIONS:
+            if messages is not None:
+                raise TypeError(f"a model logged with task {COMPLETIONS!r} takes prompt=..., not messages")
+            return loaded.predict({"prompt": prompt, **body}, params=request)["choices"][0]["text"]
+        turns = messages if messages is not None else [{"role": "user", "content": prompt}]
+        return loaded.predict({"messages": turns, **body}, params=request)["choices"][0]["message"]["content"]
+
+    # The row's trace starts at this call, with the row's inputs and the answer (the model's
+    # own span, with its token usage, below it): what the evaluation's results show per row.
+    return mlflow.trace(predict, name="predict_fn", span_type=SpanType.CHAIN)

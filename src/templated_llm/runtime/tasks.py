@@ -1,0 +1,144 @@
+"""MLflow's LLM task schemas, ``llm/v1/chat`` and ``llm/v1/completions``: a model logged with one
+takes OpenAI-shaped request bodies (one request per input row, its sampling params in the row)
+and answers each with one OpenAI-shaped response object, usage and finish reason included."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.llm import (
+    CHAT_MODEL_INPUT_SCHEMA,
+    CHAT_MODEL_OUTPUT_SCHEMA,
+    COMPLETIONS_MODEL_INPUT_SCHEMA,
+    COMPLETIONS_MODEL_OUTPUT_SCHEMA,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatMessage,
+    TokenUsageStats,
+)
+from mlflow.types.schema import ParamSchema
+
+from templated_llm.errors import TaskError
+from templated_llm.runtime.completions import Completion
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, read_rows
+
+CHAT = "llm/v1/chat"
+COMPLETIONS = "llm/v1/completions"
+Task = Literal["llm/v1/chat", "llm/v1/completions"]
+TASKS: tuple[str, ...] = (CHAT, COMPLETIONS)
+
+_SIGNATURES = {
+    CHAT: (CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA),
+    COMPLETIONS: (COMPLETIONS_MODEL_INPUT_SCHEMA, COMPLETIONS_MODEL_OUTPUT_SCHEMA),
+}
+_INPUT_COLUMN = {CHAT: MESSAGES_COLUMN, COMPLETIONS: PROMPT_COLUMN}
+# Fields of MLflow's request schemas this model does not implement: a request that sets one
+# to anything but its neutral value is refused rather than silently served without it.
+_NEUTRAL = {"n": 1, "stream": False, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+            "tools": None, "custom_inputs": None}
+#: Params a task model answers with regardless: its response always carries usage.
+TASK_PARAMS_NOT_IN_SCHEMA = ("return_usage",)
+#: An input example for each task, saved with the logged model.
+INPUT_EXAMPLES: dict[str, dict[str, Any]] = {
+    CHAT: {"messages": [{"role": "user", "content": "What is machine learning?"}], "max_tokens": 16},
+    COMPLETIONS: {"prompt": "What is machine learning?", "max_tokens": 16},
+}
+
+
+def check_task(task: str | None, chat: bool, model: str) -> None:
+    """Refuse a task MLflow does not define, or the chat task for a model that takes no chat."""
+    if task is not None and task not in TASKS:
+        raise TaskError(
+            f"task {task!r} is not one this model can be logged with; choose one of {list(TASKS)} "
+            "or None (the default 'prompt'/'candidates' schema)"
+        )
+    if task == CHAT and not chat:
+        raise TaskError(
+            f"model {model!r} does not take chat messages, so it cannot be logged with task "
+            f"{CHAT!r}; log it with task {COMPLETIONS!r} instead"
+        )
+
+
+def task_signature(task: str, params: ParamSchema) -> ModelSignature:
+    """MLflow's own input and output schemas for ``task``, with the params the input schema
+    does not already carry (``params`` filtered to those)."""
+    inputs, outputs = _SIGNATURES[task]
+    in_body = set(inputs.input_names()) | set(TASK_PARAMS_NOT_IN_SCHEMA)
+    return ModelSignature(
+        inputs=inputs, outputs=outputs,
+        params=ParamSchema([p for p in params.params if p.name not in in_body]),
+    )
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One request of a task model: its prompt or conversation, and the params its body set."""
+
+    row: Row
+    params: dict[str, Any]
+
+
+def _value(value: Any) -> Any:
+    """A cell as a plain Python value; ``None`` for a cell the request left empty."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def read_task_requests(model_input: Any, task: str, max_rows: int) -> list[TaskRequest]:
+    """The requests in ``model_input``: a DataFrame with one request body per row (what MLflow
+    hands over after checking the body against the task's schema), or one body as a dict."""
+    frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame([model_input])
+    column = _INPUT_COLUMN[task]
+    if column not in frame.columns:
+        raise MlflowException.invalid_parameter_value(
+            f"a model logged with task {task!r} takes request bodies with a {column!r} field; "
+            f"received fields {[str(c) for c in frame.columns]}"
+        )
+    check_row_limit(len(frame), max_rows)
+    # A chat request is one conversation: each row is read as a one-row input of its own.
+    rows = [read_rows(frame[[column]].iloc[[i]], max_rows)[0] for i in range(len(frame))]
+    requests = []
+    for index, row in enumerate(rows):
+        params = {str(k): v for k, v in ((k, _value(frame[k].iloc[index])) for k in frame.columns)
+                  if k != column and v is not None}
+        for name, neutral in _NEUTRAL.items():
+            if params.pop(name, neutral) not in (neutral, None):
+                raise MlflowException.invalid_parameter_value(
+                    f"request field {name!r} is not supported by this model; leave it out "
+                    f"(or set it to {neutral!r})"
+                )
+        requests.append(TaskRequest(row, params))
+    return requests
+
+
+def task_response(task: str, model: str, completion: Completion) -> dict[str, Any]:
+    """The OpenAI-shaped response to one request: ``chat.completion`` or ``text_completion``."""
+    usage = TokenUsageStats(
+        prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+        total_tokens=completion.prompt_tokens + completion.completion_tokens,
+    )
+    if task == CHAT:
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=model, usage=usage,
+            choices=[ChatChoice(message=ChatMessage(role="assistant", content=completion.text),
+                                finish_reason=completion.finish_reason)],
+        ).to_dict()
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason}],
+        "usage": usage.to_dict(),
+    }

@@ -1,0 +1,188 @@
+"""MLflow traces of requests: one span per ``predict`` (``CHAT_MODEL`` for conversations, ``LLM``
+for prompts) with the params, the template's name and version and the token usage in MLflow's
+standard attribute, and a child span for templating and one for generation.
+
+Traced when the logged model allows it and MLflow tracing is enabled (its default): turned off
+with ``log_llm(..., tracing=False)`` or ``TEMPLATED_LLM_TRACING=false`` where the model is
+served. ``trace_content=False`` (or ``TEMPLATED_LLM_TRACE_CONTENT=false``) keeps prompt and
+completion text, and template variables' values, out of the traces: only counts remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import LiveSpan, SpanType
+from mlflow.tracing.constant import SpanAttributeKey, TokenUsageKey
+
+from templated_llm.runtime.completions import Completion
+from templated_llm.runtime.inputs import Row
+from templated_llm.runtime.params import GenerationParams
+
+TRACING_ENV = "TEMPLATED_LLM_TRACING"
+TRACE_CONTENT_ENV = "TEMPLATED_LLM_TRACE_CONTENT"
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+# Attribute keys of our own, beside MLflow's standard ones.
+_MODEL, _TEMPLATE, _TEMPLATE_VERSION, _PARAMS, _TASK = (
+    f"templated_llm.{key}" for key in ("model", "template", "template_version", "params", "task"))
+
+
+def setting(env: str, logged: bool) -> bool:
+    """The logged switch, unless the environment variable ``env`` overrides it."""
+    value = os.environ.get(env)
+    if value is None:
+        return logged
+    if value.strip().lower() not in _BOOLEANS:
+        raise ValueError(f"environment variable {env}={value!r}: expected one of {sorted(_BOOLEANS)}")
+    return _BOOLEANS[value.strip().lower()]
+
+
+class Tracer:
+    """Starts the trace of each request for one loaded model."""
+
+    def __init__(self, *, enabled: bool, content: bool, model: str, template: str,
+                 template_version: str, task: str | None, prompt: tuple[str, str] | None = None) -> None:
+        self.enabled = setting(TRACING_ENV, enabled)
+        self.content = setting(TRACE_CONTENT_ENV, content)
+        self._attributes = {_MODEL: model, _TEMPLATE: template, _TEMPLATE_VERSION: template_version}
+        if task:
+            self._attributes[_TASK] = task
+        if prompt is not None:
+            # The prompt registry version the template came from, as MLflow records one.
+            name, version = prompt
+            self._attributes[SpanAttributeKey.LINKED_PROMPTS] = json.dumps([{"name": name, "version": version}])
+        self._name = model
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[RequestTrace]:
+        """The trace of one request; inert when tracing is off here or in MLflow."""
+        if not self.enabled:
+            yield RequestTrace(None, self.content)
+            return
+        # With MLflow's tracing disabled the span is a no-op one, and so is the trace.
+        with mlflow.start_span(self._name, SpanType.LLM, self._attributes) as span:
+            yield RequestTrace(span if isinstance(span, LiveSpan) else None, self.content)
+
+
+    def stream(self, rows: list[Row], generation: GenerationParams, variables: dict[str, str],
+               chunks: Iterator[str | Completion]) -> Iterator[str | Completion]:
+        """A stream's chunks (its text, then its :class:`Completion`) traced as one request span
+        that ends with the stream: a span started apart from the caller's context (under the
+        caller's current span, if any), as the stream is read piece by piece."""
+        if not self.enabled:
+            return chunks
+        span = mlflow.start_span_no_context(self._name, SpanType.LLM, attributes=self._attributes,
+                                            parent_span=mlflow.get_current_active_span())
+        if not isinstance(span, LiveSpan):  # MLflow's tracing is disabled
+            return chunks
+        trace = RequestTrace(span, self.content)
+        trace.rows(rows)
+        trace.params(generation, variables)
+        return _traced_stream(trace, span, chunks)
+
+
+def _traced_stream(trace: RequestTrace, span: LiveSpan, chunks: Iterator[str | Completion]
+                   ) -> Iterator[str | Completion]:
+    status = "ERROR"  # unless the stream reaches its Completion: failed, or closed early
+    try:
+        with contextlib.closing(chunks):  # closing this closes them, which stops the generation
+            for chunk in chunks:
+                if isinstance(chunk, Completion):
+                    trace.response({"text": chunk.text, "finish_reason": chunk.finish_reason}, [chunk])
+                    status = "OK"
+                yield chunk
+    finally:
+        span.end(status=status)
+
+
+def _usage(completions: Sequence[Completion]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    return {TokenUsageKey.INPUT_TOKENS: prompt, TokenUsageKey.OUTPUT_TOKENS: generated,
+            TokenUsageKey.TOTAL_TOKENS: prompt + generated}
+
+
+class RequestTrace:
+    """What ``predict`` records on its trace; every method does nothing when ``span`` is None."""
+
+    def __init__(self, span: Any | None, content: bool) -> None:
+        self._span = span
+        self._content = content
+
+    def rows(self, rows: list[Row], fields: dict[str, Any] | None = None) -> None:
+        """The request's rows (and, for a task model, its body's other ``fields``)."""
+        if self._span is None:
+            return
+        chat = any(not isinstance(row, str) for row in rows)
+        if chat:
+            self._span.set_span_type(SpanType.CHAT_MODEL)
+        # One conversation as {"messages": [...]}: the shape MLflow's trace view shows as a chat.
+        shown = {"messages": rows[0]} if chat and len(rows) == 1 else {
+            "conversations" if chat else "prompts": rows}
+        self._span.set_inputs(self._shown({**shown, **(fields or {})}, {"rows": len(rows)}))
+
+    def params(self, generation: GenerationParams, variables: dict[str, str]) -> None:
+        if self._span is None:
+            return
+        values = generation.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # Template variables carry the user's text: without content, only their names.
+        values.update(self._shown(variables, dict.fromkeys(variables, "<not traced>")))
+        self._span.set_attribute(_PARAMS, values)
+
+    @contextlib.contextmanager
+    def rendering(self, rows: list[Row]) -> Iterator[_Stage]:
+        """The templating stage: rows to the text the model sees."""
+        with self._stage("render_prompts", SpanType.CHAIN, self._shown({"rows": rows}, {"rows": len(rows)})) as stage:
+            yield stage
+
+    @contextlib.contextmanager
+    def generation(self, input_ids: list[list[int]]) -> Iterator[_Stage]:
+        """The generation stage (with the wait for a batch to join)."""
+        with self._stage("generate", SpanType.LLM, {"prompt_tokens": [len(i) for i in input_ids]}) as stage:
+            yield stage
+
+    def response(self, response: Any, completions: Sequence[Completion]) -> None:
+        if self._span is None:
+            return
+        if isinstance(response, pd.DataFrame):
+            response = response.to_dict("records")
+        self._span.set_attribute(SpanAttributeKey.CHAT_USAGE, _usage(completions))
+        self._span.set_outputs(self._shown(response, {"finish_reasons": [c.finish_reason for c in completions]}))
+
+    def _shown(self, value: Any, without_content: Any) -> Any:
+        return value if self._content else without_content
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, span_type: str, inputs: dict[str, Any]) -> Iterator[_Stage]:
+        if self._span is None:
+            yield _Stage(None, self._shown)
+            return
+        with mlflow.start_span(name, span_type) as span:
+            span.set_inputs(inputs)
+            yield _Stage(span, self._shown)
+
+
+class _Stage:
+    def __init__(self, span: Any | None, shown: Callable[[Any, Any], Any]) -> None:
+        self._span = span
+        self._shown = shown
+
+    def rendered(self, prompts: list[str]) -> None:
+        if self._span is not None:
+            self._span.set_outputs(self._shown({"prompts": prompts}, {"characters": [len(p) for p in prompts]}))
+
+    def generated(self, completions: Sequence[Completion]) -> None:
+        if self._span is None:
+            return
+        self._span.set_attribute(SpanAttributeKey.CHAT_USAGE, _usage(completions))
+        self._span.set_outputs([
+            {"finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens,
+             **self._shown({"text": c.text}, {})}
+            for c in completions
+        ])

@@ -1,0 +1,64 @@
+"""``mlflow.genai.evaluate`` on a logged TemplatedLLM through ``predict_fn``, offline: built-in
+scorers that need no judge model, rows predicted from many threads."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+from mlflow.genai.scorers import RegexMatch, ResponseLength
+
+from templated_llm import log_llm
+from templated_llm.evaluation import predict_fn
+
+QUESTIONS = ["What is machine learning?", "Name three rivers.", "Explain attention.", "Hi",
+             "What is a token?", "Describe a river."]
+GREEDY = {"temperature": 0.0, "max_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def predict(logged_model):
+    return predict_fn(logged_model.model_uri, params=GREEDY)
+
+
+def test_concurrent_calls_answer_as_calls_one_at_a_time(predict, loaded_model):
+    alone = loaded_model.predict(QUESTIONS, params=GREEDY)["candidates"].tolist()
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        together = list(pool.map(lambda q: predict(prompt=q), QUESTIONS))
+    assert together == alone
+
+
+def test_evaluate_scores_every_row_with_judge_free_scorers(predict, loaded_model):
+    data = [{"inputs": {"prompt": q}} for q in QUESTIONS]
+    result = mlflow.genai.evaluate(
+        data=data, predict_fn=predict,
+        scorers=[ResponseLength(max_length=200), RegexMatch(pattern=r"\S")],
+    )
+    assert result.metrics["response_length/mean"] == 1.0
+    rows = result.result_df
+    assert len(rows) == len(QUESTIONS)
+    expected = dict(zip(QUESTIONS, loaded_model.predict(QUESTIONS, params=GREEDY)["candidates"]))
+    for _, row in rows.iterrows():
+        # Each row's trace: the call with the row's inputs, over the model's own spans.
+        trace = mlflow.get_trace(row["trace_id"])
+        assert [span.name for span in trace.data.spans][:2] == ["predict_fn", "mpt-instruct"]
+        assert row["response"] == expected[row["request"]["prompt"]]
+        assert trace.info.token_usage["output_tokens"] > 0
+
+
+@pytest.mark.parametrize(("model", "architecture", "task", "row"), [
+    ("llama2-chat", "llama", "llm/v1/chat",
+     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}),
+    ("mpt-instruct", "mpt", "llm/v1/completions", {"prompt": "Name three rivers."}),
+])
+def test_a_task_model_answers_the_call_as_the_default_schema_does(tiny_model, model, architecture, task, row):
+    snapshot = tiny_model(architecture)
+    answers = [predict_fn(log_llm(model, snapshot=snapshot, task=t).model_uri, GREEDY)(**row)
+               for t in (None, task)]
+    assert answers[0] == answers[1]
+
+
+def test_a_row_needs_prompt_or_messages(predict):
+    with pytest.raises(TypeError, match="prompt="):
+        predict(question="Hi")

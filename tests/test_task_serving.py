@@ -1,0 +1,166 @@
+"""Models logged with MLflow's ``llm/v1/chat`` and ``llm/v1/completions`` tasks behind a real
+``mlflow models serve``, called with MLflow's own request and response classes.
+
+(MLflow's ``ScoringServerClient`` cannot read these answers: it expects ``{"predictions": ...}``,
+and MLflow answers an OpenAI-shaped body unwrapped.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jsonschema
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from mlflow.models import Model
+from mlflow.types.llm import (
+    CHAT_MODEL_INPUT_SCHEMA,
+    CHAT_MODEL_OUTPUT_SCHEMA,
+    COMPLETIONS_MODEL_INPUT_SCHEMA,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+)
+
+from local_server import free_port, running_server
+from templated_llm import TaskError, log_llm
+from test_chat_serving import CHAT, GREEDY, SYSTEM  # the same conversations as the default schema's
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model):
+    return log_llm("llama2-chat", snapshot=tiny_model("llama"), name="chat-task", task="llm/v1/chat")
+
+
+@pytest.fixture(scope="module")
+def completions_model(tiny_snapshot):
+    return log_llm("mpt-instruct", snapshot=tiny_snapshot, name="completions-task",
+                   task="llm/v1/completions")
+
+
+def _serve(model_uri: str):
+    port = free_port()
+    command = [sys.executable, "-m", "templated_llm.cli", "serve", model_uri, "--port", str(port)]
+    return running_server(command, port)
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model):
+    with _serve(chat_model.model_uri) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    # The same conversations through the default schema, in this process.
+    model = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=tiny_model("llama")).model_uri)
+    frame = model.predict({"messages": [CHAT, [SYSTEM, *CHAT]]}, params={**GREEDY, "return_usage": True})
+    plain, system = frame.to_dict("records")
+    return {"plain": plain, "system": system}
+
+
+def _post(url: str, body: object) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=json.dumps(body),
+                         headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def test_the_logged_model_carries_mlflows_own_signature_and_task(chat_model, completions_model):
+    chat = Model.load(chat_model.model_uri)
+    assert chat.metadata["task"] == "llm/v1/chat"
+    assert chat.signature.inputs == CHAT_MODEL_INPUT_SCHEMA
+    assert chat.signature.outputs == CHAT_MODEL_OUTPUT_SCHEMA
+    # What the chat body cannot carry travels as params.
+    assert {p.name for p in chat.signature.params} == {"repetition_penalty", "seed", "system", "response_format"}
+    completions = Model.load(completions_model.model_uri)
+    assert completions.metadata["task"] == "llm/v1/completions"
+    assert completions.signature.inputs == COMPLETIONS_MODEL_INPUT_SCHEMA
+
+
+def test_a_chat_completion_request_gets_one_chat_completion_object(chat_server, expected):
+    request = ChatCompletionRequest(
+        messages=[ChatMessage(role=m["role"], content=m["content"]) for m in CHAT], **GREEDY
+    )
+    answer = _post(chat_server, request.to_dict())
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert isinstance(body, dict) and "predictions" not in body  # one object, not a list
+    response = ChatCompletionResponse.from_dict(body)
+    assert response.object == "chat.completion" and response.model == "llama2-chat"
+    [choice] = response.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected["plain"]["candidates"]
+    assert choice.finish_reason == expected["plain"]["finish_reason"]
+    assert response.usage.prompt_tokens == expected["plain"]["prompt_tokens"]
+    assert response.usage.completion_tokens == expected["plain"]["completion_tokens"]
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_a_system_message_and_params_beyond_the_chat_schema(chat_server, expected):
+    by_message = _post(chat_server, {"messages": [SYSTEM, *CHAT], **GREEDY})
+    by_param = _post(chat_server, {"messages": CHAT, **GREEDY, "system": "Be brief.", "seed": 3})
+    for response in (by_message, by_param):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected["system"]["candidates"]
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"messages": CHAT, "n": 2}, "'n'"),
+    ({"messages": CHAT, "stream": True}, "'stream'"),
+    ({"messages": CHAT, "presence_penalty": 0.5}, "'presence_penalty'"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "role 'bot'"),
+    ({"messages": CHAT, "temperature": 9.0}, "param 'temperature'"),
+    ({"messages": CHAT, "max_tokens": 100000}, "max_tokens"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "strin"}}}}, "json_schema.schema cannot be enforced: Invalid type: strin"),
+])
+def test_what_the_model_cannot_serve_is_a_400_naming_it(chat_server, body, named):
+    response = _post(chat_server, body)
+    assert response.status_code == 400, response.text
+    assert named in response.json()["message"]
+
+
+def test_an_openai_response_format_constrains_the_answer(chat_server):
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 8},
+                                               "length_km": {"type": "integer", "minimum": 1, "maximum": 7000}},
+              "required": ["river", "length_km"]}
+    body = {"messages": CHAT, "temperature": 0.0, "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "river", "schema": schema, "strict": True}}}
+    response = _post(chat_server, body)
+    assert response.status_code == 200, response.text
+    [choice] = response.json()["choices"]
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    assert choice["finish_reason"] == "stop"
+
+
+def test_a_completions_request_gets_one_text_completion(completions_model):
+    body = {"prompt": "Name three rivers.", **GREEDY, "stop": ["zzz"]}
+    local = mlflow.pyfunc.load_model(completions_model.model_uri).predict(body)
+    with _serve(completions_model.model_uri) as url:
+        answer = _post(url, body)
+    assert answer.status_code == 200, answer.text
+    response = answer.json()
+    assert response["object"] == "text_completion"
+    [choice] = response["choices"]
+    assert choice["text"] == local["choices"][0]["text"]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert response["usage"]["total_tokens"] == sum(
+        response["usage"][k] for k in ("prompt_tokens", "completion_tokens"))
+
+
+def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected):
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    responses = model.predict(pd.DataFrame({"messages": [CHAT, [SYSTEM, *CHAT]],
+                                            "max_tokens": [6, 6], "temperature": [0.0, 0.0]}))
+    assert [r["choices"][0]["message"]["content"] for r in responses] == [
+        expected["plain"]["candidates"], expected["system"]["candidates"]]
+
+
+def test_the_chat_task_needs_a_chat_model(tiny_snapshot):
+    with pytest.raises(TaskError, match="does not take chat messages"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot, task="llm/v1/chat")
+    with pytest.raises(TaskError, match="llm/v1/embeddings"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot, task="llm/v1/embeddings")
