@@ -272,7 +272,8 @@ def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
 
 
 def test_a_request_past_the_timeout_is_cancelled_and_answered_504(logged_model):
-    with openai_server(logged_model.model_uri, "--request-timeout", "1") as url:
+    # The tiny model writes 300 tokens in about 0.3 s: the timeout must be far shorter.
+    with openai_server(logged_model.model_uri, "--request-timeout", "0.02") as url:
         body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 300, "temperature": 0.0}
         whole = requests.post(f"{url}/v1/completions", json=body, timeout=300)
         assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"

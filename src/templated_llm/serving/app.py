@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -122,7 +123,9 @@ def create_app(state: ServerState) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        os.environ.setdefault("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", str(int(state.config.request_timeout)))
+        # MLflow's timeout is whole seconds, and 0 would time out every route (/ping too).
+        os.environ.setdefault("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT",
+                              str(max(1, math.ceil(state.config.request_timeout))))
         state.start_loading()
         yield
         # Cancelled sequences stop at their next token; wait for them to let go of the model.
