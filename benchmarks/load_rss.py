@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import torch
@@ -27,13 +28,18 @@ from templated_llm.runtime.device import checkpoint_dtype
 from templated_llm.runtime.memory import weight_bytes
 
 
+def _python_model(model: mlflow.pyfunc.PyFuncModel) -> Any:
+    """The PythonModel of a TemplatedLLM or the tutorial pyfunc; ``None`` for other flavors."""
+    try:
+        return model.unwrap_python_model()
+    except MlflowException:  # not a PythonModel (the transformers flavor)
+        return None
+
+
 def _engine_cache_bytes(model: mlflow.pyfunc.PyFuncModel) -> int:
     """The KV cache a TemplatedLLM's engine allocated at load (keys and values of every slot);
     0 for a model without one."""
-    try:
-        python_model = model.unwrap_python_model()
-    except MlflowException:  # not a PythonModel (the transformers flavor)
-        return 0
+    python_model = _python_model(model)
     engine = getattr(python_model, "engine", None)
     if engine is None:
         return 0
@@ -63,12 +69,10 @@ def _round(model_uri: str, request: dict) -> dict:
             "load_seconds": seconds, "dtype": dtype, "engine_cache_bytes": cache}
 
 
-def _dtype(model) -> str | None:
+def _dtype(model: mlflow.pyfunc.PyFuncModel) -> str | None:
     """The dtype a TemplatedLLM or the tutorial pyfunc loaded in; ``None`` for other flavors."""
-    try:
-        return str(model.unwrap_python_model().model.dtype).removeprefix("torch.")
-    except Exception:  # noqa: BLE001 - the transformers flavor has no python model
-        return None
+    python_model = _python_model(model)
+    return None if python_model is None else str(python_model.model.dtype).removeprefix("torch.")
 
 
 def main(model_uri: str, snapshot: str, request: dict) -> None:
