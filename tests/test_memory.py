@@ -170,6 +170,15 @@ def _load_rss(model_uri: str, snapshot: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _load_ratio(snapshot: Path, dtype: str) -> float:
+    """Peak RSS of loading ``snapshot`` logged in ``dtype`` over its weights at that dtype."""
+    # engine=False: the engine's KV cache, allocated at load by design, is not what this measures.
+    measured = _load_rss(log_llm("mpt-instruct", snapshot=snapshot, dtype=dtype, engine=False).model_uri,
+                         snapshot)
+    assert measured["dtype"] == dtype, measured
+    return measured["load_ratio"]
+
+
 @pytest.fixture(scope="module")
 def bf16_bin_25m(tmp_path_factory) -> Path:
     # 25M parameters (51 MB in bf16): large enough that a few MB of allocator noise stay under 10%.
@@ -180,11 +189,7 @@ def bf16_bin_25m(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_sharded_bf16_bin_snapshot_loads_within_a_tenth_over_its_weights(bf16_bin_25m):
-    # engine=False: the engine's KV cache, allocated at load by design, is not what this measures.
-    measured = _load_rss(log_llm("mpt-instruct", snapshot=bf16_bin_25m, dtype="bfloat16",
-                                 engine=False).model_uri, bf16_bin_25m)
-    assert measured["dtype"] == "bfloat16"
-    assert measured["load_ratio"] <= 1.1, measured
+    assert _load_ratio(bf16_bin_25m, "bfloat16") <= 1.1
 
 
 @pytest.mark.slow
@@ -195,10 +200,7 @@ def test_converting_a_bf16_checkpoint_to_float32_holds_one_copy_at_a_time(bf16_b
     # allocator keeps of freed small tensors: 1.12 to 1.30 measured at this size, varying from
     # run to run; at 7B every tensor is larger than glibc's mmap threshold (32 MB), is returned
     # to the kernel when freed, and the largest is 1% of the weights.
-    measured = _load_rss(log_llm("mpt-instruct", snapshot=bf16_bin_25m, dtype="float32",
-                                 engine=False).model_uri, bf16_bin_25m)
-    assert measured["dtype"] == "float32"
-    assert measured["load_ratio"] <= 1.4, measured
+    assert _load_ratio(bf16_bin_25m, "float32") <= 1.4
 
 
 @pytest.mark.slow
