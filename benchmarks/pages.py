@@ -70,6 +70,12 @@ def _full_size_markdown(results: dict[str, Any]) -> str:
     return full_size_markdown(results, heading="")
 
 
+def _mixed_markdown(results: dict[str, Any]) -> str:
+    from benchmarks.mixed import markdown as mixed_markdown
+
+    return mixed_markdown(results)
+
+
 def _serving_markdown(results: dict[str, Any]) -> str:
     from benchmarks.serving import markdown as serving_markdown
 
@@ -90,6 +96,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     **{f"full-size-{size}": _from_file(f"full-size-{size}.json", _full_size_markdown,
                                         f"python -m benchmarks --size {size}")
        for size in ("mpt-7b", "25m", "mpt-7b-scaled")},
+    "mixed": _from_file("mixed.json", _mixed_markdown, "python -m benchmarks.mixed"),
     "serving": _from_file("serving.json", _serving_markdown, "python -m benchmarks.serving"),
     "linear-d4096": _from_file("linear-d4096.json", _linear_report, "python -m benchmarks.linear "
                                "--d-model 4096 --out benchmarks/results/linear-d4096.json"),
