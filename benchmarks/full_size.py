@@ -25,10 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 
 from benchmarks import big_snapshot
@@ -73,7 +76,7 @@ SECTION_25M = Section("25M-parameter MPT (the benchmark's model), bf16 checkpoin
                       ("auto", "float32"), Workload(new_tokens=32, repeats=5))
 SIZES: dict[str, list[Section]] = {
     "mpt-7b": [Section("mpt-7b-instruct's configuration (6.65B parameters, bf16 checkpoint)", MPT_7B,
-                       ("auto",), Workload(repeats=3, log_repeats=1), process_per_contender=True),
+                       ("auto",), Workload(repeats=3), process_per_contender=True),
                SECTION_25M],
     "mpt-7b-scaled": [Section("mpt-7b-instruct's architecture and layout at d_model 1024, 8 layers",
                               MptShape(1024, 8, 16, shard_bytes=200 * 10**6), ("auto",),
@@ -124,13 +127,18 @@ def _engine_budget(workload: Workload) -> EngineConfig:
 
 
 def log_versus_copy(snapshot: Path, dtype: str, engine: EngineConfig, repeats: int) -> dict[str, Any]:
-    """``log_llm`` and ``shutil.copytree`` of the snapshot, alternating, both from the page cache;
-    the models loaded while logging are counted. Returns the last logged model's URI too."""
+    """``log_llm`` and ``shutil.copytree`` of the snapshot, alternating, both from the page cache
+    and each after ``os.sync()``; the models loaded while logging are counted. Returns the last logged model's URI too."""
     _warm_read(snapshot)
-    logs, copies, loads, uri = [], [], 0, None
+    logs, copies, loads, info = [], [], 0, None
     with tempfile.TemporaryDirectory(dir=snapshot.parent) as scratch:
         for round_ in range(repeats):
             for step in (("log", "copy") if round_ % 2 == 0 else ("copy", "log")):
+                if step == "log" and info is not None:
+                    _delete_logged(info)  # only the last is loaded; 3 copies of 7B fill a disk
+                # Each step starts with nothing left to write back: a 13 GB copy leaves gigabytes
+                # of dirty pages, and whichever step came next would pay for their writing.
+                os.sync()
                 start = time.perf_counter()
                 if step == "copy":
                     shutil.copytree(snapshot, Path(scratch) / "copy")
@@ -138,12 +146,17 @@ def log_versus_copy(snapshot: Path, dtype: str, engine: EngineConfig, repeats: i
                     shutil.rmtree(Path(scratch) / "copy")
                 else:
                     with counted_loads() as calls:
-                        uri = log_llm(MODEL, snapshot=snapshot, name="timed", dtype=dtype,
-                                      engine=engine).model_uri
+                        info = log_llm(MODEL, snapshot=snapshot, name="timed", dtype=dtype, engine=engine)
                     logs.append(time.perf_counter() - start)
                     loads += len(calls)
-    return {"log_seconds": logs, "copy_seconds": copies, "loads": loads, "model_uri": uri,
+    return {"log_seconds": logs, "copy_seconds": copies, "loads": loads, "model_uri": info.model_uri,
             "ratio": statistics.median(logs) / statistics.median(copies)}
+
+
+def _delete_logged(info: Any) -> None:
+    """Delete a logged model's files from the (local) benchmark store."""
+    location = mlflow.get_logged_model(info.model_id).artifact_location
+    shutil.rmtree(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
 
 
 def _memory_verdicts(snapshot: Path, engine: EngineConfig) -> dict[str, str]:
