@@ -98,8 +98,9 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
        for size in ("mpt-7b", "25m", "mpt-7b-scaled")},
     "mixed": _from_file("mixed.json", _mixed_markdown, "python -m benchmarks.mixed"),
     "serving": _from_file("serving.json", _serving_markdown, "python -m benchmarks.serving"),
-    "linear-d4096": _from_file("linear-d4096.json", _linear_report, "python -m benchmarks.linear "
-                               "--d-model 4096 --out benchmarks/results/linear-d4096.json"),
+    **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _linear_report, "python -m benchmarks.linear "
+                                  f"--d-model {d} --out benchmarks/results/linear-d{d}.json")
+       for d in (512, 1024, 2048, 4096)},
 }
 
 
