@@ -83,7 +83,7 @@ SIZES: dict[str, list[Section]] = {
                               Workload(new_tokens=16, repeats=5), process_per_contender=True)],
     "25m": [SECTION_25M],
     "smoke": [Section("smoke: mpt-7b-instruct's layout, tiny", MptShape(64, 2, 4, shard_bytes=4 * 10**6),
-                      ("auto",), Workload(4, 1, (1, 2), 32, 1), process_per_contender=True),
+                      ("auto",), Workload(4, 1, (1, 2), 32, 2), process_per_contender=True),
               Section("smoke: both dtypes, tiny", MptShape(64, 2, 4, vocab_size=1024, shard_bytes=10**6),
                       ("auto", "float32"), Workload(4, 1, (1, 2), 32, 1))],
 }
