@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from benchmarks import big_snapshot
 from benchmarks.big_snapshot import MPT_7B, MptShape
@@ -128,14 +127,15 @@ def _engine_budget(workload: Workload) -> EngineConfig:
 
 def log_versus_copy(snapshot: Path, dtype: str, engine: EngineConfig, repeats: int) -> dict[str, Any]:
     """``log_llm`` and ``shutil.copytree`` of the snapshot, alternating, both from the page cache
-    and each after ``os.sync()``; the models loaded while logging are counted. Returns the last logged model's URI too."""
+    and each after ``os.sync()``; the models loaded while logging are counted. Returns the last
+    logged model's URI too."""
     _warm_read(snapshot)
     logs, copies, loads, info = [], [], 0, None
     with tempfile.TemporaryDirectory(dir=snapshot.parent) as scratch:
         for round_ in range(repeats):
             for step in (("log", "copy") if round_ % 2 == 0 else ("copy", "log")):
                 if step == "log" and info is not None:
-                    _delete_logged(info)  # only the last is loaded; 3 copies of 7B fill a disk
+                    _delete_logged(info.model_id)  # only the last is loaded; 7B copies fill disks
                 # Each step starts with nothing left to write back: a 13 GB copy leaves gigabytes
                 # of dirty pages, and whichever step came next would pay for their writing.
                 os.sync()
@@ -153,10 +153,9 @@ def log_versus_copy(snapshot: Path, dtype: str, engine: EngineConfig, repeats: i
             "ratio": statistics.median(logs) / statistics.median(copies)}
 
 
-def _delete_logged(info: Any) -> None:
+def _delete_logged(model_id: str) -> None:
     """Delete a logged model's files from the (local) benchmark store."""
-    location = mlflow.get_logged_model(info.model_id).artifact_location
-    shutil.rmtree(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
+    shutil.rmtree(local_file_uri_to_path(mlflow.get_logged_model(model_id).artifact_location))
 
 
 def _memory_verdicts(snapshot: Path, engine: EngineConfig) -> dict[str, str]:
