@@ -9,6 +9,7 @@ and ``latest.png`` from it too).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -64,42 +65,31 @@ def _from_file(name: str, render_file: Callable[[dict[str, Any]], str], command:
     return block
 
 
-def _full_size_markdown(results: dict[str, Any]) -> str:
-    from benchmarks.full_size_report import markdown as full_size_markdown  # heavy: only when shown
+def _imported(module: str, function: str, **kwargs: Any) -> Callable[[dict[str, Any]], str]:
+    """``module.function(results, **kwargs)``, imported only when a block is rendered: the
+    benchmark modules import torch and the harness."""
+    def render(results: dict[str, Any]) -> str:
+        return getattr(importlib.import_module(module), function)(results, **kwargs)
 
-    return full_size_markdown(results, heading="")
-
-
-def _mixed_markdown(results: dict[str, Any]) -> str:
-    from benchmarks.mixed import markdown as mixed_markdown
-
-    return mixed_markdown(results)
-
-
-def _serving_markdown(results: dict[str, Any]) -> str:
-    from benchmarks.serving import markdown as serving_markdown
-
-    return serving_markdown(results)
-
-
-def _linear_report(results: dict[str, Any]) -> str:
-    from benchmarks.linear import report  # imports torch and the benchmark harness
-
-    return report(results)
+    return render
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "benchmark-results": markdown,
     "scaling-example": _scaling_example,
     "replicas-example": _replicas_example,
-    # The full-size runs and the linear-layer benchmark, each from its own results file.
-    **{f"full-size-{size}": _from_file(f"full-size-{size}.json", _full_size_markdown,
+    # The full-size runs, the mixed workload, serving and the linear layers: each from its own
+    # results file.
+    **{f"full-size-{size}": _from_file(f"full-size-{size}.json",
+                                        _imported("benchmarks.full_size_report", "markdown", heading=""),
                                         f"python -m benchmarks --size {size}")
        for size in ("mpt-7b", "25m", "mpt-7b-scaled")},
-    "mixed": _from_file("mixed.json", _mixed_markdown, "python -m benchmarks.mixed"),
-    "serving": _from_file("serving.json", _serving_markdown, "python -m benchmarks.serving"),
-    **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _linear_report, "python -m benchmarks.linear "
-                                  f"--d-model {d} --out benchmarks/results/linear-d{d}.json")
+    "mixed": _from_file("mixed.json", _imported("benchmarks.mixed", "markdown"), "python -m benchmarks.mixed"),
+    "serving": _from_file("serving.json", _imported("benchmarks.serving", "markdown"),
+                          "python -m benchmarks.serving"),
+    **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _imported("benchmarks.linear", "report"),
+                                  f"python -m benchmarks.linear --d-model {d} "
+                                  f"--out benchmarks/results/linear-d{d}.json")
        for d in (512, 1024, 2048, 4096)},
 }
 
