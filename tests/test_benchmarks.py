@@ -130,7 +130,8 @@ def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
     assert layout["auto"]["chose"] in ("bfloat16", "float32") and layout["auto"]["reason"]
     assert set(dtypes["contenders"]) == {"templated_auto", "templated_float32", "plain_float32",
                                          f"plain_{dtypes['auto']['chose']}"}
-    # Two rounds of logging against a copy: the second deletes the first's logged files.
+    # Two rounds of logging against a copy: the second deletes the first's logged files first,
+    # and a failure there fails the run.
     assert len(layout["log"]["log_seconds"]) == len(layout["log"]["copy_seconds"]) == 2
     for section in (layout, dtypes):
         assert section["figures"]["loads_during_log"] == 0
