@@ -126,29 +126,33 @@ def _engine_budget(workload: Workload) -> EngineConfig:
 
 
 def log_versus_copy(snapshot: Path, dtype: str, engine: EngineConfig, repeats: int) -> dict[str, Any]:
-    """``log_llm`` and ``shutil.copytree`` of the snapshot, alternating, both from the page cache
-    and each after ``os.sync()``; the models loaded while logging are counted. Returns the last
-    logged model's URI too."""
-    _warm_read(snapshot)
+    """``log_llm`` and ``shutil.copytree`` of the snapshot, taking turns; the models loaded while
+    logging are counted. Returns the last logged model's URI too (the last step is a log).
+
+    Every step starts from the same state: the snapshot read into the page cache, the earlier
+    steps' output deleted and nothing left to write back. At 7B the snapshot and its copy do not
+    both fit in memory, so a copy kept in the cache (or gigabytes of dirty pages) slows whichever
+    step comes next, and by different amounts in each order.
+    """
+    order = [step for round_ in range(repeats)
+             for step in (("copy", "log") if (repeats - 1 - round_) % 2 == 0 else ("log", "copy"))]
     logs, copies, loads, info = [], [], 0, None
     with tempfile.TemporaryDirectory(dir=snapshot.parent) as scratch:
-        for round_ in range(repeats):
-            for step in (("log", "copy") if round_ % 2 == 0 else ("copy", "log")):
-                if step == "log" and info is not None:
-                    _delete_logged(info.model_id)  # only the last is loaded; 7B copies fill disks
-                # Each step starts with nothing left to write back: a 13 GB copy leaves gigabytes
-                # of dirty pages, and whichever step came next would pay for their writing.
-                os.sync()
-                start = time.perf_counter()
-                if step == "copy":
-                    shutil.copytree(snapshot, Path(scratch) / "copy")
-                    copies.append(time.perf_counter() - start)
-                    shutil.rmtree(Path(scratch) / "copy")
-                else:
-                    with counted_loads() as calls:
-                        info = log_llm(MODEL, snapshot=snapshot, name="timed", dtype=dtype, engine=engine)
-                    logs.append(time.perf_counter() - start)
-                    loads += len(calls)
+        for index, step in enumerate(order):
+            _warm_read(snapshot)
+            os.sync()
+            start = time.perf_counter()
+            if step == "copy":
+                shutil.copytree(snapshot, Path(scratch) / "copy")
+                copies.append(time.perf_counter() - start)
+                shutil.rmtree(Path(scratch) / "copy")
+                continue
+            with counted_loads() as calls:
+                info = log_llm(MODEL, snapshot=snapshot, name="timed", dtype=dtype, engine=engine)
+            logs.append(time.perf_counter() - start)
+            loads += len(calls)
+            if index < len(order) - 1:
+                _delete_logged(info.model_id)  # the run loads only the last; 7B copies fill disks
     return {"log_seconds": logs, "copy_seconds": copies, "loads": loads, "model_uri": info.model_uri,
             "ratio": statistics.median(logs) / statistics.median(copies)}
 
