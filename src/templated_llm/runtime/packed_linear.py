@@ -1,11 +1,15 @@
-"""Linear layers whose weights are prepacked for oneDNN: faster matmuls for CPU inference.
+"""Linear layers laid out for fast CPU inference: prepacked for oneDNN, or, for bfloat16 weights
+larger than the CPU's caches, run weight-major.
 
 ``nn.Linear`` on CPU hands the weight to the BLAS as a transposed view on every call. oneDNN can
 instead reorder each weight once, at load, into the blocked layout its kernels read; the decode
 and prefill matmuls of the benchmark's MPT then ran about twice as fast (docs/benchmarks.md).
-The arithmetic is the same float32 (or bfloat16) multiply-add in a different summation order,
-so outputs agree with ``nn.Linear`` to rounding. This is the packing torch.compile's CPU
-backend applies when it freezes weights, without the compile.
+This is the packing torch.compile's CPU backend applies when it freezes weights, without the
+compile. In bfloat16, where the weights outgrow the CPU's caches (7B models), multiplying by the
+weight as it is stored (``W @ x.T``, a matrix-vector product for one row) read them faster than
+the packed layout at every batch size, and keeps the weight where it was loaded. Either way the
+arithmetic is the same multiply-add in a different summation order, so outputs agree with
+``nn.Linear`` to rounding.
 
 A model loaded in its checkpoint's dtype and run in another is converted here too, one tensor at
 a time (``convert_weights``), for the same reason packing hands pages back: the weights resident
@@ -21,6 +25,7 @@ import mmap
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,6 +101,34 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, packed={self._packed is not None}")
+
+
+class WeightMajorLinear(nn.Linear):
+    """``nn.Linear`` whose bfloat16 forward multiplies by the weight as stored: ``W @ x.T``, and
+    torch's matrix-vector product for a single row.
+
+    ``nn.Linear`` computes ``x @ W.T``, and oneDNN's bfloat16 kernel then reorders blocks of the
+    transposed weight on every call; with the weight as the left operand it reads the weight in
+    its own layout and reorders only the few rows of ``x``. With mpt-7b's layers, measured faster
+    than ``nn.Linear`` and than the packed layout at every batch size from 1 to 64
+    (docs/benchmarks.md). Only the
+    forward differs: the weight stays the module's parameter, so ties, ``state_dict``, ``.to()``
+    and saving behave as ``nn.Linear``'s; inputs in another dtype or off the CPU take
+    ``nn.Linear``'s own forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return super().forward(x)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 1:
+            out = torch.mv(weight, rows[0]).unsqueeze(0)
+        else:
+            out = torch.mm(weight, rows.t()).t().contiguous()
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -207,26 +240,68 @@ def convert_weights(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def pack_linear_layers(model: nn.Module) -> int:
-    """Replace the model's CPU ``nn.Linear`` layers by :class:`PackedLinear`; return how many.
+    """Lay out the model's CPU ``nn.Linear`` layers for inference; return how many changed.
 
-    Left as they are: layers whose weight another module shares (an output layer tied to the
-    embeddings, which must keep reading the same tensor), off-CPU or meta weights, and dtypes
-    oneDNN cannot pack here.
-
-    Nothing is packed where the pages of the replaced weights cannot be handed back (anywhere
-    but Linux, or without ``/proc``): the weights would be resident twice. The reason is logged.
+    Where the bfloat16 linear weights are larger than the CPU's last-level cache, every step
+    streams them from memory, and run as :class:`WeightMajorLinear` (the same modules and
+    weights with another forward, output layers tied to the embeddings included) they were
+    read faster than packed, at every batch size; smaller ones stay in the cache, where the
+    packed layout computed faster. Every other layer is packed (:class:`PackedLinear`) except:
+    layers whose weight another module shares (packing replaces the weight, and a tied output
+    layer must keep reading the embeddings'), off-CPU or meta weights, dtypes oneDNN cannot
+    pack here, and everything where the pages of the replaced weights cannot be handed back
+    (anywhere but Linux, or without ``/proc``): the weights would be resident twice. The reason
+    is logged.
     """
+    # Parents and names only: a list of the layers themselves would keep every replaced weight
+    # alive until the end, and weights not backed by a file (converted at load) would be twice
+    # in memory.
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if type(child) is nn.Linear]
+    weight_major = _run_weight_major(places)
+    if weight_major:
+        places = [(parent, name) for parent, name in places if type(getattr(parent, name)) is nn.Linear]
+    return weight_major + _pack(model, places)
+
+
+def _run_weight_major(places: list[tuple[nn.Module, str]]) -> int:
+    layers = {id(layer): layer for layer in (getattr(parent, name) for parent, name in places)
+              if layer.weight.device.type == "cpu" and layer.weight.dtype == torch.bfloat16}
+    if not layers or not packing_available(torch.bfloat16):
+        return 0
+    weights = sum({id(layer.weight): layer.weight.nbytes for layer in layers.values()}.values())
+    cache = last_level_cache_bytes()
+    if weights <= cache:
+        return 0
+    for layer in layers.values():
+        layer.__class__ = WeightMajorLinear  # the same module: parameters and ties kept
+    _logger.info("running %d bfloat16 linear layers weight-major: their %.1f GB of weights "
+                 "outgrow the CPU's %.0f MB last-level cache", len(layers), weights / 1e9, cache / 1e6)
+    return len(layers)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, as Linux reports it (32 MiB where it does not say)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
+def _pack(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
     mappings = _file_mappings()
     if isinstance(mappings, str):
         _logger.warning("linear layers not packed for oneDNN (a speed-up only): %s, and the "
                         "weights would be resident twice", mappings)
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    # Parents and names only: a list of the layers themselves would keep every replaced weight
-    # alive until the end, and weights not backed by a file (converted at load) would be twice
-    # in memory.
-    places = [(parent, name) for parent in model.modules()
-              for name, child in parent.named_children() if type(child) is nn.Linear]
     packed = 0
     for parent, name in places:
         weight = getattr(parent, name).weight
