@@ -35,6 +35,7 @@ _logger = logging.getLogger(__name__)
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _MAPS = "/proc/self/maps"
+_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 class PackedLinear(nn.Module):
@@ -261,7 +262,7 @@ def pack_linear_layers(model: nn.Module) -> int:
     weight_major = _run_weight_major(places)
     if weight_major:
         places = [(parent, name) for parent, name in places if type(getattr(parent, name)) is nn.Linear]
-    return weight_major + _pack(model, places)
+    return weight_major + _pack_layers(model, places)
 
 
 def _run_weight_major(places: list[tuple[nn.Module, str]]) -> int:
@@ -283,7 +284,7 @@ def _run_weight_major(places: list[tuple[nn.Module, str]]) -> int:
 def last_level_cache_bytes() -> int:
     """The largest CPU cache, as Linux reports it (32 MiB where it does not say)."""
     sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for entry in _CACHES.glob("index*/size"):
         try:
             text = entry.read_text().strip()
         except OSError:
@@ -295,7 +296,7 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
-def _pack(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
+def _pack_layers(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
     mappings = _file_mappings()
     if isinstance(mappings, str):
         _logger.warning("linear layers not packed for oneDNN (a speed-up only): %s, and the "
