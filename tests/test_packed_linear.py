@@ -1,4 +1,5 @@
-"""Linear layers packed for oneDNN: same results as nn.Linear, weights not kept twice in memory."""
+"""CPU linear layers, packed for oneDNN or run weight-major: same results as nn.Linear, weights
+not kept twice in memory."""
 
 from __future__ import annotations
 
@@ -17,13 +18,32 @@ from torch import nn
 from transformers import MptForCausalLM
 
 from templated_llm.model_logging.log import log_llm
-from templated_llm.runtime.packed_linear import PackedLinear, pack_linear_layers, packing_available
+from templated_llm.runtime import packed_linear
+from templated_llm.runtime.packed_linear import (
+    PackedLinear,
+    WeightMajorLinear,
+    pack_linear_layers,
+    packing_available,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
 
 
+_BF16 = pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this CPU has no oneDNN bfloat16")
+
+
+def _weight_major(linear: nn.Linear) -> WeightMajorLinear:
+    linear.__class__ = WeightMajorLinear
+    return linear
+
+
+@pytest.mark.parametrize("lay_out, dtype, tolerance", [
+    (PackedLinear, torch.float32, 1e-5),
+    pytest.param(PackedLinear, torch.bfloat16, 2e-2, marks=_BF16),
+    pytest.param(_weight_major, torch.bfloat16, 2e-2, marks=_BF16),
+], ids=["packed-float32", "packed-bfloat16", "weight-major-bfloat16"])
 @settings(max_examples=40, deadline=None)
 @given(
     in_features=st.integers(1, 96),
@@ -33,26 +53,58 @@ pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="to
     transposed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_packed_linear_computes_what_nn_linear_does(in_features, out_features, leading, bias, transposed, seed):
+def test_the_laid_out_layers_compute_what_nn_linear_does(lay_out, dtype, tolerance, in_features,
+                                                         out_features, leading, bias, transposed, seed):
     torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias).eval()
-    x = torch.randn(*leading, in_features)
+    linear = nn.Linear(in_features, out_features, bias=bias, dtype=dtype).eval()
+    x = torch.randn(*leading, in_features, dtype=dtype)
     if transposed and x.dim() == 3:  # a non-contiguous input, as attention's outputs can be
-        x = torch.randn(leading[1], leading[0], in_features).transpose(0, 1)
+        x = torch.randn(leading[1], leading[0], in_features, dtype=dtype).transpose(0, 1)
     with torch.inference_mode():
         want = linear(x)
-        have = PackedLinear(linear)(x)
-    assert have.shape == want.shape
-    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+        have = lay_out(linear)(x)
+    assert have.shape == want.shape and have.dtype == want.dtype
+    torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this CPU has no oneDNN bfloat16")
-def test_packed_linear_in_bfloat16():
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 32, dtype=torch.bfloat16).eval()
-    x = torch.randn(4, 64, dtype=torch.bfloat16)
+@_BF16
+@pytest.mark.parametrize("cache_bytes, weight_major", [(0, True), (2**40, False)])
+def test_bfloat16_layers_run_weight_major_where_the_weights_outgrow_the_cache(
+        tiny_snapshot, monkeypatch, cache_bytes, weight_major):
+    monkeypatch.setattr(packed_linear, "last_level_cache_bytes", lambda: cache_bytes)
+    plain = MptForCausalLM.from_pretrained(tiny_snapshot, dtype=torch.bfloat16).eval()
+    model = MptForCausalLM.from_pretrained(tiny_snapshot, dtype=torch.bfloat16).eval()
+    blocks = len(model.transformer.blocks)
+    changed = pack_linear_layers(model)
+    up_proj, lm_head = model.transformer.blocks[0].ffn.up_proj, model.lm_head
+    if weight_major:  # every layer, the output layer tied to the embeddings too
+        assert changed == 4 * blocks + 1
+        assert type(up_proj) is WeightMajorLinear and type(lm_head) is WeightMajorLinear
+    else:
+        assert changed == 4 * blocks
+        assert type(up_proj) is PackedLinear and type(lm_head) is nn.Linear
+    assert lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(1, plain.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=2e-2, atol=2e-2)
+        state = model.state_dict()
+        assert state.keys() == plain.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+        # In another dtype the layers compute as nn.Linear does.
+        torch.testing.assert_close(model.float()(ids).logits, plain.float()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ({"index0": "48K", "index2": "2048K", "index3": "307200K"}, 300 * 2**20),
+    ({"index0": "32K", "index1": "not a size"}, 32 * 2**10),
+    ({}, 32 * 2**20),  # nothing reported: a typical server's
+])
+def test_the_last_level_cache_is_the_largest_one_linux_reports(tmp_path, monkeypatch, sizes, expected):
+    for index, size in sizes.items():
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    monkeypatch.setattr(packed_linear, "_CACHES", tmp_path)
+    assert packed_linear.last_level_cache_bytes() == expected
 
 
 def test_packing_mpt_keeps_the_tied_output_layer_and_its_logits(tiny_snapshot):

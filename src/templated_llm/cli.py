@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("--max-tokens-limit", type=int,
                      help="largest max_tokens a request may ask for (default 1024)")
     log.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
-                     help="on CPU, keep nn.Linear instead of packing weights for oneDNN at load")
+                     help="on CPU, keep nn.Linear instead of laying out the weights for oneDNN at load")
     log.set_defaults(func=_log)
 
     serve = commands.add_parser(

@@ -240,7 +240,8 @@ def log_llm(
         max_tokens_limit: the largest ``max_tokens`` a caller may ask for.
         pack_weights: on CPU, reorder the linear layers' weights once at load into oneDNN's
             layout (about 2x faster matmuls; same arithmetic, rounding may differ in the
-            last bits). ``False`` keeps ``nn.Linear``.
+            last bits), or, for bfloat16 weights larger than the CPU's cache, run them
+            weight-major. ``False`` keeps ``nn.Linear``.
         engine: serve through the continuous-batching engine (``True``, budget sized at load),
             with an ``EngineConfig`` budget, or ``False`` to generate whole batches with
             transformers' ``generate``. Overridable at load through ``model_config``.
