@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import MptForCausalLM
 
+from templated_llm.devtools.tiny import build_tiny_mpt
 from templated_llm.model_logging.log import log_llm
 from templated_llm.runtime import packed_linear
 from templated_llm.runtime.packed_linear import (
@@ -134,16 +135,22 @@ def _resident_bytes(path) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_packing_hands_back_the_memory_mapped_originals(tiny_snapshot, tmp_path):
-    snapshot = shutil.copytree(tiny_snapshot, tmp_path / "snapshot")  # mapped by this test only
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=_BF16)])
+def test_laying_out_hands_back_the_memory_mapped_originals(tiny_snapshot, tmp_path, monkeypatch, dtype):
+    # float32 layers are packed; bfloat16 ones, with the cache made small, run weight-major
+    # from a copy in anonymous memory: file pages are reclaimable, and refaulting them would
+    # slow every step.
+    monkeypatch.setattr(packed_linear, "last_level_cache_bytes", lambda: 0)
+    built = tiny_snapshot if dtype == "float32" else build_tiny_mpt(tmp_path / "built", seed=0, dtype=dtype)
+    snapshot = shutil.copytree(built, tmp_path / "snapshot")  # mapped by this test only
     weights = snapshot / "model.safetensors"
-    model = MptForCausalLM.from_pretrained(snapshot).eval()
+    model = MptForCausalLM.from_pretrained(snapshot, dtype=getattr(torch, dtype)).eval()
     linear_bytes = sum(m.weight.nbytes for m in model.modules()
                        if type(m) is nn.Linear and m is not model.lm_head)
     pack_linear_layers(model)
     with torch.inference_mode():
         model(torch.ones(1, 4, dtype=torch.long))
-    # Packing read every linear weight; what stays mapped is the rest (embeddings, norms).
+    # Laying out read every linear weight; what stays mapped is the rest (embeddings, norms).
     assert _resident_bytes(weights.resolve()) <= weights.stat().st_size - linear_bytes + 64 * 1024
 
 

@@ -259,13 +259,13 @@ def pack_linear_layers(model: nn.Module) -> int:
     # in memory.
     places = [(parent, name) for parent in model.modules()
               for name, child in parent.named_children() if type(child) is nn.Linear]
-    weight_major = _run_weight_major(places)
+    weight_major = _run_weight_major(model, places)
     if weight_major:
         places = [(parent, name) for parent, name in places if type(getattr(parent, name)) is nn.Linear]
     return weight_major + _pack_layers(model, places)
 
 
-def _run_weight_major(places: list[tuple[nn.Module, str]]) -> int:
+def _run_weight_major(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
     layers = {id(layer): layer for layer in (getattr(parent, name) for parent, name in places)
               if layer.weight.device.type == "cpu" and layer.weight.dtype == torch.bfloat16}
     if not layers or not packing_available(torch.bfloat16):
@@ -274,11 +274,31 @@ def _run_weight_major(places: list[tuple[nn.Module, str]]) -> int:
     cache = last_level_cache_bytes()
     if weights <= cache:
         return 0
+    mappings = _file_mappings()
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for layer in layers.values():
         layer.__class__ = WeightMajorLinear  # the same module: parameters and ties kept
+        if not isinstance(mappings, str) and owners[id(layer.weight)] == 1:
+            mappings = _move_to_anonymous_memory(layer, mappings)
     _logger.info("running %d bfloat16 linear layers weight-major: their %.1f GB of weights "
                  "outgrow the CPU's %.0f MB last-level cache", len(layers), weights / 1e9, cache / 1e6)
     return len(layers)
+
+
+def _move_to_anonymous_memory(layer: nn.Linear, mappings: list[tuple[int, int]]) -> list[tuple[int, int]] | str:
+    """Give the layer a copy of its weight in anonymous memory and hand back the file's pages,
+    as packing does; return the mappings, or why no more pages can be handed back.
+
+    Pages of a file mapping are page cache, which the kernel reclaims under pressure (another
+    copy of the model being read, say) and faults in again on the next step: decode then runs
+    at a fraction of its speed. A copy is resident until the process ends.
+    """
+    weight = layer.weight
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if failure := _release_file_pages(weight, mappings):
+        _logger.warning("stopped moving weights out of the file mapping: %s", failure)
+        return failure
+    return mappings
 
 
 def last_level_cache_bytes() -> int:
