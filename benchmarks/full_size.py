@@ -215,7 +215,8 @@ def run_section(section: Section, cache: Path, warmup_uri: str) -> dict[str, Any
         weights = weight_bytes(snapshot, getattr(torch, result["dtype"]))
         result.update(weight_bytes=weights, load_peak_rss_over_weights=(
             result["load_peak_bytes"] - result["engine_cache_bytes"]) / weights)
-    return {"title": section.title, "shape": asdict(section.shape), "snapshot": str(snapshot),
+    # The snapshot by its name in the cache: results name no paths of the machine they ran on.
+    return {"title": section.title, "shape": asdict(section.shape), "snapshot": snapshot.name,
             # Every tensor of these snapshots is a floating-point weight.
             "parameters": weight_bytes(snapshot, torch.bfloat16) // 2, "workload": asdict(workload),
             "auto": {"chose": auto.name, "reason": auto.reason}, "dtypes": resolved,

@@ -1,4 +1,5 @@
-"""Linear-layer benchmark: packed (oneDNN) against ``nn.Linear``, in float32 and bfloat16.
+"""Linear-layer benchmark: packed (oneDNN) against ``nn.Linear``, in float32 and bfloat16, and
+bfloat16 run weight-major.
 
 For every batch size from 1 to 64 rows, times the four matmuls of one MPT block (Wqkv, out_proj,
 up_proj, down_proj) at ``--d-model``, each way, the variants taking turns in every round
@@ -25,7 +26,7 @@ from torch import nn
 
 from benchmarks.figures import machine
 from benchmarks.measure import bf16_flags, interleaved_seconds
-from templated_llm.runtime.packed_linear import PackedLinear
+from templated_llm.runtime.packed_linear import PackedLinear, WeightMajorLinear
 
 BATCHES = (1, 2, 3, 4, 8, 16, 32, 64)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -35,6 +36,14 @@ def _block(d_model: int, dtype: torch.dtype) -> list[nn.Linear]:
     """The linear layers of one MPT block (no biases, as mpt-7b-instruct), random weights."""
     shapes = ((d_model, 3 * d_model), (d_model, d_model), (d_model, 4 * d_model), (4 * d_model, d_model))
     return [nn.Linear(i, o, bias=False, dtype=dtype).eval() for i, o in shapes]
+
+
+def _weight_major(layer: nn.Linear) -> WeightMajorLinear:
+    """The layer run weight-major, reading the same weight tensor."""
+    twin = WeightMajorLinear(layer.in_features, layer.out_features, bias=False, device="meta",
+                             dtype=layer.weight.dtype)
+    twin.weight = layer.weight
+    return twin
 
 
 def _run(layers: list[nn.Module], inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -54,7 +63,8 @@ def _speedup(slower: list[float], faster: list[float]) -> dict[str, float]:
 
 
 def measure(d_model: int, repeats: int) -> list[dict[str, Any]]:
-    """Milliseconds of one block's matmuls per batch size, for each dtype, packed and not."""
+    """Milliseconds of one block's matmuls per batch size, for each dtype, packed and not, and
+    bfloat16 weight-major."""
     torch.manual_seed(0)
     blocks = {}
     for name, dtype in DTYPES.items():
@@ -67,12 +77,16 @@ def measure(d_model: int, repeats: int) -> list[dict[str, Any]]:
             inputs = [torch.randn(batch, layer.in_features, dtype=DTYPES[name]) for layer in plain]
             runs[f"{name} nn.Linear"] = _run(plain, inputs)
             runs[f"{name} packed"] = _run(packed, inputs)
+            if name == "bfloat16":
+                runs[f"{name} weight-major"] = _run([_weight_major(layer) for layer in plain], inputs)
         times = interleaved_seconds(runs, repeats)
         rows.append({
             "batch": batch, "milliseconds": {name: min(t) * 1e3 for name, t in times.items()},
             "bf16_packed_speedup": _speedup(times["bfloat16 nn.Linear"], times["bfloat16 packed"]),
             "f32_packed_speedup": _speedup(times["float32 nn.Linear"], times["float32 packed"]),
             "bf16_packed_over_f32_packed": _speedup(times["float32 packed"], times["bfloat16 packed"]),
+            "bf16_weight_major_speedup": _speedup(times["bfloat16 nn.Linear"], times["bfloat16 weight-major"]),
+            "bf16_weight_major_over_packed": _speedup(times["bfloat16 packed"], times["bfloat16 weight-major"]),
             "seconds": times,
         })
     return rows
@@ -82,7 +96,9 @@ def markdown(rows: list[dict[str, Any]], d_model: int) -> str:
     names = list(rows[0]["milliseconds"])
     ratios = (("bf16_packed_speedup", "bf16 packed / bf16 nn.Linear"),
               ("f32_packed_speedup", "f32 packed / f32 nn.Linear"),
-              ("bf16_packed_over_f32_packed", "bf16 packed / f32 packed"))
+              ("bf16_packed_over_f32_packed", "bf16 packed / f32 packed"),
+              ("bf16_weight_major_speedup", "bf16 weight-major / bf16 nn.Linear"),
+              ("bf16_weight_major_over_packed", "bf16 weight-major / bf16 packed"))
     lines = [
         f"One MPT block's linear layers at d_model {d_model}: milliseconds (fastest round), and "
         "speed-ups (median of the rounds' ratios, interquartile range):", "",

@@ -14,10 +14,11 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from benchmarks import pages
+from benchmarks import linear, pages
 from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
 from benchmarks.measure import bf16_flags
 from benchmarks.report import FIGURE_IDS
+from templated_llm.runtime.packed_linear import packing_available
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,22 @@ def test_the_docs_show_the_figures_of_the_reference_results(page):
     assert text == pages.render(text, json.loads(pages.LATEST.read_text()))
 
 
+@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this CPU has no oneDNN bfloat16")
+def test_the_linear_benchmark_times_every_variant_at_every_batch_size(tmp_path):
+    out = tmp_path / "linear.json"
+    linear.main(["--d-model", "64", "--repeats", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert [row["batch"] for row in results["rows"]] == list(linear.BATCHES)
+    variants = {"float32 nn.Linear", "float32 packed", "bfloat16 nn.Linear", "bfloat16 packed",
+                "bfloat16 weight-major"}
+    for row in results["rows"]:
+        assert row["milliseconds"].keys() == variants and min(row["milliseconds"].values()) > 0
+        assert all(len(times) == 2 for times in row["seconds"].values())
+        assert row["bf16_weight_major_over_packed"]["median"] > 0
+    table = linear.report(results)
+    assert "bf16 weight-major / bf16 packed" in table and results["machine"]["cpu_model"] in table
+
+
 def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
     # `--size mpt-7b` on a tiny model of the same layout (bf16 .bin shards, 50432-token
     # vocabulary), then the two-dtype section: every figure computed, the CPU recorded.
@@ -126,7 +143,7 @@ def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
     results = json.loads((tmp_path / "results" / "full-size-smoke.json").read_text())
     assert results["machine"]["cpu_model"] and results["memory_bandwidth"]["bytes_per_s"] > 0
     layout, dtypes = results["sections"]
-    assert len(list(Path(layout["snapshot"]).glob("pytorch_model-*-of-*.bin"))) == 2
+    assert len(list((tmp_path / "cache" / layout["snapshot"]).glob("pytorch_model-*-of-*.bin"))) == 2
     assert layout["auto"]["chose"] in ("bfloat16", "float32") and layout["auto"]["reason"]
     assert set(dtypes["contenders"]) == {"templated_auto", "templated_float32", "plain_float32",
                                          f"plain_{dtypes['auto']['chose']}"}
