@@ -11,6 +11,17 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may wait on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# The suite runs in pytest-xdist workers (`-n auto`). They share the cores: each worker's torch,
+# and the processes it starts, get their share, set before torch is imported (threads beyond
+# the cores make every worker crawl).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -25,6 +36,11 @@ from templated_llm.plugins import manager as plugin_manager  # noqa: E402
 settings.register_profile("dev", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core, at most four (each holds torch, MLflow and its servers)."""
+    return min(4, _cpus())
 
 
 @pytest.fixture(scope="session")
