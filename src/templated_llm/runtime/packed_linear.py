@@ -112,10 +112,9 @@ class WeightMajorLinear(nn.Linear):
     transposed weight on every call; with the weight as the left operand it reads the weight in
     its own layout and reorders only the few rows of ``x``. With mpt-7b's layers, measured faster
     than ``nn.Linear`` and than the packed layout at every batch size from 1 to 64
-    (docs/benchmarks.md). Only the
-    forward differs: the weight stays the module's parameter, so ties, ``state_dict``, ``.to()``
-    and saving behave as ``nn.Linear``'s; inputs in another dtype or off the CPU take
-    ``nn.Linear``'s own forward.
+    (docs/benchmarks.md). Only the forward differs: the weight stays the module's parameter, so
+    ties, ``state_dict``, ``.to()`` and saving behave as ``nn.Linear``'s; inputs in another
+    dtype or off the CPU take ``nn.Linear``'s own forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,10 +243,10 @@ def pack_linear_layers(model: nn.Module) -> int:
     """Lay out the model's CPU ``nn.Linear`` layers for inference; return how many changed.
 
     Where the bfloat16 linear weights are larger than the CPU's last-level cache, every step
-    streams them from memory, and run as :class:`WeightMajorLinear` (the same modules and
-    weights with another forward, output layers tied to the embeddings included) they were
-    read faster than packed, at every batch size; smaller ones stay in the cache, where the
-    packed layout computed faster. Every other layer is packed (:class:`PackedLinear`) except:
+    streams them from memory, and run as :class:`WeightMajorLinear` (the same modules with
+    another forward, output layers tied to the embeddings included; untied weights are moved
+    out of the file mapping, as packing does) they were read faster than packed, at every
+    batch size; smaller ones stay in the cache, where the packed layout computed faster. Every other layer is packed (:class:`PackedLinear`) except:
     layers whose weight another module shares (packing replaces the weight, and a tied output
     layer must keep reading the embeddings'), off-CPU or meta weights, dtypes oneDNN cannot
     pack here, and everything where the pages of the replaced weights cannot be handed back
