@@ -20,7 +20,8 @@ def _cpus() -> int:
 # and the processes it starts, get their share, set before torch is imported (threads beyond
 # the cores make every worker crawl).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _share = _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,7 @@ and prefill matmuls of the benchmark's MPT then ran about twice as fast (docs/be
 This is the packing torch.compile's CPU backend applies when it freezes weights, without the
 compile. In bfloat16, where the weights outgrow the CPU's caches (7B models), multiplying by the
 weight as it is stored (``W @ x.T``, a matrix-vector product for one row) read them faster than
-the packed layout at every batch size, and keeps the weight where it was loaded. Either way the
+the packed layout at every batch size, with the weight in its own layout. Either way the
 arithmetic is the same multiply-add in a different summation order, so outputs agree with
 ``nn.Linear`` to rounding.
 
@@ -246,25 +246,28 @@ def pack_linear_layers(model: nn.Module) -> int:
     streams them from memory, and run as :class:`WeightMajorLinear` (the same modules with
     another forward, output layers tied to the embeddings included; untied weights are moved
     out of the file mapping, as packing does) they were read faster than packed, at every
-    batch size; smaller ones stay in the cache, where the packed layout computed faster. Every other layer is packed (:class:`PackedLinear`) except:
-    layers whose weight another module shares (packing replaces the weight, and a tied output
-    layer must keep reading the embeddings'), off-CPU or meta weights, dtypes oneDNN cannot
-    pack here, and everything where the pages of the replaced weights cannot be handed back
-    (anywhere but Linux, or without ``/proc``): the weights would be resident twice. The reason
-    is logged.
+    batch size; smaller ones stay in the cache, where the packed layout computed faster.
+
+    Every other layer is packed (:class:`PackedLinear`) except: layers whose weight another
+    module shares (packing replaces the weight, and a tied output layer must keep reading the
+    embeddings'), off-CPU or meta weights, dtypes oneDNN cannot pack here, and everything where
+    the pages of the replaced weights cannot be handed back (anywhere but Linux, or without
+    ``/proc``): the weights would be resident twice. The reason is logged.
     """
     # Parents and names only: a list of the layers themselves would keep every replaced weight
     # alive until the end, and weights not backed by a file (converted at load) would be twice
     # in memory.
     places = [(parent, name) for parent in model.modules()
               for name, child in parent.named_children() if type(child) is nn.Linear]
-    weight_major = _run_weight_major(model, places)
+    # How many modules hold each weight: a shared (tied) weight must stay where it is.
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    weight_major = _run_weight_major(places, owners)
     if weight_major:
         places = [(parent, name) for parent, name in places if type(getattr(parent, name)) is nn.Linear]
-    return weight_major + _pack_layers(model, places)
+    return weight_major + _pack_layers(places, owners)
 
 
-def _run_weight_major(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
+def _run_weight_major(places: list[tuple[nn.Module, str]], owners: Counter) -> int:
     layers = {id(layer): layer for layer in (getattr(parent, name) for parent, name in places)
               if layer.weight.device.type == "cpu" and layer.weight.dtype == torch.bfloat16}
     if not layers or not packing_available(torch.bfloat16):
@@ -274,7 +277,6 @@ def _run_weight_major(model: nn.Module, places: list[tuple[nn.Module, str]]) -> 
     if weights <= cache:
         return 0
     mappings = _file_mappings()
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for layer in layers.values():
         layer.__class__ = WeightMajorLinear  # the same module: parameters and ties kept
         if not isinstance(mappings, str) and owners[id(layer.weight)] == 1:
@@ -315,13 +317,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
-def _pack_layers(model: nn.Module, places: list[tuple[nn.Module, str]]) -> int:
+def _pack_layers(places: list[tuple[nn.Module, str]], owners: Counter) -> int:
     mappings = _file_mappings()
     if isinstance(mappings, str):
         _logger.warning("linear layers not packed for oneDNN (a speed-up only): %s, and the "
                         "weights would be resident twice", mappings)
         return 0
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     packed = 0
     for parent, name in places:
         weight = getattr(parent, name).weight
