@@ -85,7 +85,7 @@ def logged_model(tiny_snapshot: Path):
 
 @pytest.fixture(scope="session")
 def loaded_model(logged_model):
-    return mlflow.pyfunc.load_model(logged_model.model_uri)
+    return mlflow.pyfunc.load_model(logged_model.model_uri, model_config={"device": "cpu"})
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def test_greedy_predictions_through_templated_llm_match_eager(tiny_snapshot):
     outputs = {}
     for backend in ("eager", "sdpa"):
         info = log_llm("mpt-instruct", snapshot=tiny_snapshot, attention=backend, name=backend)
-        loaded = mlflow.pyfunc.load_model(info.model_uri)
+        loaded = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
         assert loaded.unwrap_python_model().attention == backend
         outputs[backend] = loaded.predict(prompts, params={"temperature": 0.0, "max_tokens": 12})
     assert outputs["sdpa"]["candidates"].tolist() == outputs["eager"]["candidates"].tolist()
@@ -162,6 +162,7 @@ def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
 def test_triton_on_cpu_without_a_compiler_fails_at_log_time_naming_what_is_missing(tiny_snapshot, monkeypatch):
     # flash without CUDA: test_attention_generic.py, for this plugin and the core's defaults.
     monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # log_llm checks the machine's device
     with pytest.raises(AttentionUnavailableError, match="C\\+\\+ compiler"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, attention="triton")
 

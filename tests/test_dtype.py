@@ -105,12 +105,12 @@ def test_the_choice_and_its_reason_are_logged_at_load(bf16_snapshot, monkeypatch
     _cpu(monkeypatch, "amx_bf16")
     uri = log_llm("mpt-instruct", snapshot=bf16_snapshot).model_uri
     with caplog.at_level(logging.INFO):
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        model = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model().model
     assert model.dtype == torch.bfloat16
     assert "dtype bfloat16 on cpu: the checkpoint is bfloat16 and this CPU computes it natively (amx_bf16)" in caplog.text
     _cpu(monkeypatch, "avx2")
     with caplog.at_level(logging.INFO):
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        model = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model().model
     assert model.dtype == torch.float32
     assert "dtype float32 on cpu: the checkpoint is bfloat16, but this CPU has no bfloat16" in caplog.text
 
@@ -124,7 +124,9 @@ def test_an_explicit_dtype_other_than_the_checkpoints_converts_it_at_load(tiny_s
 
 
 def _loaded(snapshot: Path, **options):
-    return mlflow.pyfunc.load_model(log_llm("mpt-instruct", snapshot=snapshot, **options).model_uri)
+    # On the CPU, also on a machine with a GPU (where the default device is CUDA).
+    return mlflow.pyfunc.load_model(log_llm("mpt-instruct", snapshot=snapshot, **options).model_uri,
+                                    model_config={"device": "cpu"})
 
 
 def test_bfloat16_greedy_output_equals_plain_transformers_in_bfloat16(bf16_snapshot):

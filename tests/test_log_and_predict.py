@@ -38,7 +38,7 @@ def _plain_generate(snapshot: Path, prompt: str, max_new_tokens: int) -> str:
 def test_greedy_predict_in_a_fresh_process_equals_plain_generate(logged_model, tiny_snapshot):
     code = f"""
 import json, mlflow
-model = mlflow.pyfunc.load_model({logged_model.model_uri!r})
+model = mlflow.pyfunc.load_model({logged_model.model_uri!r}, model_config={{"device": "cpu"}})
 out = model.predict({{"prompt": {PROMPTS[:2]!r}}}, params={GREEDY!r})
 print(json.dumps(out["candidates"].tolist()))
 """

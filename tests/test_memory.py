@@ -116,7 +116,7 @@ def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(tiny_snaps
     monkeypatch.setattr(MptForCausalLM, "from_pretrained", no_loading)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "1MB")  # less than this process already uses
     with pytest.raises(InsufficientMemoryError) as refused:
-        mlflow.pyfunc.load_model(uri)
+        mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})  # the limit caps host memory
     message = str(refused.value)
     assert "model 'mpt-instruct' in float32 on cpu needs about" in message
     assert "of weights" in message and "of KV cache for 4096 tokens" in message
@@ -129,14 +129,14 @@ def test_without_a_budget_the_engine_is_counted_at_one_sequence(tiny_snapshot, m
     uri = log_llm("mpt-instruct", snapshot=tiny_snapshot).model_uri
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "1MB")
     with pytest.raises(InsufficientMemoryError, match="KV cache for 2048 tokens.*one sequence of the 2048-token"):
-        mlflow.pyfunc.load_model(uri)
+        mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
 
 
 def test_whole_batches_get_a_cache_budget_from_the_memory_left(tiny_snapshot, monkeypatch):
     uri = log_llm("mpt-instruct", snapshot=tiny_snapshot, max_rows_per_request=40, engine=False).model_uri
     # Plenty: the budget is the largest batch the limits allow, here one request of 40 rows at
     # the full context (a merged batch stops at MAX_MERGED_TOKENS); the batcher merges within it.
-    ours = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    ours = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model()
     assert ours.cache_tokens == 40 * 2048 > MAX_MERGED_TOKENS
     assert ours._batcher._max_padded_tokens == MAX_MERGED_TOKENS
     # Tight: whatever the weights and the margin leave (20 MB more than one row of the full
@@ -144,7 +144,7 @@ def test_whole_batches_get_a_cache_budget_from_the_memory_left(tiny_snapshot, mo
     used = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
     estimate = estimate_load_bytes(tiny_snapshot, torch.float32, cache_tokens=2048)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(used + estimate.total + 20 * MB))
-    ours = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    ours = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model()
     per_token = cache_bytes_per_token(tiny_snapshot, torch.float32)
     assert 2048 <= ours.cache_tokens <= 2048 + 20 * MB // per_token
     assert ours._batcher._max_padded_tokens == ours.cache_tokens  # merged batches fit it too
@@ -211,7 +211,7 @@ def test_a_server_refuses_to_start_a_model_that_cannot_fit(tiny_snapshot, server
     command = ([sys.executable, "-m", "templated_llm.cli", "serve", uri, "--port", str(port)]
                if server == "templated-llm serve" else
                serve_command(uri, host="127.0.0.1", port=port, workers=1, env_manager="local"))
-    env = {MEMORY_LIMIT_ENV: "1MB",
+    env = {MEMORY_LIMIT_ENV: "1MB", "CUDA_VISIBLE_DEVICES": "",  # the limit caps host memory: load on CPU
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     with pytest.raises(AssertionError, match=r"(?s)server did not come up.*InsufficientMemoryError.*needs about"):
         with running_server(command, port, env=env, timeout=300):

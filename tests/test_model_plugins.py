@@ -58,7 +58,7 @@ def snapshot(plugin, tiny_model) -> Path:
 @pytest.fixture(scope="module")
 def model(plugin, snapshot):
     info = log_llm(plugin, snapshot=snapshot, name=plugin)
-    return mlflow.pyfunc.load_model(info.model_uri)
+    return mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})  # as the oracle runs
 
 
 def _plain_generate(snapshot: Path, text: str, add_special_tokens: bool) -> str:

@@ -158,7 +158,7 @@ def test_laying_out_hands_back_the_memory_mapped_originals(tiny_snapshot, tmp_pa
 def test_log_llm_packs_on_cpu_unless_told_not_to(tiny_snapshot, pack_weights):
     info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name=f"pack-{pack_weights}",
                    pack_weights=pack_weights)
-    model = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().model
+    model = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"}).unwrap_python_model().model
     # By name: the loaded model runs the copy of templated_llm it carries, not this import.
     expected = "PackedLinear" if pack_weights else "Linear"
     assert type(model.transformer.blocks[0].ffn.up_proj).__name__ == expected

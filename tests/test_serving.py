@@ -160,7 +160,7 @@ def test_the_logged_model_serves_where_templated_llm_is_not_installed(
     python = python_without_templated_llm
     for module in ("templated_llm", "templated_llm_mpt"):
         probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True,
-                               cwd="/", text=True)
+                               cwd="/", text=True, env={**os.environ, "PYTHONPATH": ""})
         assert "ModuleNotFoundError" in probe.stderr
     port = free_port()
     command = [str(python), "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1",

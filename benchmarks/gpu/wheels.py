@@ -34,7 +34,9 @@ _SLIM = {"mlflow": ("mlflow-skinny", "mlflow-tracing", "sqlalchemy", "alembic")}
 # typer lack it, so it travels whatever the local closure says.
 _ALWAYS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 SIZE_LIMIT = 64 * 2**20
-_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+# pip matches each tag exactly; newer wheels (llguidance 1.9: manylinux_2_31) need the newer tags.
+_PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
+              "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
               "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
