@@ -29,6 +29,8 @@ from benchmarks.measure import bf16_flags, interleaved_seconds
 from templated_llm.runtime.packed_linear import PackedLinear, WeightMajorLinear
 
 BATCHES = (1, 2, 3, 4, 8, 16, 32, 64)
+# A block at d_model 512 takes well under a millisecond: such runs repeat within a round.
+MIN_ROUND_SECONDS = 0.02
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -79,7 +81,7 @@ def measure(d_model: int, repeats: int) -> list[dict[str, Any]]:
             runs[f"{name} packed"] = _run(packed, inputs)
             if name == "bfloat16":
                 runs[f"{name} weight-major"] = _run([_weight_major(layer) for layer in plain], inputs)
-        times = interleaved_seconds(runs, repeats)
+        times = interleaved_seconds(runs, repeats, min_round_seconds=MIN_ROUND_SECONDS)
         rows.append({
             "batch": batch, "milliseconds": {name: min(t) * 1e3 for name, t in times.items()},
             "bf16_packed_speedup": _speedup(times["bfloat16 nn.Linear"], times["bfloat16 packed"]),

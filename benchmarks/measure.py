@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -10,25 +11,33 @@ from pathlib import Path
 
 
 def interleaved_seconds(
-    runs: dict[str, Callable[[], object]], repeats: int, warm_up_seconds: dict[str, float] | None = None
+    runs: dict[str, Callable[[], object]], repeats: int, warm_up_seconds: dict[str, float] | None = None,
+    min_round_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
     """Wall times of each run, ``repeats`` rounds after a warm-up round, the runs taking turns
     (their order rotating every round) so that load from elsewhere hits them all alike.
 
     The warm-up round pays what a first call pays once (compiling, allocating, caches); its
-    times go into ``warm_up_seconds`` when given, never into the timed rounds.
+    times go into ``warm_up_seconds`` when given, never into the timed rounds. With
+    ``min_round_seconds``, a run shorter than that is called enough times in a row per round
+    to last it, and its time is the mean of those calls: a single sub-millisecond call is
+    mostly timer and thread wake-up noise.
     """
+    calls = {}
     for name, run in runs.items():
         start = time.perf_counter()
         run()
+        elapsed = time.perf_counter() - start
         if warm_up_seconds is not None:
-            warm_up_seconds[name] = time.perf_counter() - start
+            warm_up_seconds[name] = elapsed
+        calls[name] = max(1, math.ceil(min_round_seconds / max(elapsed, 1e-9)))
     names, times = list(runs), {name: [] for name in runs}
     for round_ in range(repeats):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
             start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                runs[name]()
+            times[name].append((time.perf_counter() - start) / calls[name])
     return times
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from transformers import GenerationConfig
 
 from benchmarks import linear, pages
 from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
-from benchmarks.measure import bf16_flags
+from benchmarks.measure import bf16_flags, interleaved_seconds
 from benchmarks.report import FIGURE_IDS
 from templated_llm.runtime.packed_linear import packing_available
 
@@ -156,3 +157,20 @@ def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
             assert contender["load_seconds"] > 0 and contender["prefill"]["tokens_per_s"] > 0
     table = (tmp_path / "results" / "full-size-smoke.md").read_text()
     assert bf16_flags(results["machine"]["cpu_flags"]) in table and "bandwidth limit" in table
+
+
+def test_short_runs_repeat_within_a_round_and_are_timed_per_call():
+    calls = {"short": 0, "long": 0}
+
+    def run(name: str, seconds: float):
+        def call() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return call
+
+    times = interleaved_seconds({"short": run("short", 0.001), "long": run("long", 0.03)}, repeats=3,
+                                min_round_seconds=0.02)
+    assert calls["long"] == 1 + 3  # the warm-up, then one call per round: it lasts the round alone
+    assert calls["short"] >= 1 + 3 * 5  # repeated until a round lasts about 20 ms
+    assert all(0.001 <= t < 0.015 for t in times["short"])  # a call's time, not a round's (>= 20 ms)
+    assert all(t >= 0.03 for t in times["long"])
