@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -54,3 +55,20 @@ def test_the_wheel_set_brings_mlflow_and_our_runtime_but_not_the_gpu_machines_ow
     assert not names & {"torch", "transformers", "accelerate", "pandas", "numpy", "tokenizers"}
     # The UI server's heavy stack stays behind (see wheels._SLIM).
     assert not names & {"scikit-learn", "scipy", "pyarrow", "matplotlib"}
+
+
+def test_the_platforms_asked_for_cover_the_pinned_wheels_installed_here():
+    # pip matches manylinux tags exactly: a pinned release built only for a newer glibc
+    # (llguidance 1.9: manylinux_2_31) was not found, and the wheel set failed to build.
+    checked = 0
+    for requirement in wheels.needed("3.12"):
+        try:
+            text = importlib.metadata.distribution(requirement.split("==")[0]).read_text("WHEEL") or ""
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        platforms = {line.split("-")[-1] for line in text.splitlines()
+                     if line.startswith("Tag:") and "manylinux" in line}
+        if platforms:
+            checked += 1
+            assert platforms & set(wheels.PLATFORMS), (requirement, platforms)
+    assert checked >= 3  # cffi, pydantic-core, sqlalchemy, llguidance, ...

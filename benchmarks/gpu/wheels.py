@@ -35,7 +35,7 @@ _SLIM = {"mlflow": ("mlflow-skinny", "mlflow-tracing", "sqlalchemy", "alembic")}
 _ALWAYS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 SIZE_LIMIT = 64 * 2**20
 # pip matches each tag exactly; newer wheels (llguidance 1.9: manylinux_2_31) need the newer tags.
-_PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
+PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
               "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
               "manylinux2014_x86_64", "manylinux1_x86_64")
 
@@ -91,7 +91,7 @@ def needed(python_version: str) -> list[str]:
 def build(out: Path, python_version: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    platforms = [arg for p in _PLATFORMS for arg in ("--platform", p)]
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
                     "--python-version", python_version, *platforms, "-d", str(out), *needed(python_version)], check=True)
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
