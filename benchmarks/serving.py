@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class ServingSettings:
     requests_per_client: int = 1
     prompt_words: tuple[int, int] = (16, 256)
     max_tokens: tuple[int, int] = (16, 64)
+    # templated-llm traces every request where MLflow tracing is on; the other servers trace
+    # nothing, so by default it is off for the comparison (--traced to measure it on).
+    traced: bool = False
 
 
 SMOKE = ServingSettings(d_model=64, n_layers=2, n_heads=4, clients=(2,), prompt_words=(4, 16),
@@ -102,6 +105,7 @@ def _servers(mpt: Path, llama: Path, settings: ServingSettings) -> Iterator[dict
     """Every server, started at once; their base URLs by name."""
     from tests.local_server import free_port, running_server
     from templated_llm.model_logging.log import log_llm
+    from templated_llm.runtime.tracing import TRACING_ENV
 
     cli = [sys.executable, "-m", "templated_llm.cli", "serve"]
     patient = ["--request-timeout", str(_TIMEOUT)]
@@ -116,7 +120,8 @@ def _servers(mpt: Path, llama: Path, settings: ServingSettings) -> Iterator[dict
                                 "--device", "cpu", "--host", "127.0.0.1"], "/health"),
     }
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(_TIMEOUT)}
+           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(_TIMEOUT),
+           TRACING_ENV: "true" if settings.traced else "false"}
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, (command, ready) in commands.items():
@@ -244,6 +249,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
               f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string. "
               f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers. "
+              f"templated-llm serve traces requests: {'yes' if s.get('traced') else 'no (as the other servers)'}. "
               f"Machine: {m['cpu_model']}, {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
               f"average {m['load_average'][0]:.1f} at the "
               f"start; torch {m['torch']}, transformers {m['transformers']}, mlflow {m['mlflow']}. "
@@ -263,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
     parser.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
+    parser.add_argument("--traced", action="store_true",
+                        help="templated-llm serve traces every request to the run's MLflow store (default: off, "
+                             "as the other servers trace nothing)")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else ServingSettings(clients=tuple(args.clients),
                                                          requests_per_client=args.requests_per_client)
+    settings = replace(settings, traced=args.traced)
     from benchmarks.store import temporary_store
 
     with temporary_store("serving"):
