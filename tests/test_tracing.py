@@ -7,6 +7,7 @@ import sys
 import time
 
 import mlflow
+import mlflow.tracing.provider
 import pytest
 import requests
 from mlflow.entities import SpanType
@@ -15,6 +16,7 @@ from mlflow.tracing.constant import SpanAttributeKey
 
 from local_server import free_port, running_server
 from templated_llm import log_llm
+from templated_llm.runtime.tracing import Tracer
 
 SECRET = "zebra-secret-42"
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
@@ -154,3 +156,28 @@ def test_a_served_request_is_traced_to_the_servers_experiment(logged_model):
     root = _spans(trace)["mpt-instruct"]
     assert root.outputs[0]["candidates"] == response.json()["predictions"][0]["candidates"]
     assert trace.info.token_usage["output_tokens"] > 0
+
+
+def _tracer(enabled: bool = True) -> Tracer:
+    return Tracer(enabled=enabled, content=True, model="m", template="t.jinja", template_version="v1", task=None)
+
+
+def test_a_server_tracing_every_request_into_a_store_it_writes_itself_is_warned(monkeypatch):
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:///srv/mlflow.db")
+    warning = _tracer().cost_warning()
+    assert warning.startswith("every request is traced into sqlite:///srv/mlflow.db: this process writes each trace")
+    assert "MLFLOW_TRACE_SAMPLING_RATIO=0.1" in warning and "TEMPLATED_LLM_TRACING=false" in warning
+    assert _tracer(enabled=False).cost_warning() is None
+    monkeypatch.setenv("TEMPLATED_LLM_TRACING", "false")
+    assert _tracer().cost_warning() is None
+    monkeypatch.delenv("TEMPLATED_LLM_TRACING")
+    monkeypatch.setenv("MLFLOW_TRACE_SAMPLING_RATIO", "0.1")  # a share: the cost is that share
+    assert _tracer().cost_warning() is None
+    monkeypatch.setenv("MLFLOW_TRACE_SAMPLING_RATIO", "1.0")
+    assert _tracer().cost_warning() is not None
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "https://tracking.example.com")
+    assert _tracer().cost_warning() is None  # a tracking server writes them
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "/srv/mlruns")
+    assert _tracer().cost_warning() is not None
+    monkeypatch.setattr(mlflow.tracing.provider, "is_tracing_enabled", lambda: False)  # disabled in MLflow
+    assert _tracer().cost_warning() is None

@@ -85,6 +85,8 @@ class ServerState:
     def _ready(self, model: LoadedModel, mlflow_app: ASGIApp) -> None:
         self.model, self.mlflow_app = model, mlflow_app
         _logger.info("serving %s as %r", self.config.model_uri, model.name)
+        if warning := model.backend.tracing_warning():
+            _logger.warning(warning)
 
     def _failed(self, exc: BaseException) -> None:
         self.load_error = exc

@@ -39,6 +39,10 @@ class Backend(Protocol):
         """The engine's stats object, or None where generation does not run on an engine."""
         ...
 
+    def tracing_warning(self) -> str | None:
+        """What tracing every request costs this server, where it is worth a warning at start."""
+        ...
+
 
 class TemplatedLLMBackend:
     """A :class:`Backend` over a loaded ``TemplatedLLM``."""
@@ -64,6 +68,9 @@ class TemplatedLLMBackend:
     def stats(self) -> Any | None:
         engine = getattr(self._model, "engine", None)
         return None if engine is None else engine.stats()
+
+    def tracing_warning(self) -> str | None:
+        return self._model.tracer.cost_warning()
 
 
 def _model_input(row: Row) -> Any:
