@@ -28,9 +28,8 @@ def bf16_snapshot(tmp_path_factory) -> Path:
     return build_tiny_mpt(tmp_path_factory.mktemp("cuda") / "tiny-mpt-bf16", dtype="bfloat16")
 
 
-def _greedy(model, **params) -> list[str]:
-    frame = model.predict({"prompt": PROMPTS},
-                          params={"max_tokens": 12, "temperature": 0.0, "return_usage": True, **params})
+def _greedy(model) -> list[str]:
+    frame = model.predict({"prompt": PROMPTS}, params={"max_tokens": 12, "temperature": 0.0, "return_usage": True})
     for tokens, reason in zip(frame["completion_tokens"], frame["finish_reason"]):
         assert (reason, tokens) == ("length", 12) or (reason == "stop" and 0 < tokens < 12)
     return list(frame["candidates"])

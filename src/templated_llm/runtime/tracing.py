@@ -28,10 +28,10 @@ from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.params import GenerationParams
 
 TRACING_ENV = "TEMPLATED_LLM_TRACING"
-# Tracking URIs whose traces this process writes itself (a file, or a database through SQLAlchemy).
-_SELF_WRITTEN_STORES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssql"})
 TRACE_CONTENT_ENV = "TEMPLATED_LLM_TRACE_CONTENT"
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+# Tracking URIs whose traces this process writes itself (a file, or a database through SQLAlchemy).
+_SELF_WRITTEN_STORES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssql"})
 # Attribute keys of our own, beside MLflow's standard ones.
 _MODEL, _TEMPLATE, _TEMPLATE_VERSION, _PARAMS, _TASK = (
     f"templated_llm.{key}" for key in ("model", "template", "template_version", "params", "task"))
@@ -69,12 +69,13 @@ class Tracer:
         it does not."""
         from mlflow.tracing.provider import is_tracing_enabled
 
+        if not self.enabled or not is_tracing_enabled():
+            return None
         sampling = None
         with contextlib.suppress(ValueError):  # MLflow itself reports a malformed value
             sampling = MLFLOW_TRACE_SAMPLING_RATIO.get()
         uri = mlflow.get_tracking_uri()
-        if (not self.enabled or not is_tracing_enabled() or (sampling is not None and sampling < 1)
-                or urllib.parse.urlparse(uri).scheme not in _SELF_WRITTEN_STORES):
+        if (sampling is not None and sampling < 1) or urllib.parse.urlparse(uri).scheme not in _SELF_WRITTEN_STORES:
             return None
         return (f"every request is traced into {uri}: this process writes each trace, in MLflow's "
                 f"background threads, with tens of milliseconds of CPU per request taken from "
