@@ -149,7 +149,8 @@ def transformers_flavor(snapshot: Path, *, fair: bool) -> Contender:
                      model_uri=info.model_uri)
 
 
-def _templated(snapshot: Path, attention: str, label: str) -> Contender:
+def templated_with(snapshot: Path, attention: str, label: str) -> Contender:
+    """TemplatedLLM logged with ``attention`` (and the default dtype, ``auto``), loaded."""
     info = log_llm(MODEL, snapshot=snapshot, name=f"templated-{attention}", attention=attention)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     counted = Counted()
@@ -169,7 +170,7 @@ def _templated(snapshot: Path, attention: str, label: str) -> Contender:
 def templated(snapshot: Path) -> tuple[Contender, list[Contender], dict[str, str]]:
     """Contender 4 as logged by default (``attention="auto"``), then once per other attention
     backend that logs and loads here; why the others do not."""
-    default = _templated(snapshot, "auto", "4. TemplatedLLM, default (auto: {})")
+    default = templated_with(snapshot, "auto", "4. TemplatedLLM, default (auto: {})")
     others, unavailable = [], {}
     for backend in (entry.name for entry in backends()):  # the attention table, without auto
         if backend == default.name.removeprefix("templated_"):
@@ -178,7 +179,7 @@ def templated(snapshot: Path) -> tuple[Contender, list[Contender], dict[str, str
             unavailable[backend] = _TRITON_ON_CPU
             continue
         try:
-            contender = _templated(snapshot, backend, "4. TemplatedLLM ({})")
+            contender = templated_with(snapshot, backend, "4. TemplatedLLM ({})")
         except (TemplatedLLMError, ValueError, ImportError, RuntimeError) as exc:
             unavailable[backend] = str(exc).splitlines()[0]
             continue

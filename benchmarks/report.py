@@ -20,6 +20,8 @@ FIGURES = (
      "one prompt: TemplatedLLM predict time / its loaded model's own generate time", "<=", 1.05),
     ("prefill_sdpa_over_eager", "prefill speed-up, sdpa over eager: forward pass", ">=", 2.0),
     ("prefill_end_to_end_sdpa_over_eager", "prefill speed-up, sdpa over eager: predict end to end", ">=", 2.0),
+    ("prefill_end_to_end_sdpa_over_eager_bf16",
+     "prefill speed-up, sdpa over eager: predict end to end, bf16 checkpoint", ">=", 2.0),
     ("log_over_copy", "log_llm wall time / copy of the snapshot directory", "<=", 1.5),
     ("loads_during_log", "model loads during log_llm", "<=", 0),
     ("load_peak_rss_over_weights",
@@ -98,9 +100,13 @@ def _details(results: dict[str, Any]) -> list[str]:
             + f"; `predict` of a {end_to_end['prompt_tokens']}-token prompt, max_tokens 1, "
             + ", ".join(f"{b} {statistics.median(t):.3f} s" for b, t in end_to_end["seconds"].items()) + ".")
         lines.append("- Where that `predict` spends its CPU time (torch profiler, self time, largest "
-                     "operators): " + "; ".join(
-                         f"{b}: " + ", ".join(f"`{op}` {share:.0%}" for op, share in list(shares.items())[:_TOP_OPS])
-                         for b, shares in end_to_end["cpu_time_shares"].items()) + ".")
+                     "operators): " + _shares(end_to_end) + ".")
+    if d.get("prefill_end_to_end_bf16"):
+        bf16 = d["prefill_end_to_end_bf16"]
+        lines.append(f"- The same `predict` on the weights stored in bfloat16 (auto runs them in bfloat16 "
+                     "here), medians: " + ", ".join(f"{b} {statistics.median(t):.3f} s"
+                                                    for b, t in bf16["seconds"].items())
+                     + "; its CPU time: " + _shares(bf16) + ".")
     served = ", ".join(f"{contenders[name]['label']} {s['requests_per_s']:.2f} (first round, untimed: "
                        f"{s['warm_up_seconds']:.2f} s)" for name, s in d["served"].items())
     lines.append(f"- Served requests/s: {served}.")
@@ -108,6 +114,11 @@ def _details(results: dict[str, Any]) -> list[str]:
         lines.append("- Attention backends not run here: " + "; ".join(
             f"{b}: {why}" for b, why in results["templated_backends_unavailable"].items()))
     return lines
+
+
+def _shares(end_to_end: dict[str, Any]) -> str:
+    return "; ".join(f"{b}: " + ", ".join(f"`{op}` {share:.0%}" for op, share in list(shares.items())[:_TOP_OPS])
+                     for b, shares in end_to_end["cpu_time_shares"].items())
 
 
 def _machine(results: dict[str, Any]) -> str:

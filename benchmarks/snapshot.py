@@ -9,12 +9,14 @@ from benchmarks.settings import Settings
 from templated_llm.devtools.tiny import build_tiny_mpt
 
 
-def snapshot(settings: Settings, cache: Path) -> Path:
-    """The snapshot of ``settings``' size under ``cache``, built there the first time."""
-    path = cache / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
+def snapshot(settings: Settings, cache: Path, dtype: str = "float32") -> Path:
+    """The snapshot of ``settings``' size under ``cache``, built there the first time, its
+    weights stored in ``dtype`` (the same seed: another dtype holds the same weights, rounded)."""
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    path = cache / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}{suffix}"
     if not (path / "config.json").is_file():
         build_tiny_mpt(path, d_model=settings.d_model, n_layers=settings.n_layers,
-                       n_heads=settings.n_heads)
+                       n_heads=settings.n_heads, dtype=dtype)
     _never_end_early(path)
     return path
 
