@@ -39,6 +39,8 @@ class SequenceState:
     finished_at: float | None = None
     text: str = ""  # decoded generated text, as far as decoded
     emitted: int = 0  # characters of ``text`` already put in ``deltas``
+    window: int = 0  # first generated token ``decode`` reads (see decode)
+    read: int = 0  # generated tokens ``decode`` has read
     deltas: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -54,14 +56,34 @@ class SequenceState:
         return self.prompt_ids + self.generated
 
     def decode(self, tokenizer: Any) -> None:
-        """Decode what was generated and queue the new text for a stream. Text ending in an
-        incomplete character (a byte-level token split inside it) waits for the next token."""
-        text = tokenizer.decode(self.generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self.text = text
-            if len(text) > self.emitted:
-                self.deltas.put(text[self.emitted :])
-                self.emitted = len(text)
+        """Decode the tokens generated since the last call and queue their text for a stream.
+        Text ending in an incomplete character (a byte-level token split inside it) waits for
+        the next token.
+
+        Decoding everything generated at every step would cost time growing with the output
+        (0.8 ms per sequence per step at 2,048 tokens with a small vocabulary), on the engine's
+        thread. Only the new tokens are decoded, after the last tokens that added text: a
+        tokenizer decodes a token differently at the start of a text (SentencePiece drops the
+        leading space), so the new text is what the new tokens add to the decode of those alone.
+        Where that decode is not a prefix of the longer one (a tokenizer rewriting earlier
+        text), the whole output is decoded again.
+        """
+        ids = self.generated
+        text = tokenizer.decode(ids[self.window :], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        known = tokenizer.decode(ids[self.window : self.read], skip_special_tokens=True)
+        if not text.startswith(known):
+            self.text = tokenizer.decode(ids, skip_special_tokens=True)
+        elif len(text) > len(known):
+            self.text += text[len(known) :]
+            # The tokens just read start the next window only if they hold text: after a
+            # skipped special token, the next word would decode as a text's first.
+            self.window = self.read
+        self.read = len(ids)
+        if len(self.text) > self.emitted:
+            self.deltas.put(self.text[self.emitted :])
+            self.emitted = len(self.text)
 
     def stopped_at_string(self) -> bool:
         return any(s in self.text for s in self.params.stop)
