@@ -87,6 +87,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "mixed": _from_file("mixed.json", _imported("benchmarks.mixed", "markdown"), "python -m benchmarks.mixed"),
     "serving": _from_file("serving.json", _imported("benchmarks.serving", "markdown"),
                           "python -m benchmarks.serving"),
+    "serving-bfloat16": _from_file("serving-bfloat16.json", _imported("benchmarks.serving", "markdown"),
+                                   "python -m benchmarks.serving --dtype bfloat16"),
     **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _imported("benchmarks.linear", "report"),
                                   f"python -m benchmarks.linear --d-model {d} "
                                   f"--out benchmarks/results/linear-d{d}.json")

@@ -10,7 +10,8 @@ streamed and not, against:
    ``templated-llm serve`` (plugin ``hf-chat``) on that Llama;
 4. MLflow's transformers flavor of that Llama (task ``llm/v1/chat``) under ``mlflow models serve``.
 
-Writes serving.json and serving.md to benchmarks/results/ (or --out).
+Writes serving.json and serving.md to benchmarks/results/ (or --out); with ``--dtype bfloat16``
+(both snapshots stored in bfloat16, as real checkpoints ship), serving-bfloat16.json and .md.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class ServingSettings:
     # templated-llm traces every request where MLflow tracing is on; the other servers trace
     # nothing, so by default it is off for the comparison (--traced to measure it on).
     traced: bool = False
+    # The dtype both snapshots store their weights in; every server loads the checkpoint's dtype
+    # (templated-llm's auto where the CPU computes it natively, transformers' "auto").
+    dtype: str = "float32"
 
 
 SMOKE = ServingSettings(d_model=64, n_layers=2, n_heads=4, clients=(2,), prompt_words=(4, 16),
@@ -72,11 +76,13 @@ def _snapshots(settings: ServingSettings, cache: Path) -> tuple[Path, Path]:
     from benchmarks.snapshot import snapshot
     from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE, build_tiny_model
 
-    mpt = snapshot(Settings(d_model=settings.d_model, n_layers=settings.n_layers, n_heads=settings.n_heads), cache)
-    llama = cache / f"llama-chat-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
+    mpt = snapshot(Settings(d_model=settings.d_model, n_layers=settings.n_layers, n_heads=settings.n_heads),
+                   cache, settings.dtype)
+    suffix = "" if settings.dtype == "float32" else f"-{settings.dtype}"
+    llama = cache / f"llama-chat-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}{suffix}"
     if not (llama / "config.json").is_file():
         build_tiny_model("llama", llama, hidden_size=settings.d_model, n_layers=settings.n_layers,
-                         n_heads=settings.n_heads, chat_template=ZEPHYR_CHAT_TEMPLATE)
+                         n_heads=settings.n_heads, chat_template=ZEPHYR_CHAT_TEMPLATE, dtype=settings.dtype)
     return mpt, llama
 
 
@@ -248,7 +254,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Workload: per client count, clients x {s['requests_per_client']} chat requests, prompts of "
               f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
               f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string. "
-              f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers. "
+              f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers, weights stored in "
+              f"{s.get('dtype', 'float32')} (every server loads the checkpoint's dtype). "
               f"templated-llm serve traces requests: {'yes' if s.get('traced') else 'no (as the other servers)'}. "
               f"Machine: {m['cpu_model']}, {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
               f"average {m['load_average'][0]:.1f} at the "
@@ -272,17 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traced", action="store_true",
                         help="templated-llm serve traces every request to the run's MLflow store (default: off, "
                              "as the other servers trace nothing)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype,
+                        help=f"the dtype both snapshots store their weights in, which every server loads "
+                             f"where it can (default {d.dtype})")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else ServingSettings(clients=tuple(args.clients),
                                                          requests_per_client=args.requests_per_client)
-    settings = replace(settings, traced=args.traced)
+    settings = replace(settings, traced=args.traced, dtype=args.dtype)
     from benchmarks.store import temporary_store
 
     with temporary_store("serving"):
         results = run(settings, args.cache, args.note)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "serving.md").write_text(markdown(results))
+    name = "serving" if settings.dtype == "float32" else f"serving-{settings.dtype}"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 
