@@ -7,6 +7,7 @@ figures the docs show (benchmarks/pages.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of every process of the run (default 0: torch's default, one per "
                         "core); 1 gives steadier ratios on a machine other jobs share")
+    p.add_argument("--traced", action="store_true",
+                   help="TemplatedLLM traces every predict to the run's MLflow store (default: off, as no "
+                        "other contender traces; python -m benchmarks.tracing measures what tracing costs)")
     return p
 
 
@@ -62,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens, repeats=args.repeats, serial_prompts=args.serial_prompts,
         clients=args.clients, serve_tokens=args.serve_tokens,
     )
+    settings = dataclasses.replace(settings, traced=args.traced)
+    from templated_llm.runtime.tracing import TRACING_ENV
+
+    # Read where each model loads: in this process, the load-memory children and the servers.
+    os.environ[TRACING_ENV] = "true" if settings.traced else "false"
     from benchmarks.store import temporary_store
 
     with temporary_store("benchmarks"):

@@ -130,7 +130,9 @@ def _machine(results: dict[str, Any]) -> str:
             f"{m['cpu_model']}, {m['cpus']} CPUs" + (f" (flags {' '.join(flags)})" if flags else "")
             + f", {m['torch_threads']} torch thread(s) per process, load average {m['load_average'][0]:.2f} at the start and {m['load_average_end'][0]:.2f} "
             f"at the end. {m['note'] + ' ' if m['note'] else ''}torch {m['torch']}, transformers "
-            f"{m['transformers']}, mlflow {m['mlflow']}, {m['date']}. The contenders take turns in every "
+            f"{m['transformers']}, mlflow {m['mlflow']}, {m['date']}. TemplatedLLM traces its predicts: "
+            f"{'yes' if s.get('traced') else 'no (as no other contender traces; --traced turns it on)'}. "
+            "The contenders take turns in every "
             "round; a ratio is the median of the per-round ratios, so it need not equal the ratio of two "
             "medians above.")
 

@@ -22,6 +22,9 @@ class Settings:
     clients: int = 8
     requests_per_client: int = 1
     serve_tokens: int = 32
+    # TemplatedLLM traces every predict where MLflow tracing is on; no other contender traces,
+    # so by default it is off for the comparison (python -m benchmarks.tracing measures its cost).
+    traced: bool = False
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

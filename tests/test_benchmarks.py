@@ -53,6 +53,8 @@ def test_the_smoke_run_reports_every_figure_and_contender(tmp_path):
     assert results["figures"]["loads_during_log"]["value"] == 0
     table = (tmp_path / "results" / "latest.md").read_text()
     assert all(entry["description"] in table for entry in results["figures"].values())
+    # Untraced by default, as no other contender traces, and the table says so.
+    assert results["settings"]["traced"] is False and "traces its predicts: no" in table
     assert (tmp_path / "results" / "latest.png").read_bytes().startswith(b"\x89PNG")
 
 
