@@ -45,6 +45,7 @@ from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.model_logging.log import log_llm
 from templated_llm.runtime.device import DTypeChoice, choose_dtype
 from templated_llm.runtime.memory import check_load, weight_bytes
+from templated_llm.runtime.tracing import TRACING_ENV, setting
 
 REPO = Path(__file__).resolve().parents[1]
 # Tokens of KV cache per engine slot: the benchmark's rendered prompts and new tokens fit.
@@ -235,6 +236,7 @@ def run(size: str, cache: Path) -> dict[str, Any]:
         build_tiny_mpt(warm)
     warmup_uri = log_llm(MODEL, snapshot=warm, name="warm-up").model_uri
     results = {"size": size, "machine": machine(""), "memory_bandwidth": bandwidth, "targets": TARGETS,
+               "traced": setting(TRACING_ENV, True),  # log_llm traces by default; the run's env may not
                "sections": [run_section(s, cache, warmup_uri) for s in sections]}
     for section in results["sections"]:
         _figures(section, bandwidth["bytes_per_s"])

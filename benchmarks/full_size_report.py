@@ -71,7 +71,9 @@ def markdown(results: dict[str, Any], heading: str = "#") -> str:
         *title,
         f"CPU: {m['cpu_model']} (flags: {bf16_flags(m['cpu_flags'])}); "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads; torch {m['torch']}, transformers "
-        f"{m['transformers']}; {m['date']}; load average {', '.join(f'{x:.1f}' for x in m['load_average'])}.",
+        f"{m['transformers']}; {m['date']}; load average {', '.join(f'{x:.1f}' for x in m['load_average'])}"
+        + ("" if "traced" not in results else
+           f"; TemplatedLLM {'traced' if results['traced'] else 'untraced, as plain transformers'}") + ".",
         "",
         f"Memory read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (sum of a "
         f"{bandwidth['tensor_bytes'] / 2**30:.1f} GiB float32 tensor, the fastest of "
