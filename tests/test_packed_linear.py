@@ -23,6 +23,7 @@ from templated_llm.runtime import packed_linear
 from templated_llm.runtime.packed_linear import (
     PackedLinear,
     WeightMajorLinear,
+    linear_gelu,
     pack_linear_layers,
     packing_available,
 )
@@ -38,6 +39,25 @@ _BF16 = pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this C
 def _weight_major(linear: nn.Linear) -> WeightMajorLinear:
     linear.__class__ = WeightMajorLinear
     return linear
+
+
+@pytest.mark.parametrize("lay_out, dtype, tolerance", [
+    (PackedLinear, torch.float32, 0),  # the same multiply-adds, the same GELU: bit for bit
+    pytest.param(PackedLinear, torch.bfloat16, 2e-2, marks=_BF16),
+    (lambda linear: linear, torch.float32, 0),  # not packed: nn.Linear, then F.gelu
+], ids=["packed-float32", "packed-bfloat16", "nn-linear"])
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_gelu_fused_into_the_layer_is_the_gelu_of_its_output(lay_out, dtype, tolerance, rows, bias, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(48, 80, bias=bias, dtype=dtype).eval()
+    x = torch.randn(2, rows, 48, dtype=dtype)
+    with torch.inference_mode():
+        layer = lay_out(linear)
+        want = nn.functional.gelu(layer(x))
+        have = linear_gelu(layer, x)
+    assert have.shape == want.shape and have.dtype == want.dtype
+    torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("lay_out, dtype, tolerance", [

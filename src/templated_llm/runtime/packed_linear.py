@@ -104,6 +104,20 @@ class PackedLinear(nn.Module):
                 f"bias={self.bias is not None}, packed={self._packed is not None}")
 
 
+def linear_gelu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(layer(x))`` (exact, erf GELU); one oneDNN call where ``layer`` is packed.
+
+    Fused, the activation is applied to each output as the matmul writes it, instead of in a
+    second pass over a tensor four times the hidden size: a 512-token prefill of the benchmark's
+    MPT ran 1.16x (float32) and 1.21x (bfloat16) as fast, side by side, decode the same.
+    Identical in float32; in bfloat16 the product is rounded once, after the activation, not
+    before it too. (Fusing the residual sum into the next layer the same way slowed decode.)
+    """
+    if isinstance(layer, PackedLinear) and layer._packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "gelu", [], "none")
+    return F.gelu(layer(x))
+
+
 class WeightMajorLinear(nn.Linear):
     """``nn.Linear`` whose bfloat16 forward multiplies by the weight as stored: ``W @ x.T``, and
     torch's matrix-vector product for a single row.

@@ -1,8 +1,8 @@
 """MPT on templated-llm's continuous-batching engine: its own forward pass on the slot cache.
 
 Embedding, then each block (norm, Wqkv, attention on the slot cache with one of this plugin's
-kernels, out_proj, norm, MLP), then the final norm, and the output layer only at the positions
-that need logits. ALiBi needs only each key's position (a constant per query row cancels in the
+kernels, out_proj, norm, MLP with its GELU fused into the packed up_proj), then the final norm,
+and the output layer only at the positions that need logits. ALiBi needs only each key's position (a constant per query row cancels in the
 softmax), so rows at different lengths share a pass with no position ids at all.
 """
 
@@ -12,8 +12,10 @@ import logging
 from typing import Any
 
 import torch
+from torch import nn
 
 from templated_llm.engine import ModelAdapter, SlotCache, StepBatch
+from templated_llm.runtime.packed_linear import linear_gelu
 from templated_llm_mpt.alibi import Alibi
 from templated_llm_mpt.kernels import flex, sdpa
 
@@ -40,6 +42,9 @@ class MptAdapter(ModelAdapter):
             _logger.info("the engine runs MPT's flash attention as sdpa")
         self.kernel = {"eager": eager, "triton": self._flex}.get(attention, sdpa)
         self._cache_shape: tuple[int, int] | None = None
+        # MPT's MLP with its exact GELU runs with the GELU fused (see _mlp); another one as is.
+        self._fused_mlp = all(isinstance(getattr(block.ffn, "act", None), nn.GELU)
+                              and block.ffn.act.approximate == "none" for block in blocks)
 
     def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
         transformer = self.model.transformer
@@ -50,7 +55,7 @@ class MptAdapter(ModelAdapter):
             for layer, block in enumerate(transformer.blocks):
                 hidden = hidden + self._attention(block.attn, block.norm_1(hidden), layer, batch,
                                                   cache, masked)
-                hidden = block.ffn(block.norm_2(hidden), hidden)
+                hidden = self._mlp(block.ffn, block.norm_2(hidden), hidden)
         finally:
             self.alibi.release()  # the per-pass mask the sdpa kernel built
         return self.last_hidden(transformer.norm_f(hidden), batch)
@@ -65,6 +70,12 @@ class MptAdapter(ModelAdapter):
         k, v = cache.update(layer, batch, k, v)
         out = self.kernel(q, k, v, masked, self.alibi, attn.softmax_scale)
         return attn.out_proj(out.transpose(1, 2).reshape(rows, length, -1))
+
+    def _mlp(self, ffn: Any, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # MptMLP's forward with the GELU fused into up_proj (its dropout is off in inference).
+        if not self._fused_mlp:
+            return ffn(x, residual)
+        return ffn.down_proj(linear_gelu(ffn.up_proj, x)) + residual
 
     def _flex(self, q, k, v, masked, alibi: Alibi, scale: float) -> torch.Tensor:
         # flex_attention compiles once per shape: every call is padded to all slots, the whole
