@@ -37,12 +37,12 @@ def _prefill_bf16(settings: Settings, cache: Path, backends: dict[str, c.Contend
     """The end-to-end prefill figure on a bfloat16 checkpoint, where ``auto`` runs it in
     bfloat16 (a CPU with bf16 instructions): the float32 linear layers that bound the
     float32 figure (the same in both backends) take a fraction of the time there."""
+    if len(backends) != 2:
+        return None, figure(None, "sdpa or eager is not available for this model here")
     path = snapshot(settings, cache, dtype="bfloat16")
     choice = choose_dtype(AUTO, default_device(), path)
     if choice.name != "bfloat16":
         return None, figure(None, f"auto runs a bfloat16 checkpoint in {choice.name} here: {choice.reason}")
-    if len(backends) != 2:
-        return None, figure(None, "sdpa or eager is not available for this model here")
     bf16 = {backend: c.templated_with(path, backend, "4. TemplatedLLM ({}), bf16 checkpoint")
             for backend in backends}
     measured = f.prefill_end_to_end(bf16, settings)

@@ -73,13 +73,13 @@ def _say(message: str) -> None:
 
 def _snapshots(settings: ServingSettings, cache: Path) -> tuple[Path, Path]:
     from benchmarks.settings import Settings
-    from benchmarks.snapshot import snapshot
+    from benchmarks.snapshot import dtype_suffix, snapshot
     from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE, build_tiny_model
 
     mpt = snapshot(Settings(d_model=settings.d_model, n_layers=settings.n_layers, n_heads=settings.n_heads),
                    cache, settings.dtype)
-    suffix = "" if settings.dtype == "float32" else f"-{settings.dtype}"
-    llama = cache / f"llama-chat-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}{suffix}"
+    llama = cache / (f"llama-chat-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}"
+                     f"{dtype_suffix(settings.dtype)}")
     if not (llama / "config.json").is_file():
         build_tiny_model("llama", llama, hidden_size=settings.d_model, n_layers=settings.n_layers,
                          n_heads=settings.n_heads, chat_template=ZEPHYR_CHAT_TEMPLATE, dtype=settings.dtype)
@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_store("serving"):
         results = run(settings, args.cache, args.note)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "serving" if settings.dtype == "float32" else f"serving-{settings.dtype}"
+    from benchmarks.snapshot import dtype_suffix
+
+    name = f"serving{dtype_suffix(settings.dtype)}"
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))

@@ -9,11 +9,15 @@ from benchmarks.settings import Settings
 from templated_llm.devtools.tiny import build_tiny_mpt
 
 
+def dtype_suffix(dtype: str) -> str:
+    """What names a snapshot or results file stored in ``dtype``: nothing for float32."""
+    return "" if dtype == "float32" else f"-{dtype}"
+
+
 def snapshot(settings: Settings, cache: Path, dtype: str = "float32") -> Path:
     """The snapshot of ``settings``' size under ``cache``, built there the first time, its
     weights stored in ``dtype`` (the same seed: another dtype holds the same weights, rounded)."""
-    suffix = "" if dtype == "float32" else f"-{dtype}"
-    path = cache / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}{suffix}"
+    path = cache / f"mpt-d{settings.d_model}-l{settings.n_layers}-h{settings.n_heads}{dtype_suffix(dtype)}"
     if not (path / "config.json").is_file():
         build_tiny_mpt(path, d_model=settings.d_model, n_layers=settings.n_layers,
                        n_heads=settings.n_heads, dtype=dtype)

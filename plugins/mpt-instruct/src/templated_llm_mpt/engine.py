@@ -2,8 +2,9 @@
 
 Embedding, then each block (norm, Wqkv, attention on the slot cache with one of this plugin's
 kernels, out_proj, norm, MLP with its GELU fused into the packed up_proj), then the final norm,
-and the output layer only at the positions that need logits. ALiBi needs only each key's position (a constant per query row cancels in the
-softmax), so rows at different lengths share a pass with no position ids at all.
+and the output layer only at the positions that need logits. ALiBi needs only each key's
+position (a constant per query row cancels in the softmax), so rows at different lengths share a
+pass with no position ids at all.
 """
 
 from __future__ import annotations
