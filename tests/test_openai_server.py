@@ -257,15 +257,22 @@ def test_malformed_json_is_a_400(server):
 
 def test_streaming_really_streams(client):
     """With 128 new tokens the first text comes before a third of the whole time."""
-    start = time.perf_counter()
-    first = None
-    for chunk in client.completions.create(model=NAME, prompt=PROMPT, stream=True, temperature=0.0,
-                                           max_tokens=128):
-        if first is None and chunk.choices and chunk.choices[0].text:
-            first = time.perf_counter() - start
-    total = time.perf_counter() - start
-    print(f"\nfirst text after {first / total:.1%} of the stream's time")
-    assert first / total < 1 / 3
+    def first_text_share() -> float:
+        start = time.perf_counter()
+        first = None
+        for chunk in client.completions.create(model=NAME, prompt=PROMPT, stream=True, temperature=0.0,
+                                               max_tokens=128):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+        return first / (time.perf_counter() - start)
+
+    # The tiny model streams 128 tokens in a few tenths of a second, so one pause of the machine
+    # (another test process, a collection) decides a single stream: the median of three, each
+    # after a first untimed stream.
+    first_text_share()
+    shares = sorted(first_text_share() for _ in range(3))
+    print(f"\nfirst text after {shares[1]:.1%} of the stream's time (of {shares})")
+    assert shares[1] < 1 / 3
 
 
 def test_metrics_count_requests_tokens_and_stream_latency(server, client):
