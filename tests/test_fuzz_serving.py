@@ -28,12 +28,35 @@ RSS_GROWTH_BOUND = 512 * 2**20  # generous: the model, caches and allocator slac
 VALID = {"inputs": ["Name three rivers."], "params": {"temperature": 0.0, "max_tokens": 3}}
 
 
+# pandas 3.0's DataFrame repr fails on text with a lone surrogate (its column widths go through
+# an Arrow string array, which must be UTF-8); 3.1 does not. MLflow quotes the input DataFrame in
+# the model's refusals, so under 3.0 a refused body holding one was answered 500. The server runs
+# with that behaviour whatever pandas is installed.
+PANDAS_30_REPR = """
+import pandas
+
+_repr = pandas.DataFrame.__repr__
+
+
+def _repr_as_pandas_30(self):
+    text = _repr(self)
+    text.encode("utf-8")
+    return text
+
+
+pandas.DataFrame.__repr__ = _repr_as_pandas_30
+"""
+
+
 @pytest.fixture(scope="module")
-def server(tiny_snapshot):
+def server(tiny_snapshot, tmp_path_factory):
     info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="fuzzed", max_rows_per_request=8)
+    site = tmp_path_factory.mktemp("pandas-3.0-repr")
+    (site / "sitecustomize.py").write_text(PANDAS_30_REPR)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     port = free_port()
     command = [sys.executable, "-m", "templated_llm.cli", "serve", info.model_uri, "--port", str(port)]
-    with running_server(command, port) as url:
+    with running_server(command, port, env={"PYTHONPATH": path}) as url:
         yield url, port
 
 
@@ -140,6 +163,19 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_survives(server):
     assert failures == []
     assert after.status_code == 200 and len(after.json()["predictions"]) == 1
     assert rss_after - rss_before < RSS_GROWTH_BOUND
+
+
+def test_a_refused_body_mlflow_cannot_quote_is_still_a_400(server):
+    url, _ = server
+    # One of the bodies the fuzzing answered 500 on pandas 3.0.
+    body = {"dataframe_records": [{"prompt": 623633705695}, {"x": 22062, "prompt": "\udcff"}],
+            "params": {"max_tokens": None}}
+    response = _post(url, _encode(body), "application/json")
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert (answer["error_code"], answer["message"]) == (
+        "INVALID_PARAMETER_VALUE", "prompt at row 0 must be a string; received 623633705695 (int)")
+    assert _post(url, _encode(VALID), "application/json").status_code == 200
 
 
 # Two bodies only MLflow's scoring server can answer properly: both fail inside MLflow before

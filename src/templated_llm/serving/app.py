@@ -34,6 +34,7 @@ from templated_llm.serving.failures import SHUTTING_DOWN, TIMEOUT, as_request_er
 from templated_llm.serving.gate import RECORD, ASGIApp, Gate, Record
 from templated_llm.serving.generations import ACCEPTED, FINISHED, Generations, InFlight
 from templated_llm.serving.metrics import CONTENT_TYPE, Metrics
+from templated_llm.serving.mlflow_routes import KeepRefusals
 from templated_llm.serving.openai_responses import DONE, Reply, error_body, error_event
 
 _logger = logging.getLogger("templated_llm.serving")
@@ -75,7 +76,7 @@ class ServerState:
 
         try:
             model = load(self.config.model_uri, self.config.served_model_name)
-            mlflow_app = scoring_server.init(model.pyfunc)
+            mlflow_app = KeepRefusals(scoring_server.init(model.pyfunc))
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
             _logger.exception("loading %s failed", self.config.model_uri)
             self._loop.call_soon_threadsafe(self._failed, exc)

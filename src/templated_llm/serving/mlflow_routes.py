@@ -1,0 +1,74 @@
+"""MLflow's scoring app as this server mounts it, with one repair: a request the model refused
+stays a 4xx when MLflow fails to quote its input.
+
+MLflow's ``/invocations`` prefixes the message of an ``MlflowException`` raised by the model with
+the input DataFrame (``f"Failed to predict data '{data}'"``). On pandas 3.0 that repr itself raises
+``UnicodeEncodeError`` when a cell holds text with a lone surrogate (valid JSON, ``"\\udcff"``):
+its column-width code builds an Arrow string array, which must be UTF-8. The model's 400 then
+became Starlette's 500 "Internal Server Error". By the time the exception leaves the app Starlette
+has already sent that 500, so a 5xx response is held back here until the app finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from templated_llm.serving.gate import ASGIApp, Receive, Scope, Send
+
+_logger = logging.getLogger("templated_llm.serving")
+
+
+class KeepRefusals:
+    """ASGI middleware around MLflow's scoring app (see the module's docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        held: list[dict[str, Any]] = []
+
+        async def hold_errors(message: dict[str, Any]) -> None:
+            if held or message["type"] == "http.response.start" and message["status"] >= 500:
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self._app(scope, receive, hold_errors)
+        except Exception as exc:
+            refusal = _refusal_behind(exc)
+            if refusal is None:
+                for message in held:
+                    await send(message)
+                raise
+            _logger.warning("the model refused the request (%s); MLflow's message quoting the input "
+                            "failed with %s, so it is answered without the quote",
+                            refusal.error_code, type(exc).__name__)
+            # What MLflow's own handler answers for an MlflowException.
+            body = refusal.serialize_as_json().encode()
+            await send({"type": "http.response.start", "status": refusal.get_http_status_code(),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        for message in held:
+            await send(message)
+
+
+def _refusal_behind(exc: BaseException) -> MlflowException | None:
+    """The client error (an ``MlflowException`` under 500) that ``exc`` was raised while
+    handling, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MlflowException) and cause.get_http_status_code() < 500:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
