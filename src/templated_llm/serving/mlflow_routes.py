@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastapi.responses import Response
 from mlflow.exceptions import MlflowException
 
 from templated_llm.serving.gate import ASGIApp, Receive, Scope, Send
@@ -50,12 +51,9 @@ class KeepRefusals:
             _logger.warning("the model refused the request (%s); MLflow's message quoting the input "
                             "failed with %s, so it is answered without the quote",
                             refusal.error_code, type(exc).__name__)
-            # What MLflow's own handler answers for an MlflowException.
-            body = refusal.serialize_as_json().encode()
-            await send({"type": "http.response.start", "status": refusal.get_http_status_code(),
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            # What MLflow's own handler (_async_catch_mlflow_exception) answers for it.
+            await Response(refusal.serialize_as_json(), status_code=refusal.get_http_status_code(),
+                           media_type="application/json")(scope, receive, send)
             return
         for message in held:
             await send(message)
