@@ -85,10 +85,13 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                         f"python -m benchmarks --size {size}")
        for size in ("mpt-7b", "25m", "mpt-7b-scaled")},
     "mixed": _from_file("mixed.json", _imported("benchmarks.mixed", "markdown"), "python -m benchmarks.mixed"),
-    "serving": _from_file("serving.json", _imported("benchmarks.serving", "markdown"),
-                          "python -m benchmarks.serving"),
-    "serving-bfloat16": _from_file("serving-bfloat16.json", _imported("benchmarks.serving", "markdown"),
-                                   "python -m benchmarks.serving --dtype bfloat16"),
+    # The workload (the default) and short generations (--max-tokens 16 64 --prompt-words
+    # 16 256), in each dtype.
+    **{f"serving{dtype}{tag}": _from_file(
+        f"serving{dtype}{tag}.json", _imported("benchmarks.serving", "markdown"),
+        "python -m benchmarks.serving" + (" --dtype bfloat16" if dtype else "")
+        + (" --max-tokens 16 64 --prompt-words 16 256 --tag short" if tag else ""))
+       for dtype in ("", "-bfloat16") for tag in ("", "-short")},
     **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _imported("benchmarks.linear", "report"),
                                   f"python -m benchmarks.linear --d-model {d} "
                                   f"--out benchmarks/results/linear-d{d}.json")

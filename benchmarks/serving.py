@@ -1,8 +1,8 @@
 """``python -m benchmarks.serving``: served chat requests, side by side on one machine.
 
-A mixed workload of OpenAI chat requests (prompt lengths and max_tokens drawn from ranges, half
-greedy and half at temperature 0.7, a quarter with a stop string) from concurrent clients,
-streamed and not, against:
+A mixed workload of OpenAI chat requests (by default the engine benchmark's: prompts of 16-512
+words, about a token each, max_tokens 16-256, half greedy and half at temperature 0.7, a quarter
+with a stop string) from concurrent clients, streamed and not, against:
 
 1. ``templated-llm serve``, OpenAI route, on the benchmark's MPT snapshot;
 2. the same server's ``/invocations`` with the same requests (the OpenAI layer's cost);
@@ -11,17 +11,21 @@ streamed and not, against:
 4. MLflow's transformers flavor of that Llama (task ``llm/v1/chat``) under ``mlflow models serve``.
 
 Writes serving.json and serving.md to benchmarks/results/ (or --out); with ``--dtype bfloat16``
-(both snapshots stored in bfloat16, as real checkpoints ship), serving-bfloat16.json and .md.
+(both snapshots stored in bfloat16, as real checkpoints ship), serving-bfloat16.json and .md;
+``--tag short`` appends ``-short`` to the name (for a run with other ``--max-tokens``, say).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import re
+import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,13 @@ class ServingSettings:
     n_heads: int = 8
     clients: tuple[int, ...] = (16, 64)
     requests_per_client: int = 1
-    prompt_words: tuple[int, int] = (16, 256)
-    max_tokens: tuple[int, int] = (16, 64)
+    # Each client count and mode runs this many times, the contenders taking turns each round; a
+    # ratio is the median of the per-round ratios (one run of 16 clients lasts seconds, and one
+    # contender's figure moves by a fifth from run to run on a shared 2-core machine).
+    rounds: int = 3
+    # The mixed workload of python -m benchmarks.mixed: prompts of 16-512 tokens, max_tokens 16-256.
+    prompt_words: tuple[int, int] = (16, 512)
+    max_tokens: tuple[int, int] = (16, 256)
     # templated-llm traces every request where MLflow tracing is on; the other servers trace
     # nothing, so by default it is off for the comparison (--traced to measure it on).
     traced: bool = False
@@ -56,7 +65,7 @@ class ServingSettings:
 
 
 SMOKE = ServingSettings(d_model=64, n_layers=2, n_heads=4, clients=(2,), prompt_words=(4, 16),
-                        max_tokens=(2, 4))
+                        max_tokens=(2, 4), rounds=2)
 
 
 @dataclass(frozen=True)
@@ -180,22 +189,52 @@ def run(settings: ServingSettings, cache: Path, note: str = "") -> dict[str, Any
         turn = 0
         for clients in settings.clients:
             requests = workload(clients * settings.requests_per_client, settings.prompt_words, settings.max_tokens)
-            for stream in (False, True):
+            for stream, round_ in itertools.product((False, True), range(settings.rounds)):
                 taking_part = [c for c in contenders if c.route.streams or not stream]
                 turn += 1
                 # Taking turns, the order rotating, so that load from elsewhere hits them all alike.
                 for contender in taking_part[turn % len(taking_part):] + taking_part[: turn % len(taking_part)]:
-                    _say(f"{contender.name}: {clients} clients, {'streamed' if stream else 'whole'}")
+                    _say(f"{contender.name}: {clients} clients, {'streamed' if stream else 'whole'}, "
+                         f"round {round_ + 1} of {settings.rounds}")
                     measured = run_clients(urls[contender.server], contender.route, requests, clients, stream)
                     results["runs"].append({"contender": contender.name, "clients": clients, "stream": stream,
-                                            **measured})
+                                            "round": round_, **measured})
         results["rss"]["after"] = {name: _server_rss(url) for name, url in urls.items()}
     results["figures"] = _figures(results["runs"], settings)
     return results
 
 
-def _run(runs: list[dict[str, Any]], contender: str, clients: int, stream: bool) -> dict[str, Any]:
-    return next(r for r in runs if (r["contender"], r["clients"], r["stream"]) == (contender, clients, stream))
+def _rounds(runs: list[dict[str, Any]], contender: str, clients: int, stream: bool) -> dict[int, dict[str, Any]]:
+    """One contender's runs of one client count and mode, by round (a run from before rounds: 0)."""
+    return {r.get("round", 0): r for r in runs
+            if (r["contender"], r["clients"], r["stream"]) == (contender, clients, stream)}
+
+
+def _median_ratio(runs: list[dict[str, Any]], clients: int, stream: bool, ours: str, theirs: str,
+                  value: Callable[[dict[str, Any]], float | None]) -> float | None:
+    """The median over rounds of value(ours) / value(theirs), both from the same round."""
+    a, b = _rounds(runs, ours, clients, stream), _rounds(runs, theirs, clients, stream)
+    ratios = [r for r in (_ratio(value(a[k]), value(b[k])) for k in sorted(a.keys() & b.keys())) if r is not None]
+    return statistics.median(ratios) if ratios else None
+
+
+def _merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per contender, client count and mode: each figure's median over the rounds, errors
+    summed."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["contender"], r["clients"], r["stream"]), []).append(r)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    return [{"contender": contender, "clients": clients, "stream": stream, "rounds": len(group),
+             "errors": sum(r["errors"] for r in group),
+             **{key: median([r[key] for r in group]) for key in ("requests_per_s", "output_tokens_per_s")},
+             **{key: {p: median([r[key][p] for r in group]) for p in ("p50", "p99")}
+                for key in ("ttft_s", "tpot_s", "latency_s")}}
+            for (contender, clients, stream), group in groups.items()]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -210,20 +249,23 @@ def _figures(runs: list[dict[str, Any]], settings: ServingSettings) -> list[dict
         met = None if value is None else (value >= target if comparison == ">=" else value <= target)
         figures.append({"figure": name, "value": value, "target": f"{comparison} {target:g}", "met": met})
 
+    def tokens(run: dict[str, Any]) -> float:
+        return run["output_tokens_per_s"]
+
+    def ttft(run: dict[str, Any]) -> float | None:
+        return run["ttft_s"]["p50"]
+
     for c in settings.clients:
-        tokens = {(r["contender"], r["stream"]): r["output_tokens_per_s"] for r in runs if r["clients"] == c}
         add(f"{c} clients, whole: output tokens/s, OpenAI route / /invocations (MPT)",
-            _ratio(tokens[("templated_mpt_openai", False)], tokens[("templated_mpt_invocations", False)]), ">=", 0.95)
+            _median_ratio(runs, c, False, "templated_mpt_openai", "templated_mpt_invocations", tokens), ">=", 0.95)
         for stream in (False, True):
             add(f"{c} clients, {'streamed' if stream else 'whole'}: output tokens/s, templated-llm serve / "
                 "transformers serve (Llama)",
-                _ratio(tokens[("templated_llama_openai", stream)], tokens[("transformers_serve", stream)]), ">=", 1.5)
-        ttft_ours = _run(runs, "templated_llama_openai", c, True)["ttft_s"]["p50"]
-        ttft_theirs = _run(runs, "transformers_serve", c, True)["ttft_s"]["p50"]
+                _median_ratio(runs, c, stream, "templated_llama_openai", "transformers_serve", tokens), ">=", 1.5)
         add(f"{c} clients, streamed: time to first token p50, transformers serve / templated-llm serve (Llama)",
-            _ratio(ttft_theirs, ttft_ours), ">=", 1.0)
+            _median_ratio(runs, c, True, "transformers_serve", "templated_llama_openai", ttft), ">=", 1.0)
         add(f"{c} clients, whole: output tokens/s, templated-llm serve / MLflow transformers flavor (Llama)",
-            _ratio(tokens[("templated_llama_openai", False)], tokens[("mlflow_flavor", False)]), ">=", 5.0)
+            _median_ratio(runs, c, False, "templated_llama_openai", "mlflow_flavor", tokens), ">=", 5.0)
         ours = [r for r in runs if r["clients"] == c and r["contender"].startswith("templated")]
         add(f"{c} clients: errors answered by templated-llm serve", float(sum(r["errors"] for r in ours)), "<=", 0)
     return figures
@@ -242,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| contender | clients | streamed | requests/s | output tokens/s | TTFT p50 / p99 ms | "
               "per-token p50 / p99 ms | latency p50 / p99 ms | errors |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results["runs"]:
+    for r in _merged(results["runs"]):
         lines.append(
             f"| {results['contenders'][r['contender']]} | {r['clients']} | {'yes' if r['stream'] else 'no'} | "
             f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {_ms(r['ttft_s']['p50'])} / "
@@ -251,9 +293,14 @@ def markdown(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
     rss = ", ".join(f"{n} {results['rss']['idle'][n] / 2**20:.0f} -> {v / 2**20:.0f} MiB"
                     for n, v in results["rss"]["after"].items())
+    rounds = s.get("rounds", 1)
     lines += ["", f"Workload: per client count, clients x {s['requests_per_client']} chat requests, prompts of "
               f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
-              f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string. "
+              f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string; "
+              + (f"{rounds} rounds, the contenders taking turns in each: a figure above is the median of the "
+                 "per-round ratios, a row of the table each column's median over the rounds. "
+                 if rounds > 1 else "one round. ")
+              + 
               f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers, weights stored in "
               f"{s.get('dtype', 'float32')} (every server loads the checkpoint's dtype). "
               f"templated-llm serve traces requests: {'yes' if s.get('traced') else 'no (as the other servers)'}. "
@@ -265,6 +312,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tag(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", value):
+        raise argparse.ArgumentTypeError(f"a tag is letters, digits, '-' and '_' (it names files); received {value!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
     d = ServingSettings()
@@ -273,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"concurrent clients, one run each (default {' '.join(map(str, d.clients))})")
     parser.add_argument("--requests-per-client", type=int, default=d.requests_per_client,
                         help=f"requests each client sends in turn (default {d.requests_per_client})")
+    parser.add_argument("--prompt-words", type=int, nargs=2, default=list(d.prompt_words), metavar=("MIN", "MAX"),
+                        help=f"prompt lengths, drawn uniformly (default {d.prompt_words[0]} {d.prompt_words[1]})")
+    parser.add_argument("--max-tokens", type=int, nargs=2, default=list(d.max_tokens), metavar=("MIN", "MAX"),
+                        help=f"each request's max_tokens, drawn uniformly (default {d.max_tokens[0]} {d.max_tokens[1]})")
+    parser.add_argument("--tag", default="", type=_tag, help="appended to the results' file names: serving-TAG.md")
+    parser.add_argument("--rounds", type=int, default=d.rounds,
+                        help=f"runs of each client count and mode, the contenders taking turns (default {d.rounds})")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where snapshots are built and reused")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
     parser.add_argument("--note", default="", help="a line recorded with the machine, e.g. what else was running")
@@ -283,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the dtype both snapshots store their weights in, which every server loads "
                              f"where it can (default {d.dtype})")
     args = parser.parse_args(argv)
-    settings = SMOKE if args.smoke else ServingSettings(clients=tuple(args.clients),
-                                                         requests_per_client=args.requests_per_client)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; received {args.rounds}")
+    settings = SMOKE if args.smoke else ServingSettings(
+        clients=tuple(args.clients), requests_per_client=args.requests_per_client,
+        prompt_words=tuple(args.prompt_words), max_tokens=tuple(args.max_tokens), rounds=args.rounds)
     settings = replace(settings, traced=args.traced, dtype=args.dtype)
     from benchmarks.store import temporary_store
 
@@ -293,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from benchmarks.snapshot import dtype_suffix
 
-    name = f"serving{dtype_suffix(settings.dtype)}"
+    name = f"serving{dtype_suffix(settings.dtype)}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))

@@ -79,6 +79,7 @@ def test_the_serving_smoke_run_measures_every_contender_without_errors(tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "results" / "serving.json").read_text())
     assert {r["contender"] for r in results["runs"]} == set(results["contenders"])
+    assert {r["round"] for r in results["runs"]} == {0, 1}  # the smoke run's two rounds
     assert all(r["errors"] == 0 and r["output_tokens"] > 0 for r in results["runs"]), results["runs"]
     streamed = [r for r in results["runs"] if r["stream"]]
     assert streamed and all(r["ttft_s"]["p50"] > 0 for r in streamed)
