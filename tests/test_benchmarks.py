@@ -111,6 +111,31 @@ def test_a_contender_that_generates_fewer_tokens_than_asked_stops_the_run():
     check_tokens("contender", [3, 3], rows=2, max_tokens=3)
 
 
+def test_serving_ratios_are_medians_of_per_round_ratios_and_the_table_medians_of_rounds():
+    from benchmarks.serving import ServingSettings, _figures, _merged
+
+    def run(contender: str, round_: int, tokens_per_s: float, ttft: float) -> dict:
+        percentiles = {"p50": ttft, "p99": ttft}
+        return {"contender": contender, "clients": 16, "stream": True, "round": round_, "errors": 0,
+                "requests_per_s": 1.0, "output_tokens_per_s": tokens_per_s, "ttft_s": percentiles,
+                "tpot_s": percentiles, "latency_s": percentiles}
+
+    # Tokens/s per round, ours / theirs: 1.0, 4.0, 0.8 -> median 1.0 (the ratio of the medians: 1.6).
+    # TTFT per round, theirs / ours: 2.0, 0.5, 1.5 -> median 1.5 (the ratio of the medians: 1.0).
+    ours = [run("templated_llama_openai", r, v, t) for r, v, t in ((0, 100, 1.0), (1, 400, 2.0), (2, 160, 4.0))]
+    theirs = [run("transformers_serve", r, v, t) for r, v, t in ((0, 100, 2.0), (1, 100, 1.0), (2, 200, 6.0))]
+    figures = {f["figure"]: f for f in _figures(ours + theirs, ServingSettings(clients=(16,)))
+               if "streamed" in f["figure"]}
+    tokens = figures["16 clients, streamed: output tokens/s, templated-llm serve / transformers serve (Llama)"]
+    assert tokens["value"] == pytest.approx(1.0) and tokens["met"] is False
+    ttft = figures["16 clients, streamed: time to first token p50, transformers serve / templated-llm serve (Llama)"]
+    assert ttft["value"] == pytest.approx(1.5)
+    merged = {r["contender"]: r for r in _merged(ours + theirs)}
+    assert merged["templated_llama_openai"]["output_tokens_per_s"] == 160
+    assert merged["templated_llama_openai"]["ttft_s"]["p50"] == 2.0
+    assert merged["templated_llama_openai"]["rounds"] == 3
+
+
 @pytest.mark.parametrize("page", pages.PAGES, ids=lambda p: p.name)
 def test_the_docs_show_the_figures_of_the_reference_results(page):
     # Regenerate with `python -m benchmarks.pages` (a full `python -m benchmarks` run does it).
