@@ -204,16 +204,19 @@ def run(settings: ServingSettings, cache: Path, note: str = "") -> dict[str, Any
     return results
 
 
-def _rounds(runs: list[dict[str, Any]], contender: str, clients: int, stream: bool) -> dict[int, dict[str, Any]]:
-    """One contender's runs of one client count and mode, by round (a run from before rounds: 0)."""
-    return {r.get("round", 0): r for r in runs
-            if (r["contender"], r["clients"], r["stream"]) == (contender, clients, stream)}
+def _by_round(runs: list[dict[str, Any]]) -> dict[tuple[str, int, bool], dict[int, dict[str, Any]]]:
+    """The runs of each (contender, client count, streamed), by round (a run from before rounds: 0)."""
+    groups: dict[tuple[str, int, bool], dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["contender"], r["clients"], r["stream"]), {})[r.get("round", 0)] = r
+    return groups
 
 
 def _median_ratio(runs: list[dict[str, Any]], clients: int, stream: bool, ours: str, theirs: str,
                   value: Callable[[dict[str, Any]], float | None]) -> float | None:
     """The median over rounds of value(ours) / value(theirs), both from the same round."""
-    a, b = _rounds(runs, ours, clients, stream), _rounds(runs, theirs, clients, stream)
+    groups = _by_round(runs)
+    a, b = groups.get((ours, clients, stream), {}), groups.get((theirs, clients, stream), {})
     ratios = [r for r in (_ratio(value(a[k]), value(b[k])) for k in sorted(a.keys() & b.keys())) if r is not None]
     return statistics.median(ratios) if ratios else None
 
@@ -221,20 +224,19 @@ def _median_ratio(runs: list[dict[str, Any]], clients: int, stream: bool, ours: 
 def _merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per contender, client count and mode: each figure's median over the rounds, errors
     summed."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault((r["contender"], r["clients"], r["stream"]), []).append(r)
-
     def median(values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
         return statistics.median(known) if known else None
 
-    return [{"contender": contender, "clients": clients, "stream": stream, "rounds": len(group),
-             "errors": sum(r["errors"] for r in group),
-             **{key: median([r[key] for r in group]) for key in ("requests_per_s", "output_tokens_per_s")},
-             **{key: {p: median([r[key][p] for r in group]) for p in ("p50", "p99")}
-                for key in ("ttft_s", "tpot_s", "latency_s")}}
-            for (contender, clients, stream), group in groups.items()]
+    rows = []
+    for (contender, clients, stream), by_round in _by_round(runs).items():
+        group = list(by_round.values())
+        rows.append({"contender": contender, "clients": clients, "stream": stream, "rounds": len(group),
+                     "errors": sum(r["errors"] for r in group),
+                     **{key: median([r[key] for r in group]) for key in ("requests_per_s", "output_tokens_per_s")},
+                     **{key: {p: median([r[key][p] for r in group]) for p in ("p50", "p99")}
+                        for key in ("ttft_s", "tpot_s", "latency_s")}})
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -300,8 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
               + (f"{rounds} rounds, the contenders taking turns in each: a figure above is the median of the "
                  "per-round ratios, a row of the table each column's median over the rounds. "
                  if rounds > 1 else "one round. ")
-              + 
-              f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers, weights stored in "
+              + f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers, weights stored in "
               f"{s.get('dtype', 'float32')} (every server loads the checkpoint's dtype). "
               f"templated-llm serve traces requests: {'yes' if s.get('traced') else 'no (as the other servers)'}. "
               f"Machine: {m['cpu_model']}, {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
