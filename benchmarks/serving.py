@@ -278,6 +278,8 @@ def _ms(value: float | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from benchmarks.measure import bf16_flags
+
     lines = ["| figure | measured | target | met |", "| --- | --- | --- | --- |"]
     for f in results["figures"]:
         value = "n/a" if f["value"] is None else f"{f['value']:.3g}"
@@ -305,7 +307,7 @@ def markdown(results: dict[str, Any]) -> str:
               + f"Snapshots: MPT and Llama, d_model {s['d_model']}, {s['n_layers']} layers, weights stored in "
               f"{s.get('dtype', 'float32')} (every server loads the checkpoint's dtype). "
               f"templated-llm serve traces requests: {'yes' if s.get('traced') else 'no (as the other servers)'}. "
-              f"Machine: {m['cpu_model']}, {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
+              f"Machine: {m['cpu_model']} (flags: {bf16_flags(m['cpu_flags'])}), {m['cpus']} CPUs{'; ' + m['note'] if m['note'] else ''}, load "
               f"average {m['load_average'][0]:.1f} at the "
               f"start; torch {m['torch']}, transformers {m['transformers']}, mlflow {m['mlflow']}. "
               f"Server RSS, after the warm-up -> at the end: {rss}. MLflow's transformers flavor gets "
