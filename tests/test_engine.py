@@ -78,6 +78,33 @@ def _wait_for_tokens(engine: Engine, count: int) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.parametrize("architecture", ["mpt", "llama", "mistral"])
+def test_uneven_decode_steps_attend_per_row_and_match_generate(tiny_model, architecture, monkeypatch):
+    from templated_llm.engine import adapters, attention
+    from templated_llm_mpt import engine as mpt_engine
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))
+        return attention.per_row(*args, **kwargs)
+
+    monkeypatch.setattr(adapters if architecture != "mpt" else mpt_engine, "per_row", counted)
+    loaded = _load(tiny_model(architecture), architecture, "sdpa")
+    # A long prompt decoding beside short ones: padding them all to its length would read
+    # several times the keys the short ones attend.
+    texts = [" ".join(["river"] * 40), "hi", "the sea"]
+    requests = [(_ids(loaded, t), GenerationParams(max_tokens=6)) for t in texts]
+    expected = [_alone(loaded, *r) for r in requests]
+    engine = _engine(loaded, prefill_chunk=64)
+    try:
+        handles = [engine.submit(ids, params) for ids, params in requests]
+        assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.close()
+    assert 3 in calls  # decode steps of all three rows went per row
+
+
 @settings(max_examples=12)
 @given(requests=st.lists(st.tuples(
     st.lists(WORDS, min_size=1, max_size=30).map(" ".join),

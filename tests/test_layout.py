@@ -18,7 +18,7 @@ ORDER = [
     "runtime.tokens", "runtime.completions", "runtime.tasks", "runtime.generation", "runtime.batching",
     "runtime.tracing", "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
-    "engine.adapters", "engine.scheduler",
+    "engine.attention", "engine.adapters", "engine.scheduler",
     "model_logging.config", "model_logging.prompt_registry", "model_logging.snapshot", "runtime.memory",
     "plugins.hf_defaults", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",

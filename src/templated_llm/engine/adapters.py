@@ -4,7 +4,9 @@ A plugin makes its models run on the engine by returning a :class:`ModelAdapter`
 ``engine_adapter`` hook (the MPT plugin's runs MPT through its own attention kernels). The core's
 :class:`HuggingFaceAdapter` runs the common decoder families through their own transformers
 forward, handing them the slot cache as a Cache-like object, explicit positions and a 4D mask
-(transformers passes a 4D mask to the attention as is).
+(transformers passes a 4D mask to the attention as is). With SDPA, a decode step whose rows differ
+in length runs each row over its own keys (:mod:`templated_llm.engine.attention`), through an
+attention function registered with transformers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from templated_llm.engine.attention import per_row, per_row_keys
 from templated_llm.engine.cache import SlotCache, StepBatch
 
 # Families whose transformers forward the HuggingFaceAdapter is tested with (tiny models) and
@@ -21,6 +26,8 @@ from templated_llm.engine.cache import SlotCache, StepBatch
 # scaling after it, which the adapter would skip).
 HF_MODEL_TYPES = frozenset({"llama", "mistral", "gpt_neox", "qwen2", "qwen3"})
 HF_ATTENTION = frozenset({"eager", "sdpa"})
+# transformers' SDPA attention, except on the steps the engine runs per row.
+_ENGINE_SDPA = "templated_llm_engine_sdpa"
 
 
 class ModelAdapter(ABC):
@@ -64,6 +71,11 @@ class HuggingFaceAdapter(ModelAdapter):
         super().__init__(model, config.num_hidden_layers, kv_heads, head_dim)
         self.window = getattr(config, "sliding_window", None)
         self.base = model.base_model
+        self.per_row = config._attn_implementation == "sdpa"
+        if self.per_row:
+            # The engine owns the model from here on; without the engine's per-row keys the
+            # function is transformers' own SDPA attention.
+            config._attn_implementation = _ENGINE_SDPA
 
     @classmethod
     def supports(cls, model: Any, attention: str) -> bool:
@@ -74,6 +86,21 @@ class HuggingFaceAdapter(ModelAdapter):
         # Additive float mask: eager adds it to the scores, SDPA takes it as attn_mask.
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        # transformers hands extra keyword arguments of the forward to every attention call.
+        keys = per_row_keys(batch, self.window) if self.per_row else None
         out = self.base(input_ids=batch.tokens, attention_mask=mask, position_ids=batch.positions,
-                        past_key_values=_SlotView(cache, batch), use_cache=True)
+                        past_key_values=_SlotView(cache, batch), use_cache=True,
+                        **({"engine_row_keys": keys} if keys is not None else {}))
         return self.last_hidden(out.last_hidden_state, batch)
+
+
+def _engine_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, engine_row_keys: list[slice] | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if engine_row_keys is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = per_row(query, key, value, engine_row_keys, kwargs.get("scaling"))
+    return out.transpose(1, 2), None  # (rows, q, heads, head_dim), as transformers' functions
+
+
+AttentionInterface.register(_ENGINE_SDPA, _engine_sdpa)

@@ -29,7 +29,9 @@ class StepBatch:
     def __post_init__(self) -> None:
         device = self.tokens.device
         self.rows, self.q_len = self.tokens.shape
-        self.kv_len = max(s + n for s, n in zip(self.starts, self.lengths))
+        # Each row's keys once this pass has written its tokens.
+        self.key_lengths = [s + n for s, n in zip(self.starts, self.lengths)]
+        self.kv_len = max(self.key_lengths)
         self.start_index = torch.tensor(self.starts, device=device)
         self.positions = self.start_index[:, None] + torch.arange(self.q_len, device=device)
         self.last = torch.tensor(self.lengths, device=device) - 1

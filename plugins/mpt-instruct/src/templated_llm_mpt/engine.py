@@ -4,7 +4,8 @@ Embedding, then each block (norm, Wqkv, attention on the slot cache with one of 
 kernels, out_proj, norm, MLP with its GELU fused into the packed up_proj), then the final norm,
 and the output layer only at the positions that need logits. ALiBi needs only each key's
 position (a constant per query row cancels in the softmax), so rows at different lengths share a
-pass with no position ids at all.
+pass with no position ids at all. With SDPA, a decode step whose rows differ in length runs each
+row over its own keys (``templated_llm.engine.attention``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from templated_llm.engine import ModelAdapter, SlotCache, StepBatch
+from templated_llm.engine.attention import per_row, per_row_keys
 from templated_llm.runtime.packed_linear import linear_gelu
 from templated_llm_mpt.alibi import Alibi
 from templated_llm_mpt.kernels import flex, sdpa
@@ -51,25 +53,30 @@ class MptAdapter(ModelAdapter):
         transformer = self.model.transformer
         self._cache_shape = (cache.slots, cache.slot_len)
         masked = ~batch.visible()
+        keys = per_row_keys(batch) if self.kernel is sdpa else None
         hidden = transformer.wte(batch.tokens)
         try:
             for layer, block in enumerate(transformer.blocks):
                 hidden = hidden + self._attention(block.attn, block.norm_1(hidden), layer, batch,
-                                                  cache, masked)
+                                                  cache, masked, keys)
                 hidden = self._mlp(block.ffn, block.norm_2(hidden), hidden)
         finally:
             self.alibi.release()  # the per-pass mask the sdpa kernel built
         return self.last_hidden(transformer.norm_f(hidden), batch)
 
     def _attention(self, attn: Any, x: torch.Tensor, layer: int, batch: StepBatch, cache: SlotCache,
-                   masked: torch.Tensor) -> torch.Tensor:
+                   masked: torch.Tensor, keys: list[slice] | None) -> torch.Tensor:
         rows, length = x.shape[:2]
         qkv = attn.Wqkv(x)
         if attn.clip_qkv:
             qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
         q, k, v = qkv.view(rows, length, 3, attn.n_heads, attn.head_dim).transpose(1, 3).unbind(2)
         k, v = cache.update(layer, batch, k, v)
-        out = self.kernel(q, k, v, masked, self.alibi, attn.softmax_scale)
+        if keys is not None:
+            # The padded pass's ALiBi values: the same bias on each row's first keys.
+            out = per_row(q, k, v, keys, attn.softmax_scale, bias=self.alibi.for_keys(k.shape[-2], q.dtype))
+        else:
+            out = self.kernel(q, k, v, masked, self.alibi, attn.softmax_scale)
         return attn.out_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
     def _mlp(self, ffn: Any, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Per-row decode attention: each row over its own keys equals one padded, masked call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from templated_llm.engine.attention import per_row, per_row_keys, row_keys
+from templated_llm.engine.cache import StepBatch
+
+
+def _decode_batch(key_lengths: list[int]) -> StepBatch:
+    rows = len(key_lengths)
+    return StepBatch(torch.zeros(rows, 1, dtype=torch.long), list(range(rows)),
+                     [n - 1 for n in key_lengths], [1] * rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key_lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (6, 3)]),  # query heads, key heads
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_per_row_equals_one_padded_masked_call(key_lengths, heads, window, with_bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows, (q_heads, kv_heads), dim = len(key_lengths), heads, 8
+    batch = _decode_batch(key_lengths)
+    q = torch.randn(rows, q_heads, 1, dim, generator=generator)
+    # The cache's padded view: keys past a row's length hold another sequence's leftovers.
+    k = torch.randn(rows, kv_heads, batch.kv_len, dim, generator=generator)
+    v = torch.randn(rows, kv_heads, batch.kv_len, dim, generator=generator)
+    bias = torch.randn(q_heads, 1, batch.kv_len, generator=generator) if with_bias else None
+
+    mask = torch.zeros(rows, 1, 1, batch.kv_len).masked_fill(~batch.visible(window), float("-inf"))
+    if bias is not None:
+        mask = mask + bias
+    groups = q_heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+        attn_mask=mask, scale=0.3)
+
+    torch.testing.assert_close(per_row(q, k, v, row_keys(batch, window), 0.3, bias=bias), expected)
+
+
+def test_rows_attend_per_row_only_on_uneven_decode_steps():
+    even, uneven = _decode_batch([30, 30, 28]), _decode_batch([100, 10, 20])
+    assert per_row_keys(even) is None  # padding reads 1.02x the keys needed: one call
+    assert per_row_keys(uneven) == [slice(0, 100), slice(0, 10), slice(0, 20)]
+    # A window makes rows even: each attends its last 10 keys, a padded call reads 100 per row.
+    assert per_row_keys(uneven, window=10) == [slice(90, 100), slice(0, 10), slice(10, 20)]
+    # Prefill rows (several queries each) always take one masked call.
+    prefill = StepBatch(torch.zeros(2, 5, dtype=torch.long), [0, 1], [95, 0], [5, 5])
+    assert per_row_keys(prefill) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_keeps_the_dtype_and_shape(dtype):
+    q = torch.randn(2, 4, 1, 8, dtype=dtype)
+    k = v = torch.randn(2, 2, 16, 8, dtype=dtype)
+    out = per_row(q, k, v, [slice(0, 16), slice(0, 3)], None)
+    assert out.shape == q.shape and out.dtype == dtype
