@@ -78,8 +78,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "benchmark-results": markdown,
     "scaling-example": _scaling_example,
     "replicas-example": _replicas_example,
-    # The full-size runs, the mixed workload, serving and the linear layers: each from its own
-    # results file.
+    # The full-size runs, the mixed workload, serving, decode attention and the linear layers:
+    # each from its own results file.
     **{f"full-size-{size}": _from_file(f"full-size-{size}.json",
                                         _imported("benchmarks.full_size_report", "markdown", heading=""),
                                         f"python -m benchmarks --size {size}")
@@ -92,6 +92,11 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
         "python -m benchmarks.serving" + (" --dtype bfloat16" if dtype else "")
         + (" --max-tokens 16 64 --prompt-words 16 256 --tag short" if tag else ""))
        for dtype in ("", "-bfloat16") for tag in ("", "-short")},
+    **{f"decode-attention{dtype}": _from_file(
+        f"decode-attention{dtype}.json", _imported("benchmarks.decode_attention", "report"),
+        "python -m benchmarks.decode_attention" + (" --dtype bfloat16" if dtype else "")
+        + f" --out benchmarks/results/decode-attention{dtype}.json")
+       for dtype in ("", "-bfloat16")},
     **{f"linear-d{d}": _from_file(f"linear-d{d}.json", _imported("benchmarks.linear", "report"),
                                   f"python -m benchmarks.linear --d-model {d} "
                                   f"--out benchmarks/results/linear-d{d}.json")

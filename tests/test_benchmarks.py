@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from benchmarks import linear, pages
+from benchmarks import decode_attention, linear, pages
 from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
 from benchmarks.measure import bf16_flags, interleaved_seconds
 from benchmarks.report import FIGURE_IDS
@@ -158,6 +158,22 @@ def test_the_linear_benchmark_times_every_variant_at_every_batch_size(tmp_path):
         assert row["bf16_weight_major_over_packed"]["median"] > 0
     table = linear.report(results)
     assert "bf16 weight-major / bf16 packed" in table and results["machine"]["cpu_model"] in table
+
+
+def test_the_decode_attention_benchmark_times_both_ways_on_both_models(tmp_path):
+    out = tmp_path / "decode.json"
+    decode_attention.main(["--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--rows", "2", "8",
+                           "--repeats", "2", "--cache", str(tmp_path), "--out", str(out)])
+    results = json.loads(out.read_text())
+    cells = {(r["model"], r["rows"], r["lengths"]) for r in results["rows"]}
+    assert cells == {(m, n, k) for m in ("mpt", "llama") for n in (2, 8) for k in ("even", "mixed")}
+    for row in results["rows"]:
+        assert all(len(times) == 2 for times in row["seconds"].values())
+        assert min(row["milliseconds"].values()) > 0 and row["per_row_speedup"]["median"] > 0
+        # Even rows never go per row; the engine's pick follows the keys padding would read.
+        assert row["engine_picks"] == ("per row" if row["keys_read_over_needed"] >= 1.4 else "padded")
+    table = decode_attention.report(results)
+    assert "per row / padded" in table and results["machine"]["cpu_model"] in table
 
 
 def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
