@@ -92,6 +92,9 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
         "python -m benchmarks.serving" + (" --dtype bfloat16" if dtype else "")
         + (" --max-tokens 16 64 --prompt-words 16 256 --tag short" if tag else ""))
        for dtype in ("", "-bfloat16") for tag in ("", "-short")},
+    # Every request greedy, as transformers serve decodes them all after its greedy warm-up.
+    "serving-greedy": _from_file("serving-greedy.json", _imported("benchmarks.serving", "markdown"),
+                                 "python -m benchmarks.serving --greedy --tag greedy"),
     **{f"decode-attention{dtype}": _from_file(
         f"decode-attention{dtype}.json", _imported("benchmarks.decode_attention", "report"),
         "python -m benchmarks.decode_attention" + (" --dtype bfloat16" if dtype else "")

@@ -13,6 +13,9 @@ with a stop string) from concurrent clients, streamed and not, against:
 Writes serving.json and serving.md to benchmarks/results/ (or --out); with ``--dtype bfloat16``
 (both snapshots stored in bfloat16, as real checkpoints ship), serving-bfloat16.json and .md;
 ``--tag short`` appends ``-short`` to the name (for a run with other ``--max-tokens``, say).
+``--greedy`` makes every request greedy: ``transformers serve`` decodes every request with the
+first request's sampling settings (greedy, after the warm-up), and this makes the others do the
+same work.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class ServingSettings:
     # The dtype both snapshots store their weights in; every server loads the checkpoint's dtype
     # (templated-llm's auto where the CPU computes it natively, transformers' "auto").
     dtype: str = "float32"
+    # Every request greedy: `transformers serve --continuous-batching` decodes every request with
+    # the first request's sampling settings, so with a greedy warm-up it decodes greedily whatever
+    # a request asks; this makes the others do the same work.
+    greedy: bool = False
 
 
 SMOKE = ServingSettings(d_model=64, n_layers=2, n_heads=4, clients=(2,), prompt_words=(4, 16),
@@ -188,7 +195,8 @@ def run(settings: ServingSettings, cache: Path, note: str = "") -> dict[str, Any
         results["rss"]["idle"] = {name: _server_rss(url) for name, url in urls.items()}
         turn = 0
         for clients in settings.clients:
-            requests = workload(clients * settings.requests_per_client, settings.prompt_words, settings.max_tokens)
+            requests = workload(clients * settings.requests_per_client, settings.prompt_words, settings.max_tokens,
+                                greedy=settings.greedy)
             for stream, round_ in itertools.product((False, True), range(settings.rounds)):
                 taking_part = [c for c in contenders if c.route.streams or not stream]
                 turn += 1
@@ -300,7 +308,8 @@ def markdown(results: dict[str, Any]) -> str:
     rounds = s.get("rounds", 1)
     lines += ["", f"Workload: per client count, clients x {s['requests_per_client']} chat requests, prompts of "
               f"{s['prompt_words'][0]}-{s['prompt_words'][1]} words, max_tokens {s['max_tokens'][0]}-"
-              f"{s['max_tokens'][1]}, half greedy, half temperature 0.7, a quarter with a stop string; "
+              f"{s['max_tokens'][1]}, {'all greedy' if s.get('greedy') else 'half greedy, half temperature 0.7'}, "
+              "a quarter with a stop string; "
               + (f"{rounds} rounds, the contenders taking turns in each: a figure above is the median of the "
                  "per-round ratios, a row of the table each column's median over the rounds. "
                  if rounds > 1 else "one round. ")
@@ -345,13 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype,
                         help=f"the dtype both snapshots store their weights in, which every server loads "
                              f"where it can (default {d.dtype})")
+    parser.add_argument("--greedy", action="store_true",
+                        help="every request greedy (transformers serve decodes all requests with the first "
+                             "one's settings: greedy after the warm-up); name the run with --tag")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1; received {args.rounds}")
     settings = SMOKE if args.smoke else ServingSettings(
         clients=tuple(args.clients), requests_per_client=args.requests_per_client,
         prompt_words=tuple(args.prompt_words), max_tokens=tuple(args.max_tokens), rounds=args.rounds)
-    settings = replace(settings, traced=args.traced, dtype=args.dtype)
+    settings = replace(settings, traced=args.traced, dtype=args.dtype, greedy=args.greedy)
     from benchmarks.store import temporary_store
 
     with temporary_store("serving"):

@@ -34,14 +34,15 @@ class ChatRequest:
 
 
 def workload(count: int, prompt_words: tuple[int, int], max_tokens: tuple[int, int],
-             seed: int = 0) -> list[ChatRequest]:
+             seed: int = 0, greedy: bool = False) -> list[ChatRequest]:
     """``count`` requests, the same every run: prompts and lengths drawn uniformly from the
-    ranges, half greedy and half at temperature 0.7, a quarter with a stop string."""
+    ranges, half greedy and half at temperature 0.7 (all greedy with ``greedy``), a quarter with
+    a stop string."""
     rng = random.Random(seed)
     return [ChatRequest(
         text=" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*prompt_words))),
         max_tokens=rng.randint(*max_tokens),
-        temperature=0.0 if i % 2 == 0 else 0.7,
+        temperature=0.0 if greedy or i % 2 == 0 else 0.7,
         stop=("river.",) if i % 4 == 1 else (),
     ) for i in range(count)]
 

@@ -111,6 +111,16 @@ def test_a_contender_that_generates_fewer_tokens_than_asked_stops_the_run():
     check_tokens("contender", [3, 3], rows=2, max_tokens=3)
 
 
+def test_the_serving_workload_is_half_sampled_unless_all_greedy():
+    from benchmarks.serving_load import workload
+
+    mixed, greedy = workload(8, (4, 16), (2, 8)), workload(8, (4, 16), (2, 8), greedy=True)
+    assert [r.temperature for r in mixed] == [0.0, 0.7] * 4
+    assert [r.temperature for r in greedy] == [0.0] * 8
+    # The same prompts, lengths and stop strings: only the sampling differs.
+    assert [(r.text, r.max_tokens, r.stop) for r in mixed] == [(r.text, r.max_tokens, r.stop) for r in greedy]
+
+
 def test_serving_ratios_are_medians_of_per_round_ratios_and_the_table_medians_of_rounds():
     from benchmarks.serving import ServingSettings, _figures, _merged
 
