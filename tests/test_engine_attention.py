@@ -12,9 +12,9 @@ from templated_llm.engine.attention import per_row, per_row_keys, row_keys
 from templated_llm.engine.cache import StepBatch
 
 
-def _decode_batch(key_lengths: list[int]) -> StepBatch:
+def _decode_batch(key_lengths: list[int], device: str = "cpu") -> StepBatch:
     rows = len(key_lengths)
-    return StepBatch(torch.zeros(rows, 1, dtype=torch.long), list(range(rows)),
+    return StepBatch(torch.zeros(rows, 1, dtype=torch.long, device=device), list(range(rows)),
                      [n - 1 for n in key_lengths], [1] * rows)
 
 
@@ -56,6 +56,8 @@ def test_rows_attend_per_row_only_on_uneven_decode_steps():
     # Prefill rows (several queries each) always take one masked call.
     prefill = StepBatch(torch.zeros(2, 5, dtype=torch.long), [0, 1], [95, 0], [5, 5])
     assert per_row_keys(prefill) is None
+    # Off the CPU (here the meta device stands in for a GPU) steps stay padded.
+    assert per_row_keys(_decode_batch([100, 10, 20], device="meta")) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

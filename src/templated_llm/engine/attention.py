@@ -6,7 +6,8 @@ call over all rows reads every row up to the longest row's length (the view
 prompts, early and late in their generations) that is about 1.7 times the keys the rows need,
 and a decode step's attention is bound by reading them. Attending each row in a call of its own
 reads only its keys, at the cost of a call per row; :func:`per_row_keys` picks whichever is
-faster for the step at hand. Both are the same softmax over the same keys, so they agree to rounding.
+faster for the step at hand. Both are the same softmax over the same keys, so they agree to
+rounding.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def row_keys(batch: StepBatch, window: int | None = None) -> list[slice]:
 
 def per_row_keys(batch: StepBatch, window: int | None = None) -> list[slice] | None:
     """:func:`row_keys` when this step's attention should run a call per row, else ``None``:
-    on a decode step (one query per row) whose padded keys would be at least ``_PER_ROW_FROM``
-    times the keys its rows attend.
+    on a CPU decode step (one query per row) whose padded keys would be at least
+    ``_PER_ROW_FROM`` times the keys its rows attend.
     """
-    if batch.q_len != 1:
+    # Only where it was measured, the CPU: on a GPU each call is a kernel launch, and padded
+    # keys are read fast.
+    if batch.q_len != 1 or batch.tokens.device.type != "cpu":
         return None
     keys = row_keys(batch, window)
     needed = sum(k.stop - k.start for k in keys)
