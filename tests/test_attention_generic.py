@@ -10,6 +10,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl, register_plugin
+from templated_llm.engine.adapters import ENGINE_SDPA
 from templated_llm.model_logging.log import log_llm
 from templated_llm.plugins.manager import get_model_spec, hooks
 
@@ -38,12 +39,19 @@ def tiny_llama(fresh_plugins):
     register_plugin(TinyLlamaPlugin(), name="tiny-llama")
 
 
-@pytest.mark.parametrize(("requested", "in_use"), [("sdpa", "sdpa"), ("auto", "sdpa"), ("eager", "eager")])
-def test_backend_maps_to_transformers_attn_implementation(tiny_llama, llama_snapshot, requested, in_use):
-    info = log_llm("tiny-llama", snapshot=llama_snapshot, attention=requested, name=f"llama-{requested}")
+@pytest.mark.parametrize(("requested", "engine", "in_use", "transformers_runs"), [
+    ("sdpa", True, "sdpa", ENGINE_SDPA), ("auto", True, "sdpa", ENGINE_SDPA),
+    ("eager", True, "eager", "eager"), ("sdpa", False, "sdpa", "sdpa"),
+])
+def test_backend_maps_to_transformers_attn_implementation(tiny_llama, llama_snapshot, requested, engine,
+                                                          in_use, transformers_runs):
+    info = log_llm("tiny-llama", snapshot=llama_snapshot, attention=requested, engine=engine,
+                   name=f"llama-{requested}-{'engine' if engine else 'generate'}")
     loaded = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
     assert loaded.attention == in_use
-    assert loaded.model.config._attn_implementation == in_use
+    # On the engine, SDPA runs through the engine's attention function: transformers' own SDPA
+    # but on the decode steps it attends per row (engine/attention.py).
+    assert loaded.model.config._attn_implementation == transformers_runs
 
 
 def test_a_backend_the_model_class_lacks_fails_at_log_time(fresh_plugins, tiny_snapshot):

@@ -26,8 +26,9 @@ from templated_llm.engine.cache import SlotCache, StepBatch
 # scaling after it, which the adapter would skip).
 HF_MODEL_TYPES = frozenset({"llama", "mistral", "gpt_neox", "qwen2", "qwen3"})
 HF_ATTENTION = frozenset({"eager", "sdpa"})
-# transformers' SDPA attention, except on the steps the engine runs per row.
-_ENGINE_SDPA = "templated_llm_engine_sdpa"
+# The name a model on the engine runs SDPA under (its config's ``_attn_implementation``):
+# transformers' SDPA attention, except on the decode steps the engine runs per row.
+ENGINE_SDPA = "templated_llm_engine_sdpa"
 
 
 class ModelAdapter(ABC):
@@ -75,7 +76,7 @@ class HuggingFaceAdapter(ModelAdapter):
         if self.per_row:
             # The engine owns the model from here on; without the engine's per-row keys the
             # function is transformers' own SDPA attention.
-            config._attn_implementation = _ENGINE_SDPA
+            config._attn_implementation = ENGINE_SDPA
 
     @classmethod
     def supports(cls, model: Any, attention: str) -> bool:
@@ -103,4 +104,4 @@ def _engine_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     return out.transpose(1, 2), None  # (rows, q, heads, head_dim), as transformers' functions
 
 
-AttentionInterface.register(_ENGINE_SDPA, _engine_sdpa)
+AttentionInterface.register(ENGINE_SDPA, _engine_sdpa)
