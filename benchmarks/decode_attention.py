@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.figures import machine
-from benchmarks.linear import _speedup
-from benchmarks.measure import bf16_flags, interleaved_seconds
+from benchmarks.measure import bf16_flags, interleaved_seconds, speedup
 from templated_llm.engine import attention
 from templated_llm.engine.cache import SlotCache, StepBatch
 
@@ -92,7 +91,7 @@ def measure(snapshots: dict[str, Path], dtype: torch.dtype, repeats: int, rows: 
                     "model": architecture, "rows": count, "lengths": name,
                     "keys_read_over_needed": count * max(keys) / sum(keys),
                     "milliseconds": {k: min(t) * 1e3 for k, t in times.items()},
-                    "per_row_speedup": _speedup(times["padded"], times["per row"]),
+                    "per_row_speedup": speedup(times["padded"], times["per row"]),
                     "engine_picks": "per row" if attention.per_row_keys(batch) else "padded",
                     "seconds": times,
                 })
@@ -132,16 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the snapshots are built")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    from templated_llm.devtools.tiny import build_tiny_model
+    from benchmarks.snapshot import tiny_snapshots
 
-    snapshots = {}
-    for architecture in ("mpt", "llama"):
-        # The serving and mixed benchmarks' snapshots (built the same way, found in the cache).
-        path = args.cache / f"{architecture}-d{args.d_model}-l{args.n_layers}-h{args.n_heads}"
-        if not (path / "config.json").is_file():
-            build_tiny_model(architecture, path, hidden_size=args.d_model, n_layers=args.n_layers,
-                             n_heads=args.n_heads)
-        snapshots[architecture] = path
+    # The mixed benchmark's snapshots (found in the cache once it has run).
+    snapshots = tiny_snapshots(args.cache, args.d_model, args.n_layers, args.n_heads)
     results = {"dtype": args.dtype, "machine": machine(""),
                "rows": measure(snapshots, getattr(torch, args.dtype), args.repeats, tuple(args.rows))}
     print(report(results))

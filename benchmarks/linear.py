@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from benchmarks.figures import machine
-from benchmarks.measure import bf16_flags, interleaved_seconds
+from benchmarks.measure import bf16_flags, interleaved_seconds, speedup
 from templated_llm.runtime.packed_linear import PackedLinear, WeightMajorLinear
 
 BATCHES = (1, 2, 3, 4, 8, 16, 32, 64)
@@ -57,13 +56,6 @@ def _run(layers: list[nn.Module], inputs: list[torch.Tensor]) -> Callable[[], No
     return run
 
 
-def _speedup(slower: list[float], faster: list[float]) -> dict[str, float]:
-    """Median and quartiles of the per-round ratios ``slower / faster``."""
-    ratios = sorted(s / f for s, f in zip(slower, faster))
-    low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"median": median, "q1": low, "q3": high}
-
-
 def measure(d_model: int, repeats: int) -> list[dict[str, Any]]:
     """Milliseconds of one block's matmuls per batch size, for each dtype, packed and not, and
     bfloat16 weight-major."""
@@ -84,11 +76,11 @@ def measure(d_model: int, repeats: int) -> list[dict[str, Any]]:
         times = interleaved_seconds(runs, repeats, min_round_seconds=MIN_ROUND_SECONDS)
         rows.append({
             "batch": batch, "milliseconds": {name: min(t) * 1e3 for name, t in times.items()},
-            "bf16_packed_speedup": _speedup(times["bfloat16 nn.Linear"], times["bfloat16 packed"]),
-            "f32_packed_speedup": _speedup(times["float32 nn.Linear"], times["float32 packed"]),
-            "bf16_packed_over_f32_packed": _speedup(times["float32 packed"], times["bfloat16 packed"]),
-            "bf16_weight_major_speedup": _speedup(times["bfloat16 nn.Linear"], times["bfloat16 weight-major"]),
-            "bf16_weight_major_over_packed": _speedup(times["bfloat16 packed"], times["bfloat16 weight-major"]),
+            "bf16_packed_speedup": speedup(times["bfloat16 nn.Linear"], times["bfloat16 packed"]),
+            "f32_packed_speedup": speedup(times["float32 nn.Linear"], times["float32 packed"]),
+            "bf16_packed_over_f32_packed": speedup(times["float32 packed"], times["bfloat16 packed"]),
+            "bf16_weight_major_speedup": speedup(times["bfloat16 nn.Linear"], times["bfloat16 weight-major"]),
+            "bf16_weight_major_over_packed": speedup(times["bfloat16 packed"], times["bfloat16 weight-major"]),
             "seconds": times,
         })
     return rows

@@ -60,6 +60,13 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
+def speedup(slower: list[float], faster: list[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios ``slower / faster``."""
+    ratios = sorted(s / f for s, f in zip(slower, faster))
+    low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": median, "q1": low, "q3": high}
+
+
 def _status_bytes(field: str) -> int:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024

@@ -189,15 +189,9 @@ def run(args: argparse.Namespace) -> dict:
     from benchmarks.measure import interleaved_seconds, median_ratio
     from benchmarks.settings import prompts
     from templated_llm.engine import EngineConfig
-    from templated_llm.devtools.tiny import build_tiny_model
+    from benchmarks.snapshot import tiny_snapshots
 
-    size = {"hidden_size": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
-    snapshots = {}
-    for arch in ("mpt", "llama"):
-        path = args.cache / f"{arch}-d{args.d_model}-l{args.n_layers}-h{args.n_heads}"
-        if not (path / "config.json").is_file():
-            build_tiny_model(arch, path, **size)
-        snapshots[arch] = path
+    snapshots = tiny_snapshots(args.cache, args.d_model, args.n_layers, args.n_heads)
     requests = workload(args.requests, args.rate, 1024, (args.min_prompt, args.max_prompt),
                         (args.min_tokens, args.max_tokens))
     slot = max(args.max_prompt + args.max_tokens, 128 + args.batch_tokens)  # and the batch figure

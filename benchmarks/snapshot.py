@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks.settings import Settings
-from templated_llm.devtools.tiny import build_tiny_mpt
+from templated_llm.devtools.tiny import build_tiny_model, build_tiny_mpt
 
 
 def dtype_suffix(dtype: str) -> str:
@@ -23,6 +23,17 @@ def snapshot(settings: Settings, cache: Path, dtype: str = "float32") -> Path:
                        n_heads=settings.n_heads, dtype=dtype)
     _never_end_early(path)
     return path
+
+
+def tiny_snapshots(cache: Path, d_model: int, n_layers: int, n_heads: int) -> dict[str, Path]:
+    """An MPT and a Llama snapshot of one size under ``cache``, each built the first time."""
+    snapshots = {}
+    for architecture in ("mpt", "llama"):
+        path = cache / f"{architecture}-d{d_model}-l{n_layers}-h{n_heads}"
+        if not (path / "config.json").is_file():
+            build_tiny_model(architecture, path, hidden_size=d_model, n_layers=n_layers, n_heads=n_heads)
+        snapshots[architecture] = path
+    return snapshots
 
 
 def _never_end_early(path: Path) -> None:

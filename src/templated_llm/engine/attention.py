@@ -19,9 +19,9 @@ from torch.nn import functional as F
 
 from templated_llm.engine.cache import StepBatch
 
-# Per-row calls cost about 10% more than one padded call over the same keys (measured at 8-64
-# rows on the benchmark's Llama, float32, 2 cores), and broke even where padding read 1.3-1.4
-# times the keys needed; at 1.6 per-row steps were 1.1x as fast, at 2.2 1.3x.
+# Over the same keys, per-row steps ran 0.84-0.96x as fast as padded ones in float32 and
+# 0.77-0.97x in bfloat16 (python -m benchmarks.decode_attention, 4-64 rows, 2 cores); the two
+# were level where padding read 1.4 times the keys needed, and at 1.8 per row was 1.07-1.26x.
 _PER_ROW_FROM = 1.4
 
 
