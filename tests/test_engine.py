@@ -24,6 +24,7 @@ from templated_llm.engine import (
     HuggingFaceAdapter,
     SequenceFailedError,
 )
+from templated_llm.engine.adapters import ENGINE_SDPA
 from templated_llm.runtime.generation import generate_completions
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.tokens import pad, prepare_tokenizer
@@ -105,6 +106,36 @@ def test_uneven_decode_steps_attend_per_row_and_match_generate(tiny_model, archi
     assert 3 in calls  # decode steps of all three rows went per row
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
+def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architecture, attention):
+    # Mistral windows every layer; this Qwen2 only its second (max_window_layers=1), the first
+    # seeing the whole context. Prompts and generations run well past the window.
+    loaded = _load(tiny_model(architecture, sliding_window=6, window_layers=1), architecture, attention)
+    texts = [" ".join(["river", "sea", "model"] * 8), "hi", "the sea and the river"]
+    requests = [(_ids(loaded, t), GenerationParams(max_tokens=12)) for t in texts]
+    expected = [_alone(loaded, *r) for r in requests]
+    engine = _engine(loaded, prefill_chunk=16)
+    try:
+        handles = [engine.submit(ids, params) for ids, params in requests]
+        assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.close()
+
+
+def test_a_model_the_engine_runs_still_generates_padded_batches_with_transformers(tiny_model):
+    # The engine names its own SDPA function in the model's config: transformers must still
+    # build generate's masks for it (left padding here), as it does for plain sdpa.
+    path = tiny_model("llama")
+    model, tokenizer, _ = loaded = _load(path, "llama", "sdpa")
+    assert model.config._attn_implementation == ENGINE_SDPA
+    plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    batch = pad(tokenizer, [_ids(loaded, "hi"), _ids(loaded, PROMPTS[2])], "cpu")
+    params = GenerationParams(max_tokens=8)
+    assert (generate_completions(model, tokenizer, batch, params, "cpu")
+            == generate_completions(plain, tokenizer, batch, params, "cpu"))
+
+
 @settings(max_examples=12)
 @given(requests=st.lists(st.tuples(
     st.lists(WORDS, min_size=1, max_size=30).map(" ".join),
@@ -135,6 +166,7 @@ def test_greedy_alone_equals_joined_at_any_step(mpt, requests):
 
 @pytest.mark.parametrize("architecture,attention", [
     ("mpt", "eager"), ("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("gpt_neox", "sdpa"),
+    ("qwen2", "sdpa"), ("qwen3", "eager"),
 ])
 def test_every_family_and_backend_matches_generate(tiny_model, architecture, attention):
     loaded = _load(tiny_model(architecture), architecture, attention)

@@ -46,14 +46,17 @@ def test_the_cli_builds_a_snapshot(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("architecture", "model_type", "bos_added"),
-    [("llama", "llama", True), ("mistral", "mistral", True), ("gpt_neox", "gpt_neox", False)],
+    ("architecture", "model_type", "bos_added", "pad"),
+    [("llama", "llama", True, None), ("mistral", "mistral", True, None), ("gpt_neox", "gpt_neox", False, None),
+     # Qwen's checkpoints pad with their end-of-text token.
+     ("qwen2", "qwen2", False, END_OF_TEXT), ("qwen3", "qwen3", False, END_OF_TEXT)],
 )
-def test_other_architectures_follow_their_familys_tokenizer(tiny_model, architecture, model_type, bos_added) -> None:
+def test_other_architectures_follow_their_familys_tokenizer(tiny_model, architecture, model_type, bos_added,
+                                                            pad) -> None:
     snapshot = tiny_model(architecture)
     assert json.loads((snapshot / "config.json").read_text())["model_type"] == model_type
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
-    assert tokenizer.pad_token is None
+    assert tokenizer.pad_token == pad
     ids = tokenizer("[INST] Hi [/INST]").input_ids
     assert (ids[0] == tokenizer.bos_token_id) is bos_added
     assert tokenizer.decode(ids, skip_special_tokens=True) == "[INST] Hi [/INST]"
@@ -70,3 +73,12 @@ def test_a_chat_template_and_special_tokens_travel_with_the_tokenizer(tmp_path: 
 def test_an_unknown_architecture_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'llama'"):
         build_tiny_model("t5", tmp_path)
+
+
+def test_a_sliding_window_goes_where_the_family_puts_it(tiny_model, tmp_path: Path) -> None:
+    mistral = json.loads((tiny_model("mistral", sliding_window=6) / "config.json").read_text())
+    assert mistral["sliding_window"] == 6
+    qwen = json.loads((tiny_model("qwen2", sliding_window=6, window_layers=1) / "config.json").read_text())
+    assert (qwen["sliding_window"], qwen["layer_types"]) == (6, ["full_attention", "sliding_attention"])
+    with pytest.raises(ValueError, match="'llama' has no sliding window"):
+        build_tiny_model("llama", tmp_path, sliding_window=6)

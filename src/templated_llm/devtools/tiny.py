@@ -9,6 +9,7 @@ family's special tokens) in a second, and the same bytes for the same seed:
 - ``gpt_neox``: Dolly v2 and Pythia; GPT-NeoX's ``<|endoftext|>`` conventions.
 - ``llama`` and ``mistral``: Llama 2 and Mistral; ``<unk>``, ``<s>``, ``</s>`` with ``<s>``
   added in front of every encoded text, no pad token.
+- ``qwen2`` and ``qwen3``: Qwen2 and Qwen3; ``<|endoftext|>`` as eos and pad token, no bos added.
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ class _Vocabulary:
     eos: str
     unk: str
     add_bos: bool
+    pad: str | None = None
 
 
 _GPT_NEOX = _Vocabulary(END_OF_TEXT, END_OF_TEXT, END_OF_TEXT, add_bos=False)
 _LLAMA = _Vocabulary("<s>", "</s>", "<unk>", add_bos=True)
-_VOCABULARIES = {"mpt": _GPT_NEOX, "gpt_neox": _GPT_NEOX, "llama": _LLAMA, "mistral": _LLAMA}
+_QWEN = _Vocabulary(END_OF_TEXT, END_OF_TEXT, END_OF_TEXT, add_bos=False, pad=END_OF_TEXT)
+_VOCABULARIES = {"mpt": _GPT_NEOX, "gpt_neox": _GPT_NEOX, "llama": _LLAMA, "mistral": _LLAMA,
+                 "qwen2": _QWEN, "qwen3": _QWEN}
 ARCHITECTURES = tuple(_VOCABULARIES)
 
 
@@ -94,15 +98,16 @@ def _train_tokenizer(seed: int, vocab_size: int, vocabulary: _Vocabulary = _GPT_
         post_processors.append(processors.TemplateProcessing(
             single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos]))
     tokenizer.post_processor = processors.Sequence(post_processors)
-    # No pad token, as neither GPT-NeoX's nor Llama's tokenizer has one.
+    # A pad token only where the family's tokenizer has one (Qwen's, not GPT-NeoX's or Llama's).
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=vocabulary.bos, eos_token=vocabulary.eos,
-        unk_token=vocabulary.unk, additional_special_tokens=list(extra_special_tokens),
+        unk_token=vocabulary.unk, pad_token=vocabulary.pad,
+        additional_special_tokens=list(extra_special_tokens),
     )
 
 
 def _config(architecture: str, tokenizer, hidden_size: int, n_layers: int, n_heads: int,
-            max_seq_len: int):
+            max_seq_len: int, sliding_window: int | None, window_layers: int):
     import transformers
 
     # Wider than the usual 0.02 so a random model has clear argmaxes: greedy decoding is then
@@ -122,11 +127,18 @@ def _config(architecture: str, tokenizer, hidden_size: int, n_layers: int, n_hea
             rotary_pct=0.25, use_parallel_residual=True,  # as Pythia, Dolly v2's base
             **common,
         )
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
+    if architecture == "mistral" and sliding_window is not None:
+        common["sliding_window"] = sliding_window  # every layer (else Mistral's 4096)
+    elif architecture in ("qwen2", "qwen3"):
+        # Qwen windows only the layers from max_window_layers on, when use_sliding_window is set.
+        common |= {"use_sliding_window": sliding_window is not None, "sliding_window": sliding_window,
+                   "max_window_layers": window_layers}
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
     return config_class[architecture](
         hidden_size=hidden_size, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        # Mistral uses grouped-query attention; Llama 2 7B/13B one key/value head per head.
-        num_key_value_heads=n_heads // 2 if architecture == "mistral" else n_heads,
+        # Mistral and Qwen use grouped-query attention; Llama 2 7B/13B one key/value head per head.
+        num_key_value_heads=n_heads if architecture == "llama" else n_heads // 2,
         intermediate_size=4 * hidden_size, max_position_embeddings=max_seq_len, **common,
     )
 
@@ -178,6 +190,8 @@ def build_tiny_model(
     extra_special_tokens: Sequence[str] = (),
     dtype: str = "float32",
     bin_shard_bytes: int | None = None,
+    sliding_window: int | None = None,
+    window_layers: int = 0,
 ) -> Path:
     """Write a random snapshot of ``architecture`` (one of :data:`ARCHITECTURES`) to ``path``.
 
@@ -186,6 +200,9 @@ def build_tiny_model(
     give a model of a few hundred thousand parameters for second-long tests. The weights are
     stored in ``dtype``, as ``model.safetensors``, or with ``bin_shard_bytes`` as sharded
     ``pytorch_model-*.bin`` files of about that size (see :func:`write_bin_shards`).
+    ``sliding_window`` makes a Mistral attend only that many of the latest tokens in every
+    layer, and a Qwen in its layers from ``window_layers`` on (the others see the whole context);
+    other architectures have no window.
     """
     if architecture not in _VOCABULARIES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
@@ -197,7 +214,10 @@ def build_tiny_model(
     tokenizer = _train_tokenizer(seed, vocab_size, _VOCABULARIES[architecture], extra_special_tokens)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    config = _config(architecture, tokenizer, hidden_size, n_layers, n_heads, max_seq_len)
+    if sliding_window is not None and architecture not in ("mistral", "qwen2", "qwen3"):
+        raise ValueError(f"architecture {architecture!r} has no sliding window; mistral, qwen2 and qwen3 do")
+    config = _config(architecture, tokenizer, hidden_size, n_layers, n_heads, max_seq_len,
+                     sliding_window, window_layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval().to(getattr(torch, dtype))
     model.config.dtype = getattr(torch, dtype)  # config.json says what the weights are
@@ -227,6 +247,8 @@ def build_tiny_mpt(
     max_seq_len: int = 2048,
     dtype: str = "float32",
     bin_shard_bytes: int | None = None,
+    sliding_window: int | None = None,
+    window_layers: int = 0,
 ) -> Path:
     """Write a random MPT snapshot to ``path`` (created if needed) and return the path.
 

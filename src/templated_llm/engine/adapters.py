@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from templated_llm.engine.attention import per_row, per_row_keys
 from templated_llm.engine.cache import SlotCache, StepBatch
@@ -70,7 +71,14 @@ class HuggingFaceAdapter(ModelAdapter):
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         super().__init__(model, config.num_hidden_layers, kv_heads, head_dim)
-        self.window = getattr(config, "sliding_window", None)
+        # The attention mask, and its sliding window, per layer type. Qwen2/3 name each layer's
+        # type and window only their "sliding_attention" layers (and take a mask per type);
+        # Mistral windows every layer; the others have no window.
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        self.windows = ({kind: window if kind == "sliding_attention" else None for kind in layer_types}
+                        if layer_types else None)
+        self.window = window
         self.base = model.base_model
         self.per_row = config._attn_implementation == "sdpa"
         if self.per_row:
@@ -83,25 +91,39 @@ class HuggingFaceAdapter(ModelAdapter):
         return model.config.model_type in HF_MODEL_TYPES and attention in HF_ATTENTION
 
     def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
-        visible = batch.visible(self.window)
-        # Additive float mask: eager adds it to the scores, SDPA takes it as attn_mask.
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        # transformers hands extra keyword arguments of the forward to every attention call.
-        keys = per_row_keys(batch, self.window) if self.per_row else None
+        windows = set(self.windows.values()) if self.windows else {self.window}
+        masks = {window: self._mask(batch, window) for window in windows}
+        mask = {kind: masks[window] for kind, window in self.windows.items()} if self.windows else masks[self.window]
+        extra = {}
+        if self.per_row:
+            # Keyed by window: transformers hands each attention call its layer's sliding_window,
+            # and extra keyword arguments of the forward to every attention call.
+            keys = {window: per_row_keys(batch, window) for window in windows}
+            if any(k is not None for k in keys.values()):
+                extra["engine_row_keys"] = keys
         out = self.base(input_ids=batch.tokens, attention_mask=mask, position_ids=batch.positions,
-                        past_key_values=_SlotView(cache, batch), use_cache=True,
-                        **({"engine_row_keys": keys} if keys is not None else {}))
+                        past_key_values=_SlotView(cache, batch), use_cache=True, **extra)
         return self.last_hidden(out.last_hidden_state, batch)
+
+    def _mask(self, batch: StepBatch, window: int | None) -> torch.Tensor:
+        # Additive float mask: eager adds it to the scores, SDPA takes it as attn_mask.
+        visible = batch.visible(window)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
 
 
 def _engine_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, engine_row_keys: list[slice] | None = None,
+                 attention_mask: torch.Tensor | None,
+                 engine_row_keys: dict[int | None, list[slice] | None] | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
-    if engine_row_keys is None:
+    keys = engine_row_keys.get(kwargs.get("sliding_window")) if engine_row_keys else None
+    if keys is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = per_row(query, key, value, engine_row_keys, kwargs.get("scaling"))
+    out = per_row(query, key, value, keys, kwargs.get("scaling"))
     return out.transpose(1, 2), None  # (rows, q, heads, head_dim), as transformers' functions
 
 
 AttentionInterface.register(ENGINE_SDPA, _engine_sdpa)
+# Its masks are SDPA's: transformers builds none for an attention it has no mask function for,
+# and generate on a model the engine has run would then ignore padding and sliding windows.
+AttentionMaskInterface.register(ENGINE_SDPA, sdpa_mask)
