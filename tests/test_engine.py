@@ -106,16 +106,45 @@ def test_uneven_decode_steps_attend_per_row_and_match_generate(tiny_model, archi
     assert 3 in calls  # decode steps of all three rows went per row
 
 
+def test_prefill_from_position_0_runs_sdpa_causal_without_a_mask(tiny_model, monkeypatch):
+    from templated_llm.engine import adapters
+
+    loaded = _load(tiny_model("llama"), "llama", "sdpa")
+    ids, params = _ids(loaded, PROMPTS[2]), GenerationParams(max_tokens=4)
+    expected = _alone(loaded, ids, params)
+    passes = []  # (queries, whether a mask was given) of every prefill attention call
+    original = adapters.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        if query.shape[2] > 1:
+            passes.append((query.shape[2], mask is not None))
+        return original(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(adapters, "sdpa_attention_forward", spy)
+    layers = loaded[0].config.num_hidden_layers
+    for chunk, masked in ((64, [(len(ids), False)]), (8, [(8, False), *[(8, True)] * (len(ids) // 8 - 1)])):
+        passes.clear()
+        engine = _engine(loaded, prefill_chunk=chunk)
+        try:
+            assert engine.submit(ids, params).result(timeout=60) == expected
+        finally:
+            engine.close()
+        # In one pass from position 0: causal; read in chunks, the later ones need the mask.
+        assert passes[::layers][: len(masked)] == masked
+
+
+@pytest.mark.parametrize("prefill_chunk", [16, 64])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
-def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architecture, attention):
+def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architecture, attention, prefill_chunk):
     # Mistral windows every layer; this Qwen2 only its second (max_window_layers=1), the first
-    # seeing the whole context. Prompts and generations run well past the window.
+    # seeing the whole context. Prompts and generations run well past the window; the long
+    # prompt is read in chunks (16), or in one pass from position 0 (64).
     loaded = _load(tiny_model(architecture, sliding_window=6, window_layers=1), architecture, attention)
     texts = [" ".join(["river", "sea", "model"] * 8), "hi", "the sea and the river"]
     requests = [(_ids(loaded, t), GenerationParams(max_tokens=12)) for t in texts]
     expected = [_alone(loaded, *r) for r in requests]
-    engine = _engine(loaded, prefill_chunk=16)
+    engine = _engine(loaded, prefill_chunk=prefill_chunk)
     try:
         handles = [engine.submit(ids, params) for ids, params in requests]
         assert [h.result(timeout=120) for h in handles] == expected

@@ -101,6 +101,12 @@ class HuggingFaceAdapter(ModelAdapter):
             keys = {window: per_row_keys(batch, window) for window in windows}
             if any(k is not None for k in keys.values()):
                 extra["engine_row_keys"] = keys
+            # A prefill pass whose rows all start at position 0 needs no more than SDPA's own
+            # causal mask (right padding comes after every real token; no window cuts in).
+            # Given no mask, SDPA skips the keys above the diagonal instead of reading a float
+            # mask over them.
+            if batch.q_len > 1 and not any(batch.starts) and all(w is None or w >= batch.q_len for w in windows):
+                extra["engine_causal"] = True
         out = self.base(input_ids=batch.tokens, attention_mask=mask, position_ids=batch.positions,
                         past_key_values=_SlotView(cache, batch), use_cache=True, **extra)
         return self.last_hidden(out.last_hidden_state, batch)
@@ -115,10 +121,11 @@ class HuggingFaceAdapter(ModelAdapter):
 def _engine_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None,
                  engine_row_keys: dict[int | None, list[slice] | None] | None = None,
-                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+                 engine_causal: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
     keys = engine_row_keys.get(kwargs.get("sliding_window")) if engine_row_keys else None
     if keys is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        mask = None if engine_causal else attention_mask  # without a mask it runs causal
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     out = per_row(query, key, value, keys, kwargs.get("scaling"))
     return out.transpose(1, 2), None  # (rows, q, heads, head_dim), as transformers' functions
 
