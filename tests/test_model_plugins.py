@@ -12,7 +12,7 @@ import transformers
 from mlflow.exceptions import MlflowException
 
 from templated_llm import ModelSpec, TemplateError, log_llm
-from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
+from templated_llm.devtools.tiny import END_OF_TEXT, ZEPHYR_CHAT_TEMPLATE
 
 DOLLY_SPECIAL_TOKENS = ("### End", "### Instruction:", "### Response:")
 # plugin -> (distribution, architecture of its models, snapshot options)
@@ -116,6 +116,20 @@ def test_dolly_renders_its_context_input_and_ends_at_its_end_key(tiny_model) -> 
     assert end in python_model.model.generation_config.eos_token_id
     with pytest.raises(MlflowException, match="does not take chat 'messages'"):
         model.predict({"messages": [CHAT[1:2]]})
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
+def test_hf_chat_serves_qwen_as_transformers_generates(tiny_model, architecture) -> None:
+    # Qwen runs on the engine through transformers' own forward (its tokenizer pads with eos).
+    snapshot = tiny_model(architecture, chat_template=ZEPHYR_CHAT_TEMPLATE)
+    info = log_llm("hf-chat", snapshot=snapshot, name=f"hf-chat-{architecture}")
+    model = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
+    assert model.unwrap_python_model().engine is not None
+    rendered = CHAT_RENDERED["hf-chat"].replace("</s>", END_OF_TEXT)  # Zephyr's format, Qwen's eos
+    assert model.unwrap_python_model().render([CHAT]) == [rendered]
+    expected = _plain_generate(snapshot, rendered, add_special_tokens=False)
+    assert model.predict({"messages": [CHAT[1:], CHAT[1:]]}, params={**GREEDY, "system": "Be brief."}
+                         )["candidates"].tolist() == [expected, expected]
 
 
 def test_hf_chat_needs_a_tokenizer_with_a_chat_template(tiny_model) -> None:
