@@ -158,6 +158,7 @@ def test_a_model_the_engine_runs_still_generates_padded_batches_with_transformer
     path = tiny_model("llama")
     model, tokenizer, _ = loaded = _load(path, "llama", "sdpa")
     assert model.config._attn_implementation == ENGINE_SDPA
+    assert HuggingFaceAdapter(model).per_row  # a second engine on the model attends per row too
     plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     batch = pad(tokenizer, [_ids(loaded, "hi"), _ids(loaded, PROMPTS[2])], "cpu")
     params = GenerationParams(max_tokens=8)

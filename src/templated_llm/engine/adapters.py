@@ -80,7 +80,8 @@ class HuggingFaceAdapter(ModelAdapter):
                         if layer_types else None)
         self.window = window
         self.base = model.base_model
-        self.per_row = config._attn_implementation == "sdpa"
+        # ENGINE_SDPA: the model was on an engine before (a notebook's second Engine on it).
+        self.per_row = config._attn_implementation in ("sdpa", ENGINE_SDPA)
         if self.per_row:
             # The engine owns the model from here on; without the engine's per-row keys the
             # function is transformers' own SDPA attention.
