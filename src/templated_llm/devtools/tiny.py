@@ -64,6 +64,7 @@ _QWEN = _Vocabulary(END_OF_TEXT, END_OF_TEXT, END_OF_TEXT, add_bos=False, pad=EN
 _VOCABULARIES = {"mpt": _GPT_NEOX, "gpt_neox": _GPT_NEOX, "llama": _LLAMA, "mistral": _LLAMA,
                  "qwen2": _QWEN, "qwen3": _QWEN}
 ARCHITECTURES = tuple(_VOCABULARIES)
+_WINDOWED = ("mistral", "qwen2", "qwen3")  # the architectures with a sliding window
 
 
 def _corpus(seed: int, lines: int) -> list[str]:
@@ -214,8 +215,8 @@ def build_tiny_model(
     tokenizer = _train_tokenizer(seed, vocab_size, _VOCABULARIES[architecture], extra_special_tokens)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    if sliding_window is not None and architecture not in ("mistral", "qwen2", "qwen3"):
-        raise ValueError(f"architecture {architecture!r} has no sliding window; mistral, qwen2 and qwen3 do")
+    if sliding_window is not None and architecture not in _WINDOWED:
+        raise ValueError(f"architecture {architecture!r} has no sliding window; {', '.join(_WINDOWED)} do")
     config = _config(architecture, tokenizer, hidden_size, n_layers, n_heads, max_seq_len,
                      sliding_window, window_layers)
     torch.manual_seed(seed)
@@ -247,8 +248,6 @@ def build_tiny_mpt(
     max_seq_len: int = 2048,
     dtype: str = "float32",
     bin_shard_bytes: int | None = None,
-    sliding_window: int | None = None,
-    window_layers: int = 0,
 ) -> Path:
     """Write a random MPT snapshot to ``path`` (created if needed) and return the path.
 

@@ -76,9 +76,9 @@ class HuggingFaceAdapter(ModelAdapter):
         # Mistral windows every layer; the others have no window.
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)
-        self.windows = ({kind: window if kind == "sliding_attention" else None for kind in layer_types}
-                        if layer_types else None)
-        self.window = window
+        self._type_windows = ({kind: window if kind == "sliding_attention" else None for kind in layer_types}
+                              if layer_types else None)
+        self._windows = set(self._type_windows.values()) if layer_types else {window}  # the distinct ones
         self.base = model.base_model
         # ENGINE_SDPA: the model was on an engine before (a notebook's second Engine on it).
         self.per_row = config._attn_implementation in ("sdpa", ENGINE_SDPA)
@@ -92,21 +92,21 @@ class HuggingFaceAdapter(ModelAdapter):
         return model.config.model_type in HF_MODEL_TYPES and attention in HF_ATTENTION
 
     def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
-        windows = set(self.windows.values()) if self.windows else {self.window}
-        masks = {window: self._mask(batch, window) for window in windows}
-        mask = {kind: masks[window] for kind, window in self.windows.items()} if self.windows else masks[self.window]
+        masks = {window: self._mask(batch, window) for window in self._windows}
+        mask = ({kind: masks[window] for kind, window in self._type_windows.items()} if self._type_windows
+                else next(iter(masks.values())))
         extra = {}
         if self.per_row:
             # Keyed by window: transformers hands each attention call its layer's sliding_window,
             # and extra keyword arguments of the forward to every attention call.
-            keys = {window: per_row_keys(batch, window) for window in windows}
+            keys = {window: per_row_keys(batch, window) for window in self._windows}
             if any(k is not None for k in keys.values()):
                 extra["engine_row_keys"] = keys
             # A prefill pass whose rows all start at position 0 needs no more than SDPA's own
             # causal mask (right padding comes after every real token; no window cuts in).
             # Given no mask, SDPA skips the keys above the diagonal instead of reading a float
             # mask over them.
-            if batch.q_len > 1 and not any(batch.starts) and all(w is None or w >= batch.q_len for w in windows):
+            if batch.q_len > 1 and not any(batch.starts) and all(w is None or w >= batch.q_len for w in self._windows):
                 extra["engine_causal"] = True
         out = self.base(input_ids=batch.tokens, attention_mask=mask, position_ids=batch.positions,
                         past_key_values=_SlotView(cache, batch), use_cache=True, **extra)
