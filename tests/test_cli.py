@@ -13,7 +13,8 @@ import requests
 
 from local_server import free_port, running_server
 from templated_llm.cli import _parser
-from templated_llm.devtools.tiny import ZEPHYR_CHAT_TEMPLATE
+from templated_llm.devtools.scaffold import write_plugin
+from templated_llm.devtools.tiny import ARCHITECTURES, ZEPHYR_CHAT_TEMPLATE
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,3 +135,21 @@ def test_new_plugin_refuses_bad_names_and_non_empty_directories(tmp_path) -> Non
     (tmp_path / "taken" / "file").write_text("x")
     result = _cli("new-plugin", "ok", "--directory", str(tmp_path / "taken"))
     assert result.returncode == 1 and "not empty" in result.stderr
+
+
+@pytest.mark.slow
+def test_new_plugin_passes_its_own_tests_on_every_architecture_it_offers(tmp_path) -> None:
+    # Llama, the default, runs in the plugin guide's end-to-end test (tests/test_docs.py).
+    names = {f"kit-{a.replace('_', '')}": a for a in ARCHITECTURES if a != "llama"}
+    roots = [write_plugin(name, tmp_path / name, architecture=a) for name, a in names.items()]
+    site = tmp_path / "site"  # real installs, entry points and all, outside this environment
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), *map(str, roots)], check=True)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *(str(root / "tests") for root in roots)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert tests.returncode == 0, tests.stdout[-4000:]
+    assert f"{2 * len(roots)} passed" in tests.stdout
