@@ -124,6 +124,30 @@ def test_the_openai_route_takes_the_conversation_its_system_prompt_and_template_
     assert answer(CHAT) == expected["plain"]
     assert answer([SYSTEM, *CHAT]) == expected["system"]
     assert answer(CHAT, extra_body={"template_variables": {"system": "Be brief."}}) == expected["system"]
-    # The 400s of a malformed conversation are predict's own.
-    with pytest.raises(openai.BadRequestError, match="messages at row 0"):
+    # The 400s of a malformed conversation are predict's own, naming the field.
+    with pytest.raises(openai.BadRequestError, match="messages at row 0") as raised:
         answer(CHAT[:2])
+    assert raised.value.param == "messages"
+
+
+def test_a_conversation_goes_on_with_the_message_the_server_returned(server):
+    # The openai client's pattern: the returned message object goes back into the conversation,
+    # with the fields the server put in it (refusal, annotations, ...), as it is or as a dict.
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    first = client.chat.completions.create(model="llama2-chat", messages=CHAT[:1], **GREEDY).choices[0].message
+    follow = {"role": "user", "content": "Name a river."}
+    by_hand = [CHAT[0], {"role": "assistant", "content": first.content}, follow]
+    want = client.chat.completions.create(model="llama2-chat", messages=by_hand, **GREEDY).choices[0].message.content
+    for returned in (first, first.model_dump()):
+        response = client.chat.completions.create(model="llama2-chat", messages=[CHAT[0], returned, follow], **GREEDY)
+        assert response.choices[0].message.content == want
+    # An assistant turn may come back as refusal content, or with no content at all.
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": first.content}]}
+    response = client.chat.completions.create(model="llama2-chat", messages=[CHAT[0], refused, follow], **GREEDY)
+    assert response.choices[0].message.content == want
+    with pytest.raises(openai.BadRequestError, match="no tool calls") as raised:
+        client.chat.completions.create(model="llama2-chat", **GREEDY, messages=[
+            CHAT[0], {"role": "assistant", "content": None,
+                      "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            follow])
+    assert raised.value.param == "messages.1.tool_calls"

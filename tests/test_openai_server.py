@@ -148,6 +148,13 @@ def test_a_system_message_opens_the_instruction_of_a_model_without_a_system_prom
     assert response.choices[0].message.content == want
 
 
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 BAD = {
     "temperature above 2": ({"temperature": 3}, "temperature", "less than or equal to 2"),
     "max_tokens above the model's limit": ({"max_tokens": 5000}, "max_tokens", "max_tokens_limit"),
@@ -170,6 +177,18 @@ BAD = {
         "response_format", "Invalid type: strin"),
     "an image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                  "messages.0.content", "only text"),
+    "stream not a boolean": ({"extra_body": {"stream": "yes"}}, "stream", "valid boolean"),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options",
+                                      "only allowed with 'stream': true"),
+    "an unknown field of a message": ({"messages": [{"role": "user", "content": PROMPT, "mood": "x"}]},
+                                      "messages.0.mood", "it takes ['annotations', 'audio', 'content'"),
+    "a user message without content": ({"messages": [{"role": "user", "content": None}]}, "messages.0",
+                                       "needs 'content'"),
+    "a schema nested too deeply": ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "deep", "schema": _nested(150)}}}, "response_format", "at most 64 are allowed"),
+    "max_completion_tokens over the context": (
+        {"messages": [{"role": "user", "content": "river " * 1500}], "max_completion_tokens": 1000},
+        "max_completion_tokens", "with max_completion_tokens=1000 that exceeds"),
 }
 
 
@@ -181,6 +200,18 @@ def test_a_bad_request_is_a_400_naming_the_param(client, case):
         client.chat.completions.create(**body)
     assert raised.value.param == param
     assert says in raised.value.message
+
+
+def test_null_fields_take_their_defaults_and_any_int64_seed_repeats(client):
+    # The openai client sends null for an optional field a caller set to None.
+    response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                              n=None, stream=None, **GREEDY)
+    assert len(response.choices) == 1 and response.choices[0].message.content
+    for seed in (-5, 2**63 - 1):  # choice 1 of the largest seed wraps round to 0
+        sampled = {"temperature": 1.0, "max_tokens": 6, "seed": seed, "n": 2}
+        texts = [[c.message.content for c in client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": PROMPT}], **sampled).choices] for _ in range(2)]
+        assert texts[0] == texts[1]
 
 
 def test_harmless_fields_are_accepted(client):

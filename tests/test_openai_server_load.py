@@ -288,3 +288,17 @@ def test_a_request_past_the_timeout_is_cancelled_and_answered_504(logged_model):
             time.sleep(0.2)
         assert metric(url, "templated_llm_sequences_in_flight") == 0
         assert metric(url, "templated_llm_sequences_cancelled_total") == 2
+
+
+def test_a_request_that_can_never_fit_is_a_400_and_refusals_are_not_cancellations(logged_model):
+    with openai_server(logged_model.model_uri, "--max-pending", "2") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        # More choices than the server ever generates at once: a 429 would be retried in vain.
+        with pytest.raises(openai.BadRequestError, match="--max-pending") as raised:
+            client.completions.create(model=NAME, prompt="Hi", n=3, max_tokens=2)
+        assert raised.value.param == "n"
+        # Refused by the model after the server took it: counted as no cancellation.
+        with pytest.raises(openai.BadRequestError, match="max_tokens_limit"):
+            client.completions.create(model=NAME, prompt="Hi", n=2, max_tokens=5000)
+        assert metric(url, "templated_llm_sequences_cancelled_total") == 0
+        assert metric(url, "templated_llm_sequences_in_flight") == 0

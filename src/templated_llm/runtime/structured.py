@@ -27,12 +27,15 @@ import llguidance.hf
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import LogitsProcessor
 
 #: How many compiled response formats a loaded model keeps.
 CACHE_SIZE = 128
 _COMPILE_OPTIONS = {"whitespace_flexible": False}
+#: How deeply a schema may nest objects and arrays. Deeper ones are refused up front: the
+#: compiler and the JSON encoder would otherwise fail on them with errors a client cannot read.
+MAX_SCHEMA_DEPTH = 64
 
 
 class JsonSchemaFormat(BaseModel):
@@ -44,6 +47,27 @@ class JsonSchemaFormat(BaseModel):
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _not_too_deep(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        depth = _depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests objects and arrays {depth} levels deep; at most "
+                             f"{MAX_SCHEMA_DEPTH} are allowed")
+        return schema
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests dicts and lists (iterative: any depth, no recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class ResponseFormat(BaseModel):

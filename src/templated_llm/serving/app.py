@@ -217,6 +217,10 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
             f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this model takes at "
             f"most {model.backend.max_rows} per request (max_rows_per_request, set when it was logged)",
             param="n" if n > 1 else "prompt")
+    if count > state.in_flight.limit:
+        raise RequestError(
+            f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this server generates "
+            f"at most {state.in_flight.limit} sequences at once (--max-pending)", param="n" if n > 1 else "prompt")
     if not state.in_flight.try_acquire(count):
         raise RequestError(f"the server is at capacity: {state.in_flight.limit} sequences generating "
                            "or waiting (--max-pending). Retry later", status=429,
@@ -224,7 +228,8 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
     aliases = {"max_tokens": "max_completion_tokens"} if getattr(parsed, "max_completion_tokens", None) else {}
     exchange = _Exchange(state, request.scope[RECORD], count, n, aliases)
     for index in range(count):
-        choice = {**params, "seed": params["seed"] + index % n} if "seed" in params else params
+        # Choice i samples with seed + i, in the model's seed range (0 to 2**63 - 1).
+        choice = {**params, "seed": (params["seed"] + index % n) % 2**63} if "seed" in params else params
         row = rows[index // n]
         if parsed.stream:
             exchange.generations.start(index, partial(model.backend.stream, row, choice))
@@ -280,10 +285,14 @@ class _Exchange:
         self._start = time.perf_counter()
         self._completions: list[Completion | None] = [None] * count
         self._first_text: list[float | None] = [None] * count
+        self._failed = False
 
-    def _fail(self, item: BaseException) -> RequestError:
+    def _fail(self, index: int, item: BaseException) -> RequestError:
         error = as_request_error(item, self._aliases)
         self._record.outcome = error.code or error.type
+        # Index -1: the request was interrupted (timeout, shutdown); else a sequence failed,
+        # refused as input or in generation, and what did not finish was not cancelled.
+        self._failed = self._failed or index >= 0
         return error
 
     async def completions(self) -> list[Completion]:
@@ -292,7 +301,7 @@ class _Exchange:
         while finished < self._count:
             index, item = await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
-                raise self._fail(item)
+                raise self._fail(index, item)
             if isinstance(item, Completion):
                 self._completed(index, item)
             finished += item is FINISHED
@@ -305,7 +314,7 @@ class _Exchange:
         while accepted < self._count:
             index, item = await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
-                raise self._fail(item)
+                raise self._fail(index, item)
             if item is ACCEPTED:
                 accepted += 1
             else:
@@ -321,7 +330,7 @@ class _Exchange:
         while finished < self._count:
             index, item = waiting.popleft() if waiting else await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
-                yield _error_event(self._fail(item))
+                yield _error_event(self._fail(index, item))
                 return
             if isinstance(item, str) and item:
                 if self._first_text[index] is None:
@@ -356,7 +365,7 @@ class _Exchange:
     def _check_complete(self) -> list[Completion]:
         missing = [i for i, c in enumerate(self._completions) if c is None]
         if missing:
-            raise self._fail(RuntimeError(f"sequences {missing} ended without a completion"))
+            raise self._fail(missing[0], RuntimeError(f"sequences {missing} ended without a completion"))
         completions: list[Completion] = self._completions  # type: ignore[assignment]
         self._record.prompt_tokens = sum(c.prompt_tokens for c in completions[:: self._n])
         self._record.completion_tokens = sum(c.completion_tokens for c in completions)
@@ -367,7 +376,7 @@ class _Exchange:
         self.generations.cancel()
         self._unwatch()
         unfinished = sum(c is None for c in self._completions)
-        if unfinished:
+        if unfinished and not self._failed:
             self._metrics.cancelled.inc(unfinished)
             self._record.outcome = self._record.outcome or "cancelled"
 

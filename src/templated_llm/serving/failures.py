@@ -10,7 +10,9 @@ from mlflow.exceptions import MlflowException
 from templated_llm.errors import OverloadedError, RequestError
 
 _logger = logging.getLogger("templated_llm.serving")
-_PARAM = re.compile(r"param '(\w+)'")
+# Where a model's message names the request field at fault: "param 'top_p': ...", "messages at
+# row 0: ...", "... with max_tokens=300 that exceeds ...".
+_PARAM = re.compile(r"param '(\w+)'|^(messages|prompt) at row|\b(max_tokens)=")
 # The engine's queue-full error by name too, whatever base it is given.
 _OVERLOADED_NAMES = {"EngineFullError"}
 
@@ -31,8 +33,11 @@ def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) 
                             type="rate_limit_error", code="queue_full")
     if isinstance(exc, MlflowException) and exc.get_http_status_code() == 400:
         found = _PARAM.search(exc.message)
-        param = found and found.group(1)
-        return RequestError(exc.message, param=(aliases or {}).get(param, param))
+        param = found and next(group for group in found.groups() if group)
+        alias = (aliases or {}).get(param)
+        if alias is None:
+            return RequestError(exc.message, param=param)
+        return RequestError(re.sub(rf"\b{param}\b", alias, exc.message), param=alias)
     _logger.error("generation failed", exc_info=exc)
     return RequestError(f"generation failed ({type(exc).__name__}); the server log has the details",
                         status=500, type="server_error", code="generation_failed")

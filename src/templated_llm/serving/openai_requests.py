@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from templated_llm.errors import RequestError
 from templated_llm.runtime.inputs import Row
@@ -56,7 +57,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range: any int64
     stream: bool = False
     stream_options: _StreamOptions | None = None
     # Extensions: sampling params predict takes, and the template's variables.
@@ -65,6 +66,19 @@ class _Request(BaseModel):
     template_variables: dict[str, str] = Field(default_factory=dict)
     # Structured output: checked (a 400 naming the problem) by predict's params.
     response_format: dict[str, Any] | None = None
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI's clients send null for an unset optional field.
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, options: _StreamOptions | None, info: ValidationInfo) -> _StreamOptions | None:
+        if options is not None and not info.data.get("stream"):  # declared before it
+            raise ValueError("'stream_options' is only allowed with 'stream': true")
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -78,27 +92,70 @@ class _TextPart(BaseModel):
     text: str
 
 
+class _RefusalPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+def _part_model(part: Any) -> str | None:
+    # The model's name is the union tag pydantic puts in an error's location (see _model_at).
+    return {"text": "_TextPart", "refusal": "_RefusalPart"}.get(part.get("type")) if isinstance(part, dict) else None
+
+
+_Part = Annotated[Annotated[_TextPart, Tag("_TextPart")] | Annotated[_RefusalPart, Tag("_RefusalPart")],
+                  Discriminator(_part_model, custom_error_type="content_part",
+                                custom_error_message="a content part is {'type': 'text', 'text': ...}"
+                                                     " (or, from an assistant, {'type': 'refusal', ...})")]
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart]
+    content: str | list[_Part] | None = None
     name: str | None = None  # accepted; no template shows it
+    # An assistant message goes back as the API returned it, with these fields (the openai
+    # client's `messages.append(response.choices[0].message)`). Empty, they change nothing;
+    # a refusal is what the assistant said.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: Any = None
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: Any) -> Any:
         if isinstance(content, list) and any(
-                isinstance(p, dict) and p.get("type") not in ("text", None) for p in content):
+                isinstance(p, dict) and p.get("type") not in ("text", "refusal", None) for p in content):
             raise ValueError(
                 f"only text content parts are supported; received part types "
                 f"{[p.get('type') for p in content if isinstance(p, dict)]}"
             )
         return content
 
+    @field_validator("audio", "function_call", "tool_calls")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        if value not in (None, []):
+            raise ValueError("this server supports no tool calls or audio: send null")
+        return value
+
+    @model_validator(mode="after")
+    def _has_content(self) -> _Message:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None:
+            return self.refusal or ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, _TextPart) else p.refusal for p in self.content)
 
 
 class ChatRequest(_Request):
@@ -145,17 +202,48 @@ def parse(kind: type[_Request], body: bytes) -> Any:
 def _invalid(exc: ValidationError, kind: type[_Request]) -> RequestError:
     problems, params = [], []
     for error in exc.errors(include_url=False):
-        param = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("list[", "str")))
+        loc = [part for part in error["loc"] if not _union_member(part)]
+        param = ".".join(map(str, loc))
         params.append(param)
         if error["type"] == "extra_forbidden":
-            allowed = sorted({*kind.model_fields, *_HARMLESS})
-            problems.append(f"unrecognized request argument {param!r}; this server takes {allowed}")
+            if len(loc) == 1:
+                allowed = sorted({*kind.model_fields, *_HARMLESS})
+                problems.append(f"unrecognized request argument {param!r}; this server takes {allowed}")
+            else:
+                allowed = sorted(_model_at(kind, error["loc"][:-1]).model_fields)
+                problems.append(f"unrecognized field {param!r}; it takes {allowed}")
         elif error["type"] == "missing":
             problems.append(f"param {param!r} is required")
         else:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"param {param!r}: {message}; received {_short(error['input'])}")
     return RequestError("; ".join(dict.fromkeys(problems)), param=params[0])
+
+
+def _union_member(part: str | int) -> bool:
+    # pydantic names the member of a union it tried in the error's location: a type, never a
+    # field name (fields are lowercase words; the models here are private).
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none")
+                                      or part.startswith(("list[", "dict[", "function-", "_")))
+
+
+def _model_at(kind: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel]:
+    """The model whose fields pydantic's error location ``loc`` points into."""
+    model, candidates = kind, [kind]
+    for part in loc:
+        named = [m for m in candidates if m.__name__ == part]  # the union member pydantic tried
+        if named:
+            model = named[0]
+        elif isinstance(part, str) and part in model.model_fields:
+            candidates = _models_in(model.model_fields[part].annotation) or candidates
+            model = candidates[0]
+    return model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
 def _short(value: Any, limit: int = 200) -> str:
