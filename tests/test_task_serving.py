@@ -164,3 +164,16 @@ def test_the_chat_task_needs_a_chat_model(tiny_snapshot):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, task="llm/v1/chat")
     with pytest.raises(TaskError, match="llm/v1/embeddings"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, task="llm/v1/embeddings")
+
+
+def test_predict_stream_takes_the_request_bodys_params(chat_model, completions_model, expected):
+    chat = mlflow.pyfunc.load_model(chat_model.model_uri)
+    body = {"messages": CHAT, **GREEDY}
+    assert "".join(chat.predict_stream(body)) == expected["plain"]["candidates"]
+    assert "".join(chat.predict_stream({**body, "stream": True})) == expected["plain"]["candidates"]
+    completions = mlflow.pyfunc.load_model(completions_model.model_uri)
+    body = {"prompt": "Name three rivers.", "temperature": 0.0, "max_tokens": 3}
+    [choice] = completions.predict(body)["choices"]
+    assert "".join(completions.predict_stream(body)) == choice["text"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="request field 'n'"):
+        list(completions.predict_stream({**body, "n": 2}))

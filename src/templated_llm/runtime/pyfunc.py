@@ -145,7 +145,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         model_input: Any,
         params: dict[str, Any] | None = None,
     ) -> Iterator[str]:
-        """Yield the completion of one prompt (or one conversation) in chunks as it generates."""
+        """Yield the completion of one prompt (or one conversation) in chunks as it generates;
+        for a model logged with an MLflow task, of one request body, with its params."""
+        if self.config.task is not None:
+            requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
+                                          stream=True)
+            if len(requests) != 1:
+                raise MlflowException.invalid_parameter_value(
+                    f"predict_stream takes one request; received {len(requests)}")
+            return _text_only(self._stream([requests[0].row], {**(params or {}), **requests[0].params}))
         return _text_only(self.generate_stream(model_input, params))
 
     def generate_stream(
@@ -159,6 +167,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
+        return self._stream(rows, params)
+
+    def _stream(self, rows: list[Row], params: dict[str, Any] | None) -> Iterator[str | Completion]:
         variables, generation = self._params(params)
         grammar = self._grammar(generation)
         input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)

@@ -97,9 +97,10 @@ def _value(value: Any) -> Any:
     return value
 
 
-def read_task_requests(model_input: Any, task: str, max_rows: int) -> list[TaskRequest]:
+def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool = False) -> list[TaskRequest]:
     """The requests in ``model_input``: a DataFrame with one request body per row (what MLflow
-    hands over after checking the body against the task's schema), or one body as a dict."""
+    hands over after checking the body against the task's schema), or one body as a dict.
+    ``stream``: for ``predict_stream``, where a body's ``"stream": true`` is what it asks for."""
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame([model_input])
     column = _INPUT_COLUMN[task]
     if column not in frame.columns:
@@ -115,7 +116,7 @@ def read_task_requests(model_input: Any, task: str, max_rows: int) -> list[TaskR
         params = {str(k): v for k, v in ((k, _value(frame[k].iloc[index])) for k in frame.columns)
                   if k != column and v is not None}
         for name, neutral in _NEUTRAL.items():
-            if params.pop(name, neutral) not in (neutral, None):
+            if params.pop(name, neutral) not in (neutral, None) and not (stream and name == "stream"):
                 raise MlflowException.invalid_parameter_value(
                     f"request field {name!r} is not supported by this model; leave it out "
                     f"(or set it to {neutral!r})"
