@@ -78,3 +78,19 @@ def test_user_text_reaches_the_model_verbatim_and_unevaluated(loaded_model, text
     before, _, after = python_model.render(["\0SENTINEL\0"])[0].partition("\0SENTINEL\0")
     assert rendered == before + text + after
 
+
+
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "whole batches"])
+def test_an_empty_prompt_under_a_bare_template_is_a_400_and_nothing_runs(tiny_snapshot, tmp_path, engine):
+    # MPT's tokenizer adds no start token: "" under "{{ prompt }}" is no token at all.
+    template = tmp_path / "bare.jinja"
+    template.write_text("{{ prompt }}")
+    model = mlflow.pyfunc.load_model(log_llm("mpt-instruct", snapshot=tiny_snapshot, template=str(template),
+                                             name="bare", engine=engine).model_uri)
+    for call in (lambda: model.predict(["Hi", ""], params=GREEDY), lambda: list(model.predict_stream("", GREEDY))):
+        with pytest.raises(MlflowException, match="prompt at row [01] has no tokens after templating") as caught:
+            call()
+        assert caught.value.get_http_status_code() == 400
+    engine_ = model.unwrap_python_model().engine
+    assert engine_ is None or engine_.stats().running == 0
+    assert model.predict(["Hi"], params=GREEDY)["candidates"][0]

@@ -184,15 +184,18 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
 
     def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
                 grammar: Grammar | None) -> list[Sequence]:
-        """Every row on the engine, or none: a full queue cancels the rows already queued."""
+        """Every row on the engine, or none: a row refused (a full queue) cancels the rows
+        already queued."""
         rows: list[Sequence] = []
         try:
             for ids in input_ids:
                 rows.append(self._engine.submit(ids, generation, grammar))
-        except EngineFullError as exc:
+        except BaseException as exc:
             for row in rows:
                 row.cancel()
-            raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
+            if isinstance(exc, EngineFullError):
+                raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
+            raise
         return rows
 
     def _predict_task(

@@ -111,6 +111,12 @@ class PromptTokens:
                 )
 
     def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
+        for row, ids in enumerate(input_ids):
+            # An empty prompt under a template of just {{ prompt }}, for a tokenizer with no
+            # start token: a model must be given at least one token to continue.
+            if not ids:
+                raise MlflowException.invalid_parameter_value(
+                    f"the prompt at row {row} has no tokens after templating; send some text")
         longest = max(len(ids) for ids in input_ids)
         if self.context_length is not None and longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
