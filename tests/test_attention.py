@@ -110,6 +110,22 @@ def test_sdpa_builds_each_query_runs_mask_only_over_the_keys_it_sees(sdpa):
     alibi.release()
 
 
+@pytest.mark.parametrize(("seen", "keys"), [((7, 1500), 1500), ((10,), 2000)],
+                         ids=["a short row beside a long one", "a static cache's unfilled end"])
+def test_alibi_measures_each_key_from_its_query_exactly_in_bfloat16(sdpa, seen, keys):
+    # A decode step: each row's query sees its first `seen` keys. Its nearest keys' bias is
+    # -slope * distance, exact in bfloat16, whatever the longest row or the cache's length.
+    alibi = sdpa.transformer.blocks[0].attn.alibi
+    masked = torch.arange(keys)[None, None, None, :] >= torch.tensor(seen)[:, None, None, None]
+    [(_, _, _, mask)] = alibi.chunk_masks(masked, torch.bfloat16, size=256)
+    alibi.release()
+    for row, n in enumerate(seen):
+        distance = torch.arange(n) - (n - 1)
+        want = (alibi.slopes[:, None] * distance).to(torch.bfloat16)  # (heads, n)
+        assert torch.equal(mask[row, :, 0, :n], want)
+        assert (mask[row, :, 0, n:] == torch.finfo(torch.bfloat16).min).all()
+
+
 @pytest.mark.skipif(attention_unavailable("triton", "cpu") is not None, reason="no C++ compiler")
 def test_triton_matches_eager_on_cpu(eager, tiny_snapshot):
     # flex_attention compiles once per shape, tens of seconds on CPU: one small example.

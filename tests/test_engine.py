@@ -37,14 +37,14 @@ PROMPTS = ["Name three rivers.", "hi", "Explain the attention layer of a languag
 WORDS = st.sampled_from(["river", "model", "the", "cache", "token", "a", "sea", "write", "fast"])
 
 
-def _load(path, architecture: str, attention: str):
+def _load(path, architecture: str, attention: str, dtype: torch.dtype = torch.float32):
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     if architecture == "mpt":
-        model = MptForCausalLM.from_pretrained(path).eval()
+        model = MptForCausalLM.from_pretrained(path, dtype=dtype).eval()
         if attention != "eager":
             install_attention(model, attention)
         return model, tokenizer, MptAdapter(model, attention)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype).eval()
     return model, tokenizer, HuggingFaceAdapter(model)
 
 
@@ -190,6 +190,25 @@ def test_greedy_alone_equals_joined_at_any_step(mpt, requests):
             _wait_for_tokens(engine, arrival)
             handles.append(engine.submit(ids, params))
         assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_bfloat16_mpt_gives_short_sequences_their_own_text_beside_a_long_one(tiny_snapshot, attention):
+    # ALiBi measured from the longest row of a pass put a short row's nearest keys near
+    # -slope * 1500, where bfloat16 cannot tell them apart: its text changed with its neighbour.
+    loaded = _load(tiny_snapshot, "mpt", attention, torch.bfloat16)
+    params = GenerationParams(max_tokens=12)
+    shorts = [_ids(loaded, text) for text in [*PROMPTS, "the model of a language", "three cities"]]
+    expected = [_alone(loaded, ids, params) for ids in shorts]
+    long = _ids(loaded, " ".join(["the river model cache"] * 400))[:1500]
+    engine = _engine(loaded, max_num_seqs=2, max_cache_tokens=2 * 2048, prefill_chunk=2048)
+    try:
+        beside = engine.submit(long, GenerationParams(max_tokens=300))
+        _wait_for_tokens(engine, 1)  # the long sequence is decoding
+        assert [engine.submit(ids, params).result(timeout=120) for ids in shorts] == expected
+        beside.cancel()
     finally:
         engine.close()
 

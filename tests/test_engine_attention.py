@@ -38,7 +38,11 @@ def test_per_row_equals_one_padded_masked_call(key_lengths, heads, window, with_
 
     mask = torch.zeros(rows, 1, 1, batch.kv_len).masked_fill(~batch.visible(window), float("-inf"))
     if bias is not None:
-        mask = mask + bias
+        # A row's keys take the bias's last columns: its last key, nearest the query, the last.
+        row_bias = torch.zeros(rows, q_heads, 1, batch.kv_len)
+        for row, span in enumerate(row_keys(batch, window)):
+            row_bias[row, :, :, span] = bias[..., batch.kv_len - (span.stop - span.start):]
+        mask = mask + row_bias
     groups = q_heads // kv_heads
     expected = F.scaled_dot_product_attention(
         q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),

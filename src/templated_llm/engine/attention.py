@@ -51,8 +51,10 @@ def per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Sequence[sl
     ``q`` is (rows, heads, 1, head_dim); ``k`` and ``v`` (rows, kv_heads, kv_len, head_dim), the
     padded keys a single call would read, with ``kv_heads`` dividing ``heads`` (grouped-query
     attention: each key head serves consecutive query heads, as transformers' ``repeat_kv``).
-    ``bias`` (heads, 1, kv_len) is added to every row's scores (ALiBi). Returns
-    (rows, heads, 1, head_dim).
+    ``bias`` (heads, 1, n), ``n`` at least the longest span, is added to every row's scores,
+    its last columns to a row's keys: ``bias[..., -1]`` to the key nearest the query, so a
+    bias measured from the query (ALiBi) is the same for every row, whatever its length.
+    Returns (rows, heads, 1, head_dim).
     """
     rows, heads, _, dim = q.shape
     kv_heads = k.shape[1]
@@ -65,7 +67,8 @@ def per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Sequence[sl
     outputs = [
         F.scaled_dot_product_attention(
             grouped[row : row + 1], k[row : row + 1, :, span], v[row : row + 1, :, span],
-            attn_mask=None if bias is None else bias[..., span], scale=scale,
+            attn_mask=None if bias is None else bias[..., bias.shape[-1] - (span.stop - span.start):],
+            scale=scale,
         )
         for row, span in enumerate(keys)
     ]

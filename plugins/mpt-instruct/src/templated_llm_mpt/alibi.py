@@ -8,16 +8,20 @@ import torch
 class Alibi:
     """ALiBi for one model: per-head slopes and the bias for the whole context.
 
-    ``bias[h, 0, j]`` is ``slopes[h] * (j - (max_len - 1))``; a pass over ``n`` keys uses the last
-    ``n`` columns (a view), exactly as transformers' eager MPT slices its bias. Only the key
-    position matters: softmax ignores a constant added to a whole row.
+    ``bias[h, 0, j]`` is ``slopes[h] * (j - (max_len - 1))``, as transformers builds it. Only a
+    key's distance from its query matters (softmax ignores a constant added to a whole row), but
+    the constant does matter once the bias is rounded: in bfloat16 (8 bits of mantissa) a bias
+    of -374 cannot tell neighbouring keys apart. So the masks here measure every key from its
+    own query (``slopes[h] * (key - query)``): a query's nearest keys get the smallest, exactly
+    representable values, whatever the longest row of the batch or the end of the cache.
     """
 
     def __init__(self, slopes: torch.Tensor, bias: torch.Tensor) -> None:
         self.slopes = slopes  # (n_heads,), float32
         self.bias = bias  # (n_heads, 1, max_len), float32
-        # What the forward pass under way built from its mask (the query chunks and their
-        # additive masks): the first block builds it and the others reuse it.
+        self._by_dtype: dict[torch.dtype, torch.Tensor] = {}
+        # What the forward pass under way built from its mask (each query's position, the query
+        # chunks and their additive masks): the first block builds it and the others reuse it.
         self._pass: tuple[torch.Tensor, dict] | None = None
 
     @classmethod
@@ -30,8 +34,23 @@ class Alibi:
         return cls(slopes=bias[:, 0, -1] - bias[:, 0, -2], bias=bias)
 
     def for_keys(self, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """The bias of the last ``n_keys`` positions, shape (n_heads, 1, n_keys)."""
-        return self.bias[:, :, self.bias.shape[-1] - n_keys :].to(dtype)
+        """The bias of ``n_keys`` keys for a query at the last of them, shape (n_heads, 1, n_keys)."""
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = self.bias.to(dtype)
+        return self._by_dtype[dtype][:, :, self.bias.shape[-1] - n_keys :]
+
+    def for_queries(self, masked: torch.Tensor, start: int, end: int, keys: int) -> torch.Tensor:
+        """The float32 bias of keys ``0..keys-1`` for queries ``start..end-1``, each measured from
+        its own query, shape (batch, n_heads, end - start, keys). A query's position is the last
+        key it sees (``masked``: True = masked, shape (batch, 1, q, kv))."""
+        state = self._state(masked)
+        if "positions" not in state:
+            # The last key each query sees (its own), from the end of its mask row; any key for
+            # a padding query, which sees none.
+            seen = (~masked).flip(-1).to(torch.uint8)
+            state["positions"] = masked.shape[-1] - 1 - seen.argmax(dim=-1, keepdim=True)
+        distance = torch.arange(keys, device=masked.device) - state["positions"][..., start:end, :]
+        return distance * self.slopes.view(1, -1, 1, 1)
 
     def chunk_masks(
         self, masked: torch.Tensor, dtype: torch.dtype, size: int
@@ -47,7 +66,6 @@ class Alibi:
         """
         state = self._state(masked)
         if "chunks" not in state:
-            bias = self.for_keys(masked.shape[-1], dtype)
             lowest = torch.finfo(dtype).min
             visible = (~masked[:, 0]).any(dim=0)  # (q, kv): seen by some row of the batch
             chunks = []
@@ -56,8 +74,8 @@ class Alibi:
                 seen = visible[start:end].any(dim=0).nonzero()
                 # A run of padding queries sees nothing; one key keeps its output finite.
                 keys = int(seen[-1]) + 1 if len(seen) else 1
-                mask = bias[..., :keys].masked_fill(masked[..., start:end, :keys], lowest)
-                chunks.append((start, end, keys, mask))
+                bias = self.for_queries(masked, start, end, keys).to(dtype)
+                chunks.append((start, end, keys, bias.masked_fill_(masked[..., start:end, :keys], lowest)))
             state["chunks"] = chunks
         return state["chunks"]
 

@@ -3,8 +3,8 @@
 Embedding, then each block (norm, Wqkv, attention on the slot cache with one of this plugin's
 kernels, out_proj, norm, MLP with its GELU fused into the packed up_proj), then the final norm,
 and the output layer only at the positions that need logits. ALiBi needs only each key's
-position (a constant per query row cancels in the softmax), so rows at different lengths share a
-pass with no position ids at all. With SDPA, a decode step whose rows differ in length runs each
+distance from its query, read from the mask, so rows at different lengths share a pass with no
+position ids at all. With SDPA, a decode step whose rows differ in length runs each
 row over its own keys (``templated_llm.engine.attention``).
 """
 
@@ -26,8 +26,9 @@ _logger = logging.getLogger(__name__)
 
 
 def eager(q, k, v, masked, alibi: Alibi, scale: float) -> torch.Tensor:
-    """The reference: transformers' eager MPT attention (matmul, ALiBi, mask, softmax, matmul)."""
-    scores = q @ k.transpose(-1, -2) * scale + alibi.for_keys(k.shape[-2], q.dtype)
+    """The reference: transformers' eager MPT attention (matmul, ALiBi, mask, softmax, matmul),
+    with its float32 ALiBi measured from each query (see Alibi)."""
+    scores = q @ k.transpose(-1, -2) * scale + alibi.for_queries(masked, 0, q.shape[-2], k.shape[-2])
     scores = scores.masked_fill(masked, torch.finfo(q.dtype).min)
     return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
@@ -73,7 +74,7 @@ class MptAdapter(ModelAdapter):
         q, k, v = qkv.view(rows, length, 3, attn.n_heads, attn.head_dim).transpose(1, 3).unbind(2)
         k, v = cache.update(layer, batch, k, v)
         if keys is not None:
-            # The padded pass's ALiBi values: the same bias on each row's first keys.
+            # Each row's keys measured from its own query, the last of them.
             out = per_row(q, k, v, keys, attn.softmax_scale, bias=self.alibi.for_keys(k.shape[-2], q.dtype))
         else:
             out = self.kernel(q, k, v, masked, self.alibi, attn.softmax_scale)
