@@ -52,6 +52,13 @@ class Alibi:
         distance = torch.arange(keys, device=masked.device) - state["positions"][..., start:end, :]
         return distance * self.slopes.view(1, -1, 1, 1)
 
+    def for_pass(self, masked: torch.Tensor) -> torch.Tensor:
+        """:meth:`for_queries` of every query and key, built once per forward pass."""
+        state = self._state(masked)
+        if "whole" not in state:
+            state["whole"] = self.for_queries(masked, 0, masked.shape[-2], masked.shape[-1])
+        return state["whole"]
+
     def chunk_masks(
         self, masked: torch.Tensor, dtype: torch.dtype, size: int
     ) -> list[tuple[int, int, int, torch.Tensor]]:

@@ -28,7 +28,7 @@ _logger = logging.getLogger(__name__)
 def eager(q, k, v, masked, alibi: Alibi, scale: float) -> torch.Tensor:
     """The reference: transformers' eager MPT attention (matmul, ALiBi, mask, softmax, matmul),
     with its float32 ALiBi measured from each query (see Alibi)."""
-    scores = q @ k.transpose(-1, -2) * scale + alibi.for_queries(masked, 0, q.shape[-2], k.shape[-2])
+    scores = q @ k.transpose(-1, -2) * scale + alibi.for_pass(masked)
     scores = scores.masked_fill(masked, torch.finfo(q.dtype).min)
     return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
@@ -62,7 +62,7 @@ class MptAdapter(ModelAdapter):
                                                   cache, masked, keys)
                 hidden = self._mlp(block.ffn, block.norm_2(hidden), hidden)
         finally:
-            self.alibi.release()  # the per-pass mask the sdpa kernel built
+            self.alibi.release()  # the per-pass masks and biases the kernels built
         return self.last_hidden(transformer.norm_f(hidden), batch)
 
     def _attention(self, attn: Any, x: torch.Tensor, layer: int, batch: StepBatch, cache: SlotCache,
