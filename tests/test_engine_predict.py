@@ -28,6 +28,9 @@ def _until_idle(engine) -> None:
     {"temperature": 0.0, "max_tokens": 12},
     {"temperature": 0.0, "max_tokens": 20, "stop": ["ay", " b"], "return_usage": True},
     {"temperature": 0.0, "max_tokens": 9, "repetition_penalty": 1.4, "return_usage": True},
+    # Stop strings that span the end of the prompt ("### Response:\n") and a first token that
+    # starts with a space: only the generated text may hold them.
+    {"temperature": 0.0, "max_tokens": 8, "stop": ["\n ", ":\n "], "return_usage": True},
 ])
 def test_predict_on_the_engine_equals_whole_batch_generate(loaded_model, fallback_model, params):
     engine = loaded_model.unwrap_python_model().engine
@@ -39,6 +42,19 @@ def test_predict_on_the_engine_equals_whole_batch_generate(loaded_model, fallbac
     alone = pd.concat([fallback_model.predict([p], params=params) for p in PROMPTS], ignore_index=True)
     pd.testing.assert_frame_equal(on_engine, alone)
     assert engine.stats().tokens_generated > before
+
+
+def test_a_whole_batch_held_to_a_schema_ends_a_row_on_its_stop_string(loaded_model, fallback_model):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params = {"temperature": 0.0, "max_tokens": 12,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    first, second = fallback_model.predict(PROMPTS[:2], params=params)["candidates"]
+    # A stop string only the second answer holds: that row ends, and generate pads it while
+    # the first goes on (the padding is no token of its grammar).
+    stop = next(second[i : i + 2] for i in range(len(second) - 1) if second[i : i + 2] not in first)
+    stopped = fallback_model.predict(PROMPTS[:2], params={**params, "stop": [stop]})
+    assert stopped["candidates"].tolist() == [first, second[: second.index(stop)]]
+    pd.testing.assert_frame_equal(stopped, loaded_model.predict(PROMPTS[:2], params={**params, "stop": [stop]}))
 
 
 def test_a_full_engine_refuses_with_429_and_frees_what_it_queued(logged_model):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import queue
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from templated_llm.engine.sequence import SequenceState
+from templated_llm.runtime.generation import _Streamer
 from templated_llm.runtime.params import GenerationParams
 
 _CORPUS = ["Name three rivers: the Nile, the Rhône and the Yangtze (长江).",
@@ -36,6 +38,16 @@ def sentencepiece_like():
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_], show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+def _streamed_whole_batch(tokenizer, ids: list[int]) -> str:
+    """What the whole-batch path's stream (transformers' generate with its streamer) sends."""
+    streamer = _Streamer(tokenizer, end_ids={tokenizer.eos_token_id})
+    streamer.put(torch.tensor([[1]]))  # the prompt, skipped
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    return "".join(streamer)
 
 
 def _streamed(tokenizer, ids: list[int]) -> tuple[SequenceState, str]:
@@ -67,6 +79,8 @@ def test_decoding_a_few_tokens_at_a_time_gives_the_whole_decode(request, kind, d
     assert streamed == state.text
     if not whole.endswith("\ufffd"):  # otherwise the end waits for a character's last bytes
         assert state.text == whole
+    # The whole-batch path's stream decodes alike, and sends what is held back at the end.
+    assert _streamed_whole_batch(tokenizer, ids) == whole
 
 
 def test_each_step_decodes_only_the_new_tokens(byte_level):

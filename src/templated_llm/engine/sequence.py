@@ -15,6 +15,7 @@ from templated_llm.errors import SequenceFailedError
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import GrammarState
+from templated_llm.runtime.tokens import IncrementalText
 
 #: ``finish_reason`` of a sequence cancelled before it ended.
 CANCELLED = "cancelled"
@@ -39,8 +40,7 @@ class SequenceState:
     finished_at: float | None = None
     text: str = ""  # decoded generated text, as far as decoded
     emitted: int = 0  # characters of ``text`` already put in ``deltas``
-    window: int = 0  # first generated token ``decode`` reads (see decode)
-    read: int = 0  # generated tokens ``decode`` has read
+    decoded: IncrementalText = field(default_factory=IncrementalText)
     deltas: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -56,31 +56,9 @@ class SequenceState:
         return self.prompt_ids + self.generated
 
     def decode(self, tokenizer: Any) -> None:
-        """Decode the tokens generated since the last call and queue their text for a stream.
-        Text ending in an incomplete character (a byte-level token split inside it) waits for
-        the next token.
-
-        Decoding everything generated at every step would cost time growing with the output
-        (0.8 ms per sequence per step at 2,048 tokens with a small vocabulary), on the engine's
-        thread. Only the new tokens are decoded, after the last tokens that added text: a
-        tokenizer decodes a token differently at the start of a text (SentencePiece drops the
-        leading space), so the new text is what the new tokens add to the decode of those alone.
-        Where that decode is not a prefix of the longer one (a tokenizer rewriting earlier
-        text), the whole output is decoded again.
-        """
-        ids = self.generated
-        text = tokenizer.decode(ids[self.window :], skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        known = tokenizer.decode(ids[self.window : self.read], skip_special_tokens=True)
-        if not text.startswith(known):
-            self.text = tokenizer.decode(ids, skip_special_tokens=True)
-        elif len(text) > len(known):
-            self.text += text[len(known) :]
-            # The tokens just read start the next window only if they hold text: after a
-            # skipped special token, the next word would decode as a text's first.
-            self.window = self.read
-        self.read = len(ids)
+        """Decode the tokens generated since the last call and queue their text for a stream
+        (see IncrementalText)."""
+        self.text = self.decoded.update(tokenizer, self.generated)
         if len(self.text) > self.emitted:
             self.deltas.put(self.text[self.emitted :])
             self.emitted = len(self.text)

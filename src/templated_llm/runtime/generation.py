@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import Grammar, GrammarLogitsProcessor
+from templated_llm.runtime.tokens import IncrementalText
 
 
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:
@@ -33,10 +34,30 @@ def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> 
         use_cache=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id,
-        stop_strings=params.stop or None,
         **sampling,
     )
     return config
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends each row once its generated text holds a stop string. (transformers' own
+    ``stop_strings`` match the token ids prompt included: a stop string spanning the end of the
+    prompt, such as "\n\n" after a template ending in "\n", ended a row at its first token.)"""
+
+    def __init__(self, tokenizer: Any, stop: list[str], prompt_length: int) -> None:
+        self._tokenizer, self._stop, self._prompt_length = tokenizer, stop, prompt_length
+        # Only the newest tokens can complete a stop string: as many as its characters could
+        # take, at up to 4 tokens a character (UTF-8 bytes), and one for a leading space.
+        self._window = 4 * max(map(len, stop)) + 1
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, max(self._prompt_length, input_ids.shape[1] - self._window):]
+        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self._stop) for text in texts], device=input_ids.device)
+
+
+def _stopping(batch: dict[str, torch.Tensor], tokenizer: Any, params: GenerationParams) -> list[StoppingCriteria]:
+    return [_StopStrings(tokenizer, params.stop, batch["input_ids"].shape[1])] if params.stop else []
 
 
 @contextlib.contextmanager
@@ -79,7 +100,7 @@ def generate_completions(
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
     with torch.inference_mode(), _seeded(params.seed, device):
-        output = model.generate(**batch, generation_config=config, tokenizer=tokenizer,
+        output = model.generate(**batch, generation_config=config, stopping_criteria=_stopping(batch, tokenizer, params),
                                 **_constrained(batch, grammar, ends))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -114,32 +135,41 @@ class _Cancelled(StoppingCriteria):
 class _Streamer(TextIteratorStreamer):
     """transformers' streamer, sending text as soon as it is whole, counting the new tokens.
 
-    transformers' own holds text back to the last space; only the bytes of a character split
-    across tokens (decoded as U+FFFD until complete) need holding back.
+    transformers' own holds text back to the last space, and decodes from a fresh start after
+    each line (a SentencePiece tokenizer then drops the next line's leading space); this one
+    decodes as the engine does (IncrementalText).
     """
 
     def __init__(self, tokenizer: Any, end_ids: set[int]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.end_ids = end_ids
-        self.tokens = 0
+        self.generated: list[int] = []
         self.ended = False  # the last token is an end token
         self.text = ""  # everything sent
+        self._decoded = IncrementalText()
+
+    @property
+    def tokens(self) -> int:
+        return len(self.generated)
 
     def put(self, value: torch.Tensor) -> None:
         if self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
         ids = value.reshape(-1).tolist()
-        self.tokens += len(ids)
+        self.generated.extend(ids)
         self.ended = ids[-1] in self.end_ids
-        self.token_cache.extend(ids)
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if text.endswith("\n"):  # a fresh cache after each line keeps decoding short
-            printable, self.token_cache, self.print_len = text[self.print_len :], [], 0
-        else:
-            whole = max(len(text.rstrip("\ufffd")), self.print_len)
-            printable, self.print_len = text[self.print_len : whole], whole
-        self.on_finalized_text(printable)
+        self._send(self._decoded.update(self.tokenizer, self.generated))
+
+    def end(self) -> None:
+        # Whatever is still held back: an incomplete character at the very end.
+        self._send(self.tokenizer.decode(self.generated, skip_special_tokens=True))
+        self.next_tokens_are_prompt = True
+        super().on_finalized_text("", stream_end=True)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.text):
+            self.on_finalized_text(text[len(self.text) :])
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.text += text
@@ -166,8 +196,9 @@ def stream(
     def run() -> None:
         try:
             with lock, torch.inference_mode(), _seeded(params.seed, device):
-                model.generate(**batch, generation_config=config, tokenizer=tokenizer,
-                               streamer=streamer, stopping_criteria=[_Cancelled(cancelled)], **constrained)
+                model.generate(**batch, generation_config=config, streamer=streamer,
+                               stopping_criteria=[_Cancelled(cancelled), *_stopping(batch, tokenizer, params)],
+                               **constrained)
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)
             streamer.end()

@@ -213,7 +213,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
     """Applies one state per batch row to transformers' ``generate``; ``None`` rows stay free.
 
     Each call first advances every unfinished state by the token its row took in the step
-    before, then masks the row's logits (:func:`mask_logits`).
+    before, then masks the row's logits (:func:`mask_logits`). A row that took an end token
+    before its grammar was done has finished anyway (``generate`` ended it on a stop string
+    and pads it while the others go on): its state is dropped and the row left alone.
     """
 
     def __init__(self, states: list[GrammarState | None], end_ids: list[int]) -> None:
@@ -228,6 +230,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
             if state is None:
                 continue
             if last is not None and not state.is_done():
+                if last[row] in self._end_ids:
+                    self._states[row] = None
+                    continue
                 state.advance(last[row])
             mask_logits(scores[row], state, self._end_ids)
         return scores

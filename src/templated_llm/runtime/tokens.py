@@ -133,3 +133,37 @@ class PromptTokens:
                 f"cache budget for a batch is {self.cache_tokens} tokens (max_cache_tokens, or what "
                 "memory held at load). Send fewer rows or lower max_tokens."
             )
+
+
+class IncrementalText:
+    """The text of a sequence's generated tokens, decoded as they come.
+
+    Decoding everything generated at every step would cost time growing with the output (0.8 ms
+    per sequence per step at 2,048 tokens with a small vocabulary). Only the new tokens are
+    decoded, after the last tokens that added text: a tokenizer decodes a token differently at
+    the start of a text (SentencePiece drops the leading space), so the new text is what the
+    new tokens add to the decode of those alone. Where that decode is not a prefix of the longer
+    one (a tokenizer rewriting earlier text), the whole output is decoded again. Text ending in
+    an incomplete character (a byte-level token split inside it) waits for the next token.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""  # decoded so far
+        self._window = 0  # the first token the next decode reads
+        self._read = 0  # tokens decoded
+
+    def update(self, tokenizer: Any, ids: list[int]) -> str:
+        """The text of ``ids`` (the sequence's generated tokens so far), as far as it is whole."""
+        text = tokenizer.decode(ids[self._window :], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return self.text
+        known = tokenizer.decode(ids[self._window : self._read], skip_special_tokens=True)
+        if not text.startswith(known):
+            self.text = tokenizer.decode(ids, skip_special_tokens=True)
+        elif len(text) > len(known):
+            self.text += text[len(known) :]
+            # The tokens just read start the next window only if they hold text: after a
+            # skipped special token, the next word would decode as a text's first.
+            self._window = self._read
+        self._read = len(ids)
+        return self.text
