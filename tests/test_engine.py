@@ -310,6 +310,24 @@ class _FailingOnce:
         return self._adapter.forward(batch, cache)
 
 
+def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
+    # X leaves after two tokens and the newest running sequence (B) moves into its slot, ahead
+    # of A's: A, older, must still be read first. A 4-token budget per step: X's token and
+    # A's first 3, then A's 36 others, 4 a step, before B's first.
+    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4)
+    try:
+        with engine._scheduler.condition:  # all four queued before the engine admits any
+            x = engine.submit(_ids(mpt, "hi")[:1], GenerationParams(max_tokens=2))
+            a = engine.submit(_ids(mpt, " ".join(["river"] * 40))[:39], GenerationParams(max_tokens=2))
+            b, c = (engine.submit(_ids(mpt, "the sea")[:3], GenerationParams(max_tokens=2)) for _ in range(2))
+        for sequence in (x, a, b, c):
+            sequence.result(timeout=120)
+        first_tokens = [sequence.timings[1] for sequence in (a, b, c)]
+        assert first_tokens == sorted(first_tokens)
+    finally:
+        engine.close()
+
+
 def test_a_failing_step_fails_only_its_sequences(mpt):
     model, tokenizer, adapter = mpt
     params = GenerationParams(max_tokens=10)

@@ -202,7 +202,8 @@ class _Scheduler:
             state.finish(CANCELLED, self.tokenizer)
         if self.decoding:
             self._guarded(self.running[: self.decoding], self._decode)
-        prefilling = self.running[self.decoding :]
+        # Oldest first: slots are reassigned as sequences leave, so slot order is not age.
+        prefilling = sorted(self.running[self.decoding :], key=lambda s: s.submitted)
         for group in _prefill_groups(prefilling, self.config.prefill_chunk):
             self._guarded([state for state, _ in group], lambda g=group: self._prefill(g))
 
