@@ -328,6 +328,36 @@ def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
         engine.close()
 
 
+def test_padding_positions_stay_within_the_row_for_position_dependent_rotary_scaling(tiny_model):
+    # Dynamic NTK rescales a whole pass's rotary frequencies from its largest position: padding
+    # queries past a row's last token (240 + 20 here, over the 256 positions) rescaled the
+    # pass of the row beside them.
+    path = tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="sdpa", max_position_embeddings=256,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}).eval()
+    loaded = (model, prepare_tokenizer(AutoTokenizer.from_pretrained(path)), HuggingFaceAdapter(model))
+    generator = torch.Generator().manual_seed(0)
+    long, short = (torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (240, 60))
+    params = GenerationParams(max_tokens=16)
+    expected = [_alone(loaded, ids, params) for ids in (long, short)]
+    engine = _engine(loaded, max_num_seqs=2, max_cache_tokens=512, prefill_chunk=100)
+    try:
+        # The long prompt's last 40 tokens share a pass with the short one's 60.
+        handles = [engine.submit(ids, params) for ids in (long, short)]
+        assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.close()
+
+
+def test_longrope_models_generate_whole_batches(tiny_model):
+    # LongRoPE picks its factors per pass from the largest position: not per sequence.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), max_position_embeddings=512, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128, "factor": 4.0,
+        "short_factor": [1.0] * 8, "long_factor": [1.0, 1.5, 2, 3, 4, 6, 8, 12]})
+    assert not HuggingFaceAdapter.supports(model, "sdpa")
+
+
 def test_a_failing_step_fails_only_its_sequences(mpt):
     model, tokenizer, adapter = mpt
     params = GenerationParams(max_tokens=10)

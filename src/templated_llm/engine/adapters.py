@@ -11,6 +11,7 @@ attention function registered with transformers.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -21,6 +22,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from templated_llm.engine.attention import per_row, per_row_keys
 from templated_llm.engine.cache import SlotCache, StepBatch
+
+_logger = logging.getLogger(__name__)
 
 # Families whose transformers forward the HuggingFaceAdapter is tested with (tiny models) and
 # whose logits are the plain output projection of the last hidden state (no soft-capping or
@@ -89,7 +92,15 @@ class HuggingFaceAdapter(ModelAdapter):
 
     @classmethod
     def supports(cls, model: Any, attention: str) -> bool:
-        return model.config.model_type in HF_MODEL_TYPES and attention in HF_ATTENTION
+        if model.config.model_type not in HF_MODEL_TYPES or attention not in HF_ATTENTION:
+            return False
+        if "longrope" in _rope_types(model.config):
+            # LongRoPE picks its short or long factors for a whole forward pass from the largest
+            # position in it: beside a long sequence, a short one would get the long factors.
+            _logger.info("the engine does not run LongRoPE models (rotary factors chosen per "
+                         "pass, not per sequence): %s generates whole batches", model.config.model_type)
+            return False
+        return True
 
     def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
         masks = {window: self._mask(batch, window) for window in self._windows}
@@ -117,6 +128,20 @@ class HuggingFaceAdapter(ModelAdapter):
         visible = batch.visible(window)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+
+
+def _rope_types(config: Any) -> set[str]:
+    """The rotary embedding types a config names (one per layer type in some configs)."""
+    found: set[str] = set()
+    pending = [getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            kind = value.get("rope_type", value.get("type"))
+            if isinstance(kind, str):
+                found.add(kind)
+            pending.extend(v for v in value.values() if isinstance(v, dict))
+    return found
 
 
 def _engine_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

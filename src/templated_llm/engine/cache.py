@@ -18,7 +18,7 @@ class StepBatch:
     """The rows of one forward pass: each row continues one sequence in one slot.
 
     ``tokens`` (rows, q) is right-padded; row ``r`` feeds ``lengths[r]`` tokens at positions
-    ``starts[r]...``. Decode steps use slots ``0..rows-1``; prefill rows may be any slots.
+    ``starts[r]...`` (its padding repeats its last position). Decode steps use slots ``0..rows-1``; prefill rows may be any slots.
     """
 
     tokens: torch.Tensor
@@ -33,8 +33,12 @@ class StepBatch:
         self.key_lengths = [s + n for s, n in zip(self.starts, self.lengths)]
         self.kv_len = max(self.key_lengths)
         self.start_index = torch.tensor(self.starts, device=device)
-        self.positions = self.start_index[:, None] + torch.arange(self.q_len, device=device)
         self.last = torch.tensor(self.lengths, device=device) - 1
+        # A padding query takes its row's last real position: never a position past the row's
+        # tokens (rotary scalings such as dynamic NTK rescale a whole pass from the largest
+        # position in it), and it sees only keys written. Its output is discarded.
+        steps = torch.minimum(torch.arange(self.q_len, device=device), self.last[:, None])
+        self.positions = self.start_index[:, None] + steps
         first = self.slots[0]
         self.contiguous = self.slots == list(range(first, first + self.rows))
         self.slot_index = torch.tensor(self.slots, device=device)
