@@ -121,9 +121,13 @@ BREAKAGES = {
     "weights truncated": (lambda s: _truncate(s / "model.safetensors", -100), "model.safetensors"),
     "weights header garbage": (lambda s: (s / "model.safetensors").write_bytes(b"\xff" * 64),
                                "model.safetensors"),
+    "weights only in a file transformers does not read": (
+        lambda s: (s / "model.safetensors").rename(s / "consolidated.safetensors"),
+        "consolidated.safetensors"),
     "shard listed in the index missing": (
-        lambda s: (s / "model.safetensors.index.json").write_text(json.dumps(
-            {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})),
+        lambda s: ((s / "model.safetensors").rename(s / "model-00001-of-00002.safetensors"),
+                   (s / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                       "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))),
         "model-00002-of-00002.safetensors"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,12 @@ def test_weight_bytes_are_counted_from_the_files_metadata_at_any_dtype(tiny_snap
     assert len(list(bf16_bin_snapshot.glob("pytorch_model-*.bin"))) > 1
     for snapshot in (tiny_snapshot, bf16_bin_snapshot):
         assert weight_bytes(snapshot, dtype) == _parameter_bytes(snapshot, dtype)
+
+
+def test_only_the_files_transformers_reads_are_counted(tiny_snapshot, tmp_path):
+    snapshot = Path(shutil.copytree(tiny_snapshot, tmp_path / "snapshot"))
+    shutil.copy(snapshot / "model.safetensors", snapshot / "consolidated.safetensors")  # never read
+    assert weight_bytes(snapshot, torch.float32) == weight_bytes(tiny_snapshot, torch.float32)
 
 
 def test_the_kv_cache_per_token_covers_every_layers_keys_and_values(tiny_snapshot, tiny_model):

@@ -148,33 +148,38 @@ def _check_tokenizer(snapshot: Path) -> None:
         raise SnapshotError(f"snapshot {snapshot} has vocab.json but no merges.txt for its BPE tokenizer")
 
 
-def _weight_files(snapshot: Path, index_name: str, pattern: str) -> list[Path]:
+def _weight_files(snapshot: Path, single: str, index_name: str) -> list[Path]:
+    if (snapshot / single).is_file():
+        return [snapshot / single]
     index = snapshot / index_name
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SnapshotError(f"{index} has no 'weight_map' of tensor names to files")
-        files = [snapshot / name for name in sorted(set(map(str, weight_map.values())))]
-        for path in files:
-            if not path.is_file():
-                raise SnapshotError(f"weights file {path}, listed in {index.name}, is missing")
-        return files
-    return sorted(snapshot.glob(pattern))
+    if not index.exists():
+        return []
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SnapshotError(f"{index} has no 'weight_map' of tensor names to files")
+    files = [snapshot / name for name in sorted(set(map(str, weight_map.values())))]
+    for path in files:
+        if not path.is_file():
+            raise SnapshotError(f"weights file {path}, listed in {index.name}, is missing")
+    return files
 
 
 def weight_files(snapshot: Path) -> list[Path]:
-    """The files transformers loads the weights from: the safetensors files when there are any
-    (it prefers them), else the ``pytorch_model*.bin`` files; none when there are neither."""
-    return (_weight_files(snapshot, _SAFETENSORS_INDEX, "*.safetensors")
-            or _weight_files(snapshot, _BIN_INDEX, "pytorch_model*.bin"))
+    """The files transformers loads the weights from, by its rule: ``model.safetensors``, else
+    the shards its index lists (safetensors preferred), else ``pytorch_model.bin``, else the
+    ``.bin`` shards of its index; none when there are none of these (other files are never read)."""
+    return (_weight_files(snapshot, "model.safetensors", _SAFETENSORS_INDEX)
+            or _weight_files(snapshot, "pytorch_model.bin", _BIN_INDEX))
 
 
 def _check_weights(snapshot: Path) -> None:
     files = weight_files(snapshot)
     if not files:
+        others = sorted(p.name for p in snapshot.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         raise SnapshotError(
-            f"snapshot {snapshot} has no weights; expected model.safetensors (preferred), "
-            f"sharded *.safetensors with {_SAFETENSORS_INDEX}, or pytorch_model.bin"
+            f"snapshot {snapshot} has no weights transformers reads; expected model.safetensors "
+            f"(preferred), shards listed in {_SAFETENSORS_INDEX}, pytorch_model.bin or shards "
+            f"listed in {_BIN_INDEX}" + (f"; found only {others}" if others else "")
         )
     for path in files:
         if path.suffix == ".safetensors":
