@@ -308,3 +308,9 @@ def test_the_log_command_sets_the_limits_and_the_opt_in(tiny_snapshot):
     config = mlflow.models.Model.load(latest.model_uri).flavors["python_function"]["config"]
     assert (config["trust_remote_code"], config["max_rows_per_request"], config["max_tokens_limit"]) == (
         True, 5, 400)
+
+
+def test_a_snapshot_of_another_architecture_is_refused_for_a_plugin_that_loads_one(tiny_model, nothing_logged):
+    # MptForCausalLM would load a Llama snapshot with every weight missing, initialised at random.
+    with pytest.raises(SnapshotError, match="holds a model of type 'llama'.*loads \\['mpt'\\]"):
+        log_llm("mpt-instruct", snapshot=tiny_model("llama"), name="mismatched")

@@ -192,7 +192,7 @@ def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, s
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
     """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
-    check_snapshot(snapshot)
+    check_snapshot(snapshot, spec)
     check_remote_code(hooks().needs_remote_code(spec=spec, snapshot=snapshot), trust_remote_code)
     load_tokenizer(spec, snapshot, trust_remote_code)
 

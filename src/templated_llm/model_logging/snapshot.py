@@ -50,11 +50,18 @@ def resolve_snapshot(spec: ModelSpec, snapshot: str | os.PathLike[str] | None) -
     return path
 
 
-def check_snapshot(snapshot: Path) -> None:
-    """Raise :class:`SnapshotError`, naming the file, if ``snapshot`` cannot be loaded as is."""
+def check_snapshot(snapshot: Path, spec: ModelSpec) -> None:
+    """Raise :class:`SnapshotError`, naming the file, if ``snapshot`` cannot be loaded as is
+    (by ``spec``'s plugin: a model of a type it loads)."""
     for name in _JSON_FILES:
         if name == "config.json" or (snapshot / name).exists():
             _read_json(snapshot / name)
+    model_type = _read_json(snapshot / "config.json").get("model_type")
+    if spec.model_types and model_type not in spec.model_types:
+        raise SnapshotError(
+            f"snapshot {snapshot} holds a model of type {model_type!r} (config.json); model "
+            f"{spec.name!r} (plugin {spec.plugin_name!r}) loads {list(spec.model_types)}. Log it "
+            "with a plugin for its type, or the generic 'hf-chat' if it has a chat template")
     _check_tokenizer(snapshot)
     _check_weights(snapshot)
 

@@ -28,6 +28,7 @@ def register_models(register):
             template="mpt-instruct.jinja",
             generation_defaults={"temperature": 0.1, "max_tokens": 256},
             chat_as_instruction=True,
+            model_types=("mpt",),  # loaded with MptForCausalLM, whatever the snapshot holds
             description="MPT-7B-instruct, Dolly/HH-RLHF-tuned, '### Instruction' prompt format",
         )
     )
