@@ -314,3 +314,20 @@ def test_a_snapshot_of_another_architecture_is_refused_for_a_plugin_that_loads_o
     # MptForCausalLM would load a Llama snapshot with every weight missing, initialised at random.
     with pytest.raises(SnapshotError, match="holds a model of type 'llama'.*loads \\['mpt'\\]"):
         log_llm("mpt-instruct", snapshot=tiny_model("llama"), name="mismatched")
+
+
+def test_a_tokenizer_without_its_config_takes_the_models_end_token_or_is_refused(tiny_model, tmp_path):
+    snapshot = Path(shutil.copytree(tiny_model("llama"), tmp_path / "llama"))
+    (snapshot / "tokenizer_config.json").unlink()  # tokenizer.json alone names no special token
+    model = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=snapshot, name="no-tokenizer-config",
+                                             engine=False).model_uri)
+    tokenizer = model.unwrap_python_model().tokenizer
+    eos = json.loads((snapshot / "config.json").read_text())["eos_token_id"]
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == eos
+    assert len(model.predict(["Hi", "Name three rivers."], params={"max_tokens": 3})) == 2  # padded
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((snapshot / name).read_text())
+        config.pop("eos_token_id", None)
+        (snapshot / name).write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match="no end-of-text or padding token"):
+        log_llm("llama2-chat", snapshot=snapshot, name="no-end-token")

@@ -6,6 +6,7 @@ Shared by ``log_llm`` (which checks that they would load), ``TemplatedLLM.load_c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -15,7 +16,13 @@ from typing import Any
 
 import torch
 
-from templated_llm.errors import AttentionUnavailableError, PluginError, RemoteCodeWarning, TemplateError
+from templated_llm.errors import (
+    AttentionUnavailableError,
+    PluginError,
+    RemoteCodeWarning,
+    SnapshotError,
+    TemplateError,
+)
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
 from templated_llm.plugins.manager import get_model_spec, hooks
@@ -53,10 +60,34 @@ def template_path(spec: ModelSpec, template: str | os.PathLike[str] | None = Non
 
 
 def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
-    """The plugin's tokenizer for ``snapshot``, set up for batched generation."""
-    return prepare_tokenizer(hooks().load_tokenizer(
-        spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code
-    ))
+    """The plugin's tokenizer for ``snapshot``, set up for batched generation.
+
+    A tokenizer.json without tokenizer_config.json names no end-of-text token: the model's
+    config (generation_config.json, else config.json) names it then. With none at all, batches
+    cannot be padded: refused, naming what the snapshot lacks.
+    """
+    tokenizer = hooks().load_tokenizer(spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token is None and (eos := _config_eos_id(snapshot)) is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    tokenizer = prepare_tokenizer(tokenizer)
+    if tokenizer.pad_token is None:
+        raise SnapshotError(
+            f"the tokenizer of snapshot {snapshot} has no end-of-text or padding token, and the "
+            "model's config names no eos_token_id: the snapshot lacks tokenizer_config.json "
+            "(or special_tokens_map.json) naming them. Add the repository's own files")
+    return tokenizer
+
+
+def _config_eos_id(snapshot: Path) -> int | None:
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((Path(snapshot) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return None
 
 
 @dataclass(frozen=True)
