@@ -50,6 +50,17 @@ def test_a_snapshot_logs_from_any_path(tiny_snapshot, tmp_path, name):
     _assert_same_files(_logged_snapshot(info), snapshot)
 
 
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_a_template_logs_from_any_path(tiny_snapshot, tmp_path, name):
+    template = tmp_path / f"dir {name}" / f"{name}.jinja"
+    template.parent.mkdir()
+    template.write_text("USER {{ prompt }} ANSWER")
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, template=template, name="awkward-template")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert model.unwrap_python_model().render(["Hi"]) == ["USER Hi ANSWER"]
+    assert model.metadata.flavors["python_function"]["config"]["template_name"] == template.name
+
+
 _NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
                 min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
 

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -181,13 +182,18 @@ def _signature(task: Task | None, defaults: dict[str, Any], template_variables: 
 
 
 def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, staging: Path) -> TemplateSource:
-    """The template file to log: a file (the plugin's when ``template`` is None), versioned by
-    the start of its SHA-256, or a prompt registry version's text, written under ``staging``."""
+    """The template file to log, under ``staging``: a file (the plugin's when ``template`` is
+    None), versioned by the start of its SHA-256, or a prompt registry version's text."""
+    staging.mkdir()
     if is_prompt_uri(template):
-        staging.mkdir()
         return fetch_prompt_template(template, staging)
     path = template_path(spec, template)
-    return TemplateSource(path, path.name, "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    # A copy under a plain name: MLflow reads an artifact's path as a URI, where '#' ends it and
+    # '%41' is an 'A'.
+    plain = path.name if re.fullmatch(r"[\w.-]+", path.name, re.ASCII) else "template" + "".join(
+        c for c in path.suffix if c.isalnum() or c == ".")
+    copy = Path(shutil.copyfile(path, staging / plain))
+    return TemplateSource(copy, path.name, "sha256:" + hashlib.sha256(copy.read_bytes()).hexdigest()[:12])
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
