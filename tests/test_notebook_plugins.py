@@ -67,7 +67,13 @@ def test_a_plugin_in_a_script_travels_with_the_model(tiny_snapshot, tmp_path):
     script.write_text(IMPORTS + PLUGIN + REGISTER + 'if __name__ == "__main__":\n'
                       + textwrap.indent(LOG, "    "))
     uri = _logged_uri(_python([str(script), str(tiny_snapshot)], cwd=tmp_path))
-    assert len(_served_candidates(uri, _elsewhere(tmp_path))) == 2
+    elsewhere = _elsewhere(tmp_path)
+    assert len(_served_candidates(uri, elsewhere)) == 2
+    # Where the core is only the model's own code: the script's imports need no installed package.
+    load = ("import sys; sys.modules['templated_llm_link'] = None  # not installed here\n"
+            f"import mlflow; print(len(mlflow.pyfunc.load_model({uri!r}).predict(['hi'])))")
+    result = _python(["-c", load], cwd=elsewhere)
+    assert result.returncode == 0 and result.stdout.strip().endswith("1"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(("script", "expected"), [

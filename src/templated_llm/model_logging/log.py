@@ -45,7 +45,6 @@ from templated_llm.runtime.params import GenerationParams, param_schema
 from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
-from templated_llm_link import staging_uri
 
 # What the logged model needs to load and run, pinned to the versions logging ran with.
 _RUNTIME_PACKAGES = (
@@ -299,6 +298,10 @@ def log_llm(
         )
         snapshot_dir = resolve_snapshot(spec, snapshot)
         _check_snapshot(spec, snapshot_dir, trust_remote_code)
+        # Here, not at the top: a plugin script imports this module where its model loads,
+        # which may have the core only as the model's code, without this installed package.
+        from templated_llm_link import staging_uri
+
         requirements = list(_runtime_requirements())
         requirements += [*spec.pip_requirements, *(extra_pip_requirements or [])]
         if task is not None:
