@@ -184,8 +184,10 @@ BAD = {
                                       "messages.0.mood", "it takes ['annotations', 'audio', 'content'"),
     "a user message without content": ({"messages": [{"role": "user", "content": None}]}, "messages.0",
                                        "needs 'content'"),
+    "a refusal in a user message": ({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+                                    "messages.0", "a refusal is an assistant's"),
     "a schema nested too deeply": ({"response_format": {"type": "json_schema", "json_schema": {
-        "name": "deep", "schema": _nested(150)}}}, "response_format", "at most 64 are allowed"),
+        "name": "deep", "schema": _nested(150)}}}, "response_format", "at most 128 are allowed"),
     "max_completion_tokens over the context": (
         {"messages": [{"role": "user", "content": "river " * 1500}], "max_completion_tokens": 1000},
         "max_completion_tokens", "with max_completion_tokens=1000 that exceeds"),

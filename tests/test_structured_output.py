@@ -158,7 +158,7 @@ def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_mo
     ({"type": "json_schema", "json_schema": {"schema": {}}}, "field json_schema.name: Field required"),
     ({"type": "xml"}, "param 'response_format' field type"),
     (_json_schema(functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(200), {})),
-     "nests objects and arrays 201 levels deep; at most 64 are allowed"),
+     "nests JSON objects and arrays 201 levels deep; at most 128 are allowed"),
 ])
 def test_an_invalid_response_format_is_a_400_naming_the_problem(loaded_model, response_format, named):
     with pytest.raises(MlflowException) as raised:

@@ -40,19 +40,20 @@ def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> 
 
 
 class _StopStrings(StoppingCriteria):
-    """Ends each row once its generated text holds a stop string. (transformers' own
-    ``stop_strings`` match the token ids prompt included: a stop string spanning the end of the
-    prompt, such as "\n\n" after a template ending in "\n", ended a row at its first token.)"""
+    """Ends each row once its generated text holds a stop string, decoded as the engine decodes
+    it (IncrementalText). (transformers' own ``stop_strings`` match the token ids prompt
+    included: a stop string spanning the end of the prompt, such as "\n\n" after a template
+    ending in "\n", ended a row at its first token.)"""
 
     def __init__(self, tokenizer: Any, stop: list[str], prompt_length: int) -> None:
         self._tokenizer, self._stop, self._prompt_length = tokenizer, stop, prompt_length
-        # Only the newest tokens can complete a stop string: as many as its characters could
-        # take, at up to 4 tokens a character (UTF-8 bytes), and one for a leading space.
-        self._window = 4 * max(map(len, stop)) + 1
+        self._texts: list[IncrementalText] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        new = input_ids[:, max(self._prompt_length, input_ids.shape[1] - self._window):]
-        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
+        if not self._texts:
+            self._texts = [IncrementalText() for _ in range(input_ids.shape[0])]
+        generated = input_ids[:, self._prompt_length :].tolist()
+        texts = [text.update(self._tokenizer, ids) for text, ids in zip(self._texts, generated)]
         return torch.tensor([any(s in text for s in self._stop) for text in texts], device=input_ids.device)
 
 

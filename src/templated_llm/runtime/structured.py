@@ -33,9 +33,10 @@ from transformers import LogitsProcessor
 #: How many compiled response formats a loaded model keeps.
 CACHE_SIZE = 128
 _COMPILE_OPTIONS = {"whitespace_flexible": False}
-#: How deeply a schema may nest objects and arrays. Deeper ones are refused up front: the
-#: compiler and the JSON encoder would otherwise fail on them with errors a client cannot read.
-MAX_SCHEMA_DEPTH = 64
+#: How deeply a schema document may nest JSON objects and arrays (a schema level with its
+#: "properties" takes two). Deeper ones are refused up front: the JSON encoder (from about 300)
+#: and the compiler would otherwise fail on them with errors a client cannot read.
+MAX_SCHEMA_DEPTH = 128
 
 
 class JsonSchemaFormat(BaseModel):
@@ -53,8 +54,8 @@ class JsonSchemaFormat(BaseModel):
     def _not_too_deep(cls, schema: dict[str, Any]) -> dict[str, Any]:
         depth = _depth(schema)
         if depth > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the schema nests objects and arrays {depth} levels deep; at most "
-                             f"{MAX_SCHEMA_DEPTH} are allowed")
+            raise ValueError(f"the schema document nests JSON objects and arrays {depth} levels "
+                             f"deep; at most {MAX_SCHEMA_DEPTH} are allowed")
         return schema
 
 

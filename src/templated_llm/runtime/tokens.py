@@ -116,7 +116,7 @@ class PromptTokens:
             # start token: a model must be given at least one token to continue.
             if not ids:
                 raise MlflowException.invalid_parameter_value(
-                    f"the prompt at row {row} has no tokens after templating; send some text")
+                    f"prompt at row {row} has no tokens after templating; send some text")
         longest = max(len(ids) for ids in input_ids)
         if self.context_length is not None and longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(

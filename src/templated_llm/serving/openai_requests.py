@@ -145,8 +145,13 @@ class _Message(BaseModel):
 
     @model_validator(mode="after")
     def _has_content(self) -> _Message:
-        if self.content is None and self.role != "assistant":
+        if self.role == "assistant":
+            return self
+        if self.content is None:
             raise ValueError(f"a {self.role} message needs 'content'")
+        parts = self.content if isinstance(self.content, list) else []
+        if self.refusal is not None or any(isinstance(p, _RefusalPart) for p in parts):
+            raise ValueError(f"a refusal is an assistant's; a {self.role} message has text only")
         return self
 
     @property
