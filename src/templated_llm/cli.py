@@ -127,7 +127,7 @@ def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_man
 
 def _serve(args: argparse.Namespace) -> int:
     if not args.mlflow_only:
-        from templated_llm.serving import ServerConfig, serve
+        from templated_llm.serving import serve
 
         if args.workers is not None or args.env_manager is not None:
             raise argparse.ArgumentTypeError("--workers and --env-manager go with --mlflow-only")
@@ -141,6 +141,19 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return serve(config)
+    # What plain mlflow models serve has no counterpart for: refused, not silently dropped (a
+    # server the user believes needs a key, or bounds its bodies, must not run without).
+    defaults = ServerConfig("")
+    ignored = [option for option, given in (
+        ("--api-key", args.api_key is not None), (f"${API_KEY_ENV}", bool(os.environ.get(API_KEY_ENV))),
+        ("--served-model-name", args.served_model_name is not None),
+        *((f"--{name.replace('_', '-')}", getattr(args, name) != getattr(defaults, name))
+          for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_n", "max_pending")),
+    ) if given]
+    if ignored:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(ignored)} apply to templated-llm's own server, not to --mlflow-only "
+            "(plain mlflow models serve has no auth or such limits); leave them out or drop --mlflow-only")
     command = serve_command(args.model_uri, host=args.host, port=args.port,
                             workers=args.workers or 1, env_manager=args.env_manager or "local")
     print(" ".join(command), flush=True)
