@@ -131,6 +131,18 @@ def test_build_tiny_model_builds_other_architectures_with_a_chat_template(tmp_pa
     assert "<|assistant|>" in (tmp_path / "m" / "chat_template.jinja").read_text()
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["build-tiny-model", "m", "--n-heads", "3"], "n_heads must divide hidden_size"),
+    (["build-tiny-model", "m", "--chat-template", "no-such.jinja"], "--chat-template 'no-such.jinja' is not a file"),
+    (["log", "mpt-instruct", "--max-rows-per-request", "0"], "max_rows_per_request: Input should be greater than"),
+])
+def test_bad_option_values_are_one_line_errors(tmp_path, args, says) -> None:
+    result = subprocess.run([sys.executable, "-m", "templated_llm.cli", *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and says in result.stderr
+
+
 def test_new_plugin_refuses_bad_names_and_non_empty_directories(tmp_path) -> None:
     assert "lowercase letters" in _cli("new-plugin", "Bad_Name").stderr
     (tmp_path / "taken").mkdir()

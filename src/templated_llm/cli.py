@@ -17,12 +17,17 @@ from templated_llm.serving.config import API_KEY_ENV, ServerConfig
 def _build_tiny_model(args: argparse.Namespace) -> None:
     from templated_llm.devtools.tiny import build_tiny_model
 
-    path = build_tiny_model(
-        args.architecture, args.path, seed=args.seed, hidden_size=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
-        max_seq_len=args.max_seq_len,
-        chat_template=args.chat_template.read_text() if args.chat_template else None,
-    )
+    if args.chat_template is not None and not args.chat_template.is_file():
+        raise argparse.ArgumentTypeError(f"--chat-template {str(args.chat_template)!r} is not a file")
+    try:
+        path = build_tiny_model(
+            args.architecture, args.path, seed=args.seed, hidden_size=args.d_model,
+            n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
+            max_seq_len=args.max_seq_len,
+            chat_template=args.chat_template.read_text() if args.chat_template else None,
+        )
+    except ValueError as exc:  # sizes that make no model
+        raise argparse.ArgumentTypeError(str(exc)) from None
     print(path)
 
 
@@ -281,11 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = args.func(args)
     except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump traces
         from mlflow.exceptions import MlflowException
+        from pydantic import ValidationError
 
         from templated_llm.errors import TemplatedLLMError
 
         if isinstance(exc, MlflowException):
             exc = exc.message
+        elif isinstance(exc, ValidationError):  # an option's value out of range, in one line
+            exc = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}; received {e['input']!r}"
+                            for e in exc.errors())
         elif not isinstance(exc, TemplatedLLMError | argparse.ArgumentTypeError):
             raise
         print(f"error: {exc}", file=sys.stderr)
