@@ -181,3 +181,14 @@ def test_a_server_tracing_every_request_into_a_store_it_writes_itself_is_warned(
     assert _tracer().cost_warning() is not None
     monkeypatch.setattr(mlflow.tracing.provider, "is_tracing_enabled", lambda: False)  # disabled in MLflow
     assert _tracer().cost_warning() is None
+
+
+def test_without_content_a_refused_request_traces_no_text_of_it(no_content_model):
+    # A 400's message quotes the value received: the error trace keeps only what failed.
+    model = mlflow.pyfunc.load_model(no_content_model.model_uri)
+    with pytest.raises(MlflowException, match=SECRET):  # the caller still gets the whole message
+        model.predict([{"text": f"Tell me about {SECRET}"}], params=GREEDY)
+    trace = _last_trace()
+    assert trace.info.state == "ERROR"
+    text = json.dumps(trace.to_dict())
+    assert SECRET not in text and "MlflowException" in text and "INVALID_PARAMETER_VALUE" in text

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import LiveSpan, SpanType
+from mlflow.entities import LiveSpan, SpanEvent, SpanStatusCode, SpanType
 from mlflow.environment_variables import MLFLOW_TRACE_SAMPLING_RATIO
 from mlflow.tracing.constant import SpanAttributeKey, TokenUsageKey
 
@@ -90,8 +90,20 @@ class Tracer:
             yield RequestTrace(None, self.content)
             return
         # With MLflow's tracing disabled the span is a no-op one, and so is the trace.
+        withheld = None
         with mlflow.start_span(self._name, SpanType.LLM, self._attributes) as span:
-            yield RequestTrace(span if isinstance(span, LiveSpan) else None, self.content)
+            live = span if isinstance(span, LiveSpan) else None
+            try:
+                yield RequestTrace(live, self.content)
+            except Exception as exc:
+                if live is None or self.content:
+                    raise  # MLflow records it, message and stack trace
+                # Its message may quote the input (a 400 names the value received): the span
+                # records what failed, without it; the caller gets the exception as it is.
+                record_error(live, exc)
+                withheld = exc
+        if withheld is not None:
+            raise withheld
 
 
     def stream(self, rows: list[Row], generation: GenerationParams, variables: dict[str, str],
@@ -109,6 +121,15 @@ class Tracer:
         trace.rows(rows)
         trace.params(generation, variables)
         return _traced_stream(trace, span, chunks)
+
+
+def record_error(span: LiveSpan, exc: BaseException) -> None:
+    """Mark ``span`` failed with ``exc``'s type and error code, not its message."""
+    code = getattr(exc, "error_code", None)
+    span.add_event(SpanEvent("exception", attributes={
+        "exception.type": type(exc).__name__,
+        "exception.message": f"withheld (trace content is off){f'; {code}' if code else ''}"}))
+    span.set_status(SpanStatusCode.ERROR)
 
 
 def _traced_stream(trace: RequestTrace, span: LiveSpan, chunks: Iterator[str | Completion]
