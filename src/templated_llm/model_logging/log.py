@@ -183,16 +183,20 @@ def _signature(task: Task | None, defaults: dict[str, Any], template_variables: 
 def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, staging: Path) -> TemplateSource:
     """The template file to log, under ``staging``: a file (the plugin's when ``template`` is
     None), versioned by the start of its SHA-256, or a prompt registry version's text."""
-    staging.mkdir()
     if is_prompt_uri(template):
+        staging.mkdir()
         return fetch_prompt_template(template, staging)
     path = template_path(spec, template)
-    # A copy under a plain name: MLflow reads an artifact's path as a URI, where '#' ends it and
-    # '%41' is an 'A'.
-    plain = path.name if re.fullmatch(r"[\w.-]+", path.name, re.ASCII) else "template" + "".join(
-        c for c in path.suffix if c.isalnum() or c == ".")
-    copy = Path(shutil.copyfile(path, staging / plain))
-    return TemplateSource(copy, path.name, "sha256:" + hashlib.sha256(copy.read_bytes()).hexdigest()[:12])
+    return TemplateSource(path, path.name, "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+
+
+def _as_artifact(path: Path, staging: Path) -> str:
+    """``path`` where MLflow can log it from: MLflow reads an artifact's path as a URI, where
+    '#' ends it and '%41' is an 'A', so a path with other characters goes as a plain copy."""
+    if re.fullmatch(r"[\w./-]+", str(path), re.ASCII):
+        return str(path)
+    plain = "template" + "".join(c for c in path.suffix if c.isalnum() or c == ".")
+    return str(shutil.copyfile(path, staging / plain))
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
@@ -316,7 +320,8 @@ def log_llm(
             name=name,
             python_model=str(_MODEL_CODE),
             # The template's text travels in the model: serving needs no prompt registry.
-            artifacts={"snapshot": staging_uri(snapshot_dir), "template": str(source.path)},
+            artifacts={"snapshot": staging_uri(snapshot_dir),
+                       "template": _as_artifact(source.path, Path(staging))},
             model_config=config.model_dump(),
             signature=_signature(task, defaults, spec.template_variables),
             input_example=INPUT_EXAMPLES[task] if task else pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
