@@ -62,3 +62,11 @@ def test_a_task_model_answers_the_call_as_the_default_schema_does(tiny_model, mo
 def test_a_row_needs_prompt_or_messages(predict):
     with pytest.raises(TypeError, match="prompt="):
         predict(question="Hi")
+
+
+def test_a_name_the_model_does_not_take_is_refused_not_dropped(logged_model, predict):
+    # MLflow drops a param its schema lacks with a warning: the evaluation would run at 256 tokens.
+    with pytest.raises(TypeError, match=r"params \['max_token'\] are not params of this model"):
+        predict_fn(logged_model.model_uri, params={"temperature": 0.0, "max_token": 2})
+    with pytest.raises(TypeError, match=r"the row's inputs \['sytem'\] are not params"):
+        predict(prompt="Hi", sytem="Be brief.")

@@ -33,11 +33,22 @@ def predict_fn(model: str | PyFuncModel, params: dict[str, Any] | None = None) -
     task = (loaded.metadata.metadata or {}).get("task")
     schema = loaded.metadata.get_params_schema()
     in_schema = {spec.name for spec in schema.params} if schema else set()
+    # A task model's request body fields too; MLflow would drop any other name with a warning,
+    # and the evaluation would run with other settings than asked.
+    inputs = loaded.metadata.get_input_schema()
+    allowed = in_schema | ({*inputs.input_names()} - {"prompt", "messages"} if task and inputs else set())
+
+    def check(names: Any, what: str) -> None:
+        if unknown := sorted(set(names) - allowed):
+            raise TypeError(f"{what} {unknown} are not params of this model; it takes {sorted(allowed)}")
+
     fixed = dict(params or {})
+    check(fixed, "params")
 
     def predict(prompt: str | None = None, messages: list[Message] | None = None, **variables: str) -> str:
         if (prompt is None) == (messages is None):
             raise TypeError("pass the row's text as prompt=... or its chat turns as messages=..., not both")
+        check(variables, "the row's inputs")
         request = {**fixed, **variables}
         if task is None:  # the 'prompt'/'candidates' schema
             frame = loaded.predict({"messages": [messages]} if messages is not None else [prompt],
