@@ -3,6 +3,7 @@ scorers that need no judge model, rows predicted from many threads."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
@@ -70,3 +71,19 @@ def test_a_name_the_model_does_not_take_is_refused_not_dropped(logged_model, pre
         predict_fn(logged_model.model_uri, params={"temperature": 0.0, "max_token": 2})
     with pytest.raises(TypeError, match=r"the row's inputs \['sytem'\] are not params"):
         predict(prompt="Hi", sytem="Be brief.")
+
+
+def test_the_trace_holds_the_rows_inputs_and_without_content_none_of_their_text(tiny_snapshot, predict):
+    def last_predict_fn_span():
+        trace = mlflow.get_trace(mlflow.get_last_active_trace_id(thread_local=True), flush=True)
+        return next(s for s in trace.data.spans if s.name == "predict_fn"), json.dumps(trace.to_dict())
+
+    answer = predict(prompt="Tell me zebra-secret-42")
+    span, _ = last_predict_fn_span()
+    assert (span.inputs, span.outputs) == ({"prompt": "Tell me zebra-secret-42"}, answer)
+    quiet = predict_fn(log_llm("mpt-instruct", snapshot=tiny_snapshot, name="quiet", trace_content=False).model_uri,
+                       params=GREEDY)
+    answer = quiet(prompt="Tell me zebra-secret-42")
+    span, text = last_predict_fn_span()
+    assert span.inputs == {"inputs": ["prompt"]} and span.outputs == {"characters": len(answer)}
+    assert "zebra-secret-42" not in text and (len(answer) < 4 or answer not in text)

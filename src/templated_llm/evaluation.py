@@ -18,6 +18,7 @@ from mlflow.pyfunc import PyFuncModel
 
 from templated_llm.runtime.inputs import Message
 from templated_llm.runtime.tasks import COMPLETIONS
+from templated_llm.runtime.tracing import span
 
 
 def predict_fn(model: str | PyFuncModel, params: dict[str, Any] | None = None) -> Callable[..., str]:
@@ -64,6 +65,21 @@ def predict_fn(model: str | PyFuncModel, params: dict[str, Any] | None = None) -
         turns = messages if messages is not None else [{"role": "user", "content": prompt}]
         return loaded.predict({"messages": turns, **body}, params=request)["choices"][0]["message"]["content"]
 
-    # The row's trace starts at this call, with the row's inputs and the answer (the model's
-    # own span, with its token usage, below it): what the evaluation's results show per row.
-    return mlflow.trace(predict, name="predict_fn", span_type=SpanType.CHAIN)
+    tracer = getattr(loaded.unwrap_python_model(), "tracer", None)
+    if tracer is not None and not tracer.enabled:  # the model's tracing switch holds here too
+        return predict
+    content = tracer is None or tracer.content
+
+    def traced(**row: Any) -> str:
+        # The row's trace starts at this call, with the row's inputs as passed and the answer
+        # (the model's own span, with its token usage, below it): what the evaluation's results
+        # show per row. Without content, only the inputs' names and the answer's length.
+        with span("predict_fn", SpanType.CHAIN, content=content) as live:
+            if live is not None:
+                live.set_inputs(row if content else {"inputs": sorted(row)})
+            answer = predict(**row)
+            if live is not None:
+                live.set_outputs(answer if content else {"characters": len(answer)})
+            return answer
+
+    return traced

@@ -89,21 +89,8 @@ class Tracer:
         if not self.enabled:
             yield RequestTrace(None, self.content)
             return
-        # With MLflow's tracing disabled the span is a no-op one, and so is the trace.
-        withheld = None
-        with mlflow.start_span(self._name, SpanType.LLM, self._attributes) as span:
-            live = span if isinstance(span, LiveSpan) else None
-            try:
-                yield RequestTrace(live, self.content)
-            except Exception as exc:
-                if live is None or self.content:
-                    raise  # MLflow records it, message and stack trace
-                # Its message may quote the input (a 400 names the value received): the span
-                # records what failed, without it; the caller gets the exception as it is.
-                record_error(live, exc)
-                withheld = exc
-        if withheld is not None:
-            raise withheld
+        with span(self._name, SpanType.LLM, self._attributes, content=self.content) as live:
+            yield RequestTrace(live, self.content)
 
 
     def stream(self, rows: list[Row], generation: GenerationParams, variables: dict[str, str],
@@ -123,7 +110,27 @@ class Tracer:
         return _traced_stream(trace, span, chunks)
 
 
-def record_error(span: LiveSpan, exc: BaseException) -> None:
+@contextlib.contextmanager
+def span(name: str, span_type: str, attributes: dict[str, Any] | None = None, *,
+         content: bool) -> Iterator[LiveSpan | None]:
+    """``mlflow.start_span``, the live span or None (MLflow's tracing disabled). Without
+    ``content``, an exception raised in it is recorded by type and error code only: its message
+    may quote the input (a 400 names the value received). The caller gets it as it is."""
+    withheld = None
+    with mlflow.start_span(name, span_type, attributes) as started:
+        live = started if isinstance(started, LiveSpan) else None
+        try:
+            yield live
+        except Exception as exc:
+            if live is None or content:
+                raise  # MLflow records it, message and stack trace
+            _record_error(live, exc)
+            withheld = exc
+    if withheld is not None:
+        raise withheld
+
+
+def _record_error(span: LiveSpan, exc: BaseException) -> None:
     """Mark ``span`` failed with ``exc``'s type and error code, not its message."""
     code = getattr(exc, "error_code", None)
     span.add_event(SpanEvent("exception", attributes={
