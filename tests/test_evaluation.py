@@ -78,12 +78,12 @@ def test_the_trace_holds_the_rows_inputs_and_without_content_none_of_their_text(
         trace = mlflow.get_trace(mlflow.get_last_active_trace_id(thread_local=True), flush=True)
         return next(s for s in trace.data.spans if s.name == "predict_fn"), json.dumps(trace.to_dict())
 
-    answer = predict(prompt="Tell me zebra-secret-42")
+    answer = predict(prompt="Tell me okapi-secret-7")
     span, _ = last_predict_fn_span()
-    assert (span.inputs, span.outputs) == ({"prompt": "Tell me zebra-secret-42"}, answer)
+    assert (span.inputs, span.outputs) == ({"prompt": "Tell me okapi-secret-7"}, answer)
     quiet = predict_fn(log_llm("mpt-instruct", snapshot=tiny_snapshot, name="quiet", trace_content=False).model_uri,
                        params=GREEDY)
-    answer = quiet(prompt="Tell me zebra-secret-42")
+    answer = quiet(prompt="Tell me okapi-secret-7")
     span, text = last_predict_fn_span()
     assert span.inputs == {"inputs": ["prompt"]} and span.outputs == {"characters": len(answer)}
-    assert "zebra-secret-42" not in text and (len(answer) < 4 or answer not in text)
+    assert "okapi-secret-7" not in text and (len(answer) < 4 or answer not in text)
