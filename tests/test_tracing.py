@@ -81,11 +81,16 @@ def test_a_stream_is_one_trace_ending_with_it(loaded_model):
     assert trace.info.state == "OK"
 
 
-def test_a_failing_request_leaves_an_error_trace(loaded_model):
+@pytest.mark.parametrize("call", ["predict", "predict_stream"])
+def test_a_failing_request_leaves_an_error_trace(loaded_model, call):
+    before = mlflow.get_last_active_trace_id(thread_local=True)
     with pytest.raises(MlflowException):
-        loaded_model.predict(["Hi"], params={"temperature": 9.0})
+        if call == "predict":
+            loaded_model.predict(["Hi"], params={"temperature": 9.0})
+        else:
+            list(loaded_model.predict_stream("Hi", params={"temperature": 9.0}))
     trace = _last_trace()
-    assert trace.info.state == "ERROR"
+    assert trace.info.trace_id != before and trace.info.state == "ERROR"
     assert "temperature" in json.dumps(trace.to_dict())
 
 

@@ -170,9 +170,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return self._stream(rows, params)
 
     def _stream(self, rows: list[Row], params: dict[str, Any] | None) -> Iterator[str | Completion]:
-        variables, generation = self._params(params)
-        grammar = self._grammar(generation)
-        input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
+        try:
+            variables, generation = self._params(params)
+            grammar = self._grammar(generation)
+            input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
+        except Exception:
+            # Refused before it streams: an error trace, as a refused predict leaves.
+            with self.tracer.request() as trace:
+                trace.rows(rows)
+                raise
         if self._engine is not None:
             chunks = _then_completion(self._submit(input_ids, generation, grammar)[0])
         else:
