@@ -18,7 +18,8 @@ class StepBatch:
     """The rows of one forward pass: each row continues one sequence in one slot.
 
     ``tokens`` (rows, q) is right-padded; row ``r`` feeds ``lengths[r]`` tokens at positions
-    ``starts[r]...`` (its padding repeats its last position). Decode steps use slots ``0..rows-1``; prefill rows may be any slots.
+    ``starts[r]...`` (its padding repeats its last position). Decode steps use slots
+    ``0..rows-1``; prefill rows may be any slots.
     """
 
     tokens: torch.Tensor

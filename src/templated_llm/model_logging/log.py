@@ -181,8 +181,8 @@ def _signature(task: Task | None, defaults: dict[str, Any], template_variables: 
 
 
 def _template_source(spec: ModelSpec, template: str | os.PathLike[str] | None, staging: Path) -> TemplateSource:
-    """The template file to log, under ``staging``: a file (the plugin's when ``template`` is
-    None), versioned by the start of its SHA-256, or a prompt registry version's text."""
+    """The template file to log: a file (the plugin's when ``template`` is None), versioned by
+    the start of its SHA-256, or a prompt registry version's text, written under ``staging``."""
     if is_prompt_uri(template):
         staging.mkdir()
         return fetch_prompt_template(template, staging)

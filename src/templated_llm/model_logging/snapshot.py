@@ -17,8 +17,9 @@ from typing import Any
 from templated_llm.errors import RemoteCodeError, SnapshotError
 from templated_llm.spec import ModelSpec
 
-_JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json",
-               "generation_config.json", "added_tokens.json", "vocab.json")
+# Beside config.json, which must be there: checked when present.
+_OPTIONAL_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                        "added_tokens.json", "vocab.json")
 # Any one of these makes a tokenizer transformers can load.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
                     "vocab.txt", "tiktoken.model")
@@ -53,10 +54,11 @@ def resolve_snapshot(spec: ModelSpec, snapshot: str | os.PathLike[str] | None) -
 def check_snapshot(snapshot: Path, spec: ModelSpec) -> None:
     """Raise :class:`SnapshotError`, naming the file, if ``snapshot`` cannot be loaded as is
     (by ``spec``'s plugin: a model of a type it loads)."""
-    for name in _JSON_FILES:
-        if name == "config.json" or (snapshot / name).exists():
+    config = _read_json(snapshot / "config.json")
+    for name in _OPTIONAL_JSON_FILES:
+        if (snapshot / name).exists():
             _read_json(snapshot / name)
-    model_type = _read_json(snapshot / "config.json").get("model_type")
+    model_type = config.get("model_type")
     if spec.model_types and model_type not in spec.model_types:
         raise SnapshotError(
             f"snapshot {snapshot} holds a model of type {model_type!r} (config.json); model "

@@ -45,20 +45,24 @@ class _StopStrings(StoppingCriteria):
     included: a stop string spanning the end of the prompt, such as "\n\n" after a template
     ending in "\n", ended a row at its first token.)"""
 
-    def __init__(self, tokenizer: Any, stop: list[str], prompt_length: int) -> None:
-        self._tokenizer, self._stop, self._prompt_length = tokenizer, stop, prompt_length
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self._tokenizer, self._stop = tokenizer, stop
+        self._generated: list[list[int]] = []
         self._texts: list[IncrementalText] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        # Called once per generated token: each row's newest is the last column.
         if not self._texts:
+            self._generated = [[] for _ in range(input_ids.shape[0])]
             self._texts = [IncrementalText() for _ in range(input_ids.shape[0])]
-        generated = input_ids[:, self._prompt_length :].tolist()
-        texts = [text.update(self._tokenizer, ids) for text, ids in zip(self._texts, generated)]
+        for ids, token in zip(self._generated, input_ids[:, -1].tolist()):
+            ids.append(token)
+        texts = [text.update(self._tokenizer, ids) for text, ids in zip(self._texts, self._generated)]
         return torch.tensor([any(s in text for s in self._stop) for text in texts], device=input_ids.device)
 
 
-def _stopping(batch: dict[str, torch.Tensor], tokenizer: Any, params: GenerationParams) -> list[StoppingCriteria]:
-    return [_StopStrings(tokenizer, params.stop, batch["input_ids"].shape[1])] if params.stop else []
+def _stopping(tokenizer: Any, params: GenerationParams) -> list[StoppingCriteria]:
+    return [_StopStrings(tokenizer, params.stop)] if params.stop else []
 
 
 @contextlib.contextmanager
@@ -101,7 +105,7 @@ def generate_completions(
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
     with torch.inference_mode(), _seeded(params.seed, device):
-        output = model.generate(**batch, generation_config=config, stopping_criteria=_stopping(batch, tokenizer, params),
+        output = model.generate(**batch, generation_config=config, stopping_criteria=_stopping(tokenizer, params),
                                 **_constrained(batch, grammar, ends))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -198,7 +202,7 @@ def stream(
         try:
             with lock, torch.inference_mode(), _seeded(params.seed, device):
                 model.generate(**batch, generation_config=config, streamer=streamer,
-                               stopping_criteria=[_Cancelled(cancelled), *_stopping(batch, tokenizer, params)],
+                               stopping_criteria=[_Cancelled(cancelled), *_stopping(tokenizer, params)],
                                **constrained)
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)
