@@ -93,3 +93,24 @@ def test_a_model_without_an_adapter_falls_back_to_whole_batches(tiny_model, monk
     assert [r.message for r in caplog.records].count(next(
         r.message for r in caplog.records if "no continuous-batching adapter" in r.message)) == 1
     assert model.predict(["hi"], params={"max_tokens": 3})["candidates"][0] is not None
+
+
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(logged_model):
+    # OpenAI's meaning of an omitted max_tokens: the default, or less where the context is short.
+    model = mlflow.pyfunc.load_model(logged_model.model_uri,
+                                     model_config={"max_num_seqs": 2, "max_cache_tokens": 2 * 96})
+    python_model = model.unwrap_python_model()
+    prompt = PROMPTS[0]
+    prompt_tokens = len(python_model.tokens.encode(python_model.render([prompt]), 1)[0][0])
+    [completion] = python_model.complete([prompt], {"temperature": 0.0})
+    assert completion.prompt_tokens == prompt_tokens
+    assert completion.completion_tokens <= 96 - prompt_tokens
+    assert completion.finish_reason == "length" or completion.completion_tokens < 96 - prompt_tokens
+    # A max_tokens the caller chose is never shrunk: refused as before.
+    with pytest.raises(MlflowException, match=r"with max_tokens=256 that exceeds"):
+        python_model.complete([prompt], {"temperature": 0.0, "max_tokens": 256})
+    # A prompt that fills the context leaves nothing to fit: refused, naming the prompt alone.
+    with pytest.raises(MlflowException, match=r"prompt at row 0 is \d+ tokens after templating; it fills "
+                       r"what one sequence may hold .* leaves no room to generate") as raised:
+        python_model.complete(["river " * 100], {})
+    assert "max_tokens" not in raised.value.message

@@ -216,6 +216,17 @@ def test_null_fields_take_their_defaults_and_any_int64_seed_repeats(client):
         assert texts[0] == texts[1]
 
 
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client, loaded_model):
+    # OpenAI's meaning of an omitted max_tokens, not a 400 naming a max_tokens never sent.
+    python_model = loaded_model.unwrap_python_model()
+    context = python_model.tokens.context_length
+    prompt_tokens = len(python_model.tokens.encode(python_model.render(["river " * 100]), 1)[0][0])
+    prompt = "river " * (100 + context - prompt_tokens - 6)  # a token per word: 6 left
+    response = client.completions.create(model=NAME, prompt=prompt, temperature=0.0)
+    assert 1 <= response.usage.completion_tokens <= 6
+    assert response.usage.prompt_tokens + response.usage.completion_tokens <= context
+
+
 def test_harmless_fields_are_accepted(client):
     response = client.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": PROMPT}], user="u-1", metadata={"k": "v"},

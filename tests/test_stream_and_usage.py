@@ -128,3 +128,25 @@ def test_usage_counts_tokens_and_says_why_each_row_ended(loaded_model) -> None:
     stopped = loaded_model.predict([PROMPT], params={**GREEDY, "stop": [stop], "return_usage": True})
     assert stopped["finish_reason"].tolist() == ["stop"]
     assert stopped["completion_tokens"][0] < GREEDY["max_tokens"]
+
+
+@pytest.mark.parametrize("drop", ["close", "del"])
+def test_a_stream_closed_or_dropped_unread_cancels_its_sequence(loaded_model, drop) -> None:
+    # A generator closed before its first item runs no cleanup of its own: the engine would
+    # generate all 200 tokens for nobody.
+    python_model = loaded_model.unwrap_python_model()
+    params = {**GREEDY, "max_tokens": 200}
+    # MLflow's own predict_stream starts nothing before it is read; ours queue the sequence.
+    for start in (lambda: python_model.predict_stream(None, PROMPT, params),
+                  lambda: python_model.generate_stream(PROMPT, params)):
+        before = python_model.engine.stats().tokens_generated
+        stream = start()
+        if drop == "close":
+            stream.close()
+        else:
+            del stream
+        deadline = time.monotonic() + 30
+        while (stats := python_model.engine.stats()).running + stats.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stats.running + stats.waiting == 0
+        assert stats.tokens_generated - before < 200

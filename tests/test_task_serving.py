@@ -159,6 +159,14 @@ def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected)
         expected["plain"]["candidates"], expected["system"]["candidates"]]
 
 
+def test_several_requests_in_one_frame_are_traced_each_with_its_params(chat_model):
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    model.predict(pd.DataFrame({"messages": [CHAT, CHAT], "max_tokens": [2, 3], "temperature": [0.0, 0.0]}))
+    trace = mlflow.get_trace(mlflow.get_last_active_trace_id(thread_local=True), flush=True)
+    root = next(span for span in trace.data.spans if span.parent_id is None)
+    assert [p["max_tokens"] for p in root.get_attribute("templated_llm.params")] == [2, 3]
+
+
 def test_the_chat_task_needs_a_chat_model(tiny_snapshot):
     with pytest.raises(TaskError, match="does not take chat messages"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, task="llm/v1/chat")

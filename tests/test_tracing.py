@@ -81,6 +81,14 @@ def test_a_stream_is_one_trace_ending_with_it(loaded_model):
     assert trace.info.state == "OK"
 
 
+def test_a_stream_closed_unread_ends_its_trace(loaded_model):
+    loaded_model.unwrap_python_model().generate_stream("Unread three rivers.", GREEDY).close()
+    # An open span is never exported: the trace is found only once the span ended.
+    [trace] = [t for t in mlflow.search_traces(return_type="list", max_results=20, flush=True)
+               if "Unread three rivers." in (t.info.request_preview or "")]
+    assert trace.info.state == "ERROR"
+
+
 @pytest.mark.parametrize("call", ["predict", "predict_stream"])
 def test_a_failing_request_leaves_an_error_trace(loaded_model, call):
     before = mlflow.get_last_active_trace_id(thread_local=True)

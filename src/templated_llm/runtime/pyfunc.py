@@ -32,6 +32,7 @@ from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.structured import Grammar, StructuredOutput
 from templated_llm.runtime.tasks import read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
+from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
 from templated_llm.runtime.tracing import RequestTrace, Tracer
 
@@ -173,14 +174,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         try:
             variables, generation = self._params(params)
             grammar = self._grammar(generation)
-            input_ids = self.tokens.encode(self.render(rows, variables), generation.max_tokens)
+            input_ids, generation = self._encode(self.render(rows, variables), generation, params)
         except Exception:
             # Refused before it streams: an error trace, as a refused predict leaves.
             with self.tracer.request() as trace:
                 trace.rows(rows)
                 raise
         if self._engine is not None:
-            chunks = _then_completion(self._submit(input_ids, generation, grammar)[0])
+            [sequence] = self._submit(input_ids, generation, grammar)
+            chunks = Stream(_then_completion(sequence), sequence.cancel)
         else:
             batch = self.tokens.pad(input_ids, self.device)
             # The model alone for the whole stream: no batch runs beside it.
@@ -230,12 +232,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
     ) -> tuple[list[Completion], GenerationParams]:
         variables, generation = self._params(params)
-        trace.params(generation, variables)
-        grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
-        with trace.rendering(rows) as stage:
-            prompts = self.render(rows, variables)
-            stage.rendered(prompts)
-        input_ids = self.tokens.encode(prompts, generation.max_tokens)
+        try:
+            grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
+            with trace.rendering(rows) as stage:
+                prompts = self.render(rows, variables)
+                stage.rendered(prompts)
+            input_ids, generation = self._encode(prompts, generation, params)
+        finally:
+            trace.params(generation, variables)  # as generated, or as refused
         with trace.generation(input_ids) as stage:
             if self._engine is None:
                 completions = list(self._batcher.submit(input_ids, generation))
@@ -247,6 +251,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,
                            self.config.max_tokens_limit)
+
+    def _encode(self, prompts: list[str], generation: GenerationParams, params: dict[str, Any] | None
+                ) -> tuple[list[list[int]], GenerationParams]:
+        """The prompts' token ids, and ``generation`` with the ``max_tokens`` they leave room
+        for: a caller who sent none gets the default, or less where the context is short."""
+        fit = (params or {}).get("max_tokens") is None
+        input_ids, max_tokens = self.tokens.encode(prompts, generation.max_tokens, fit)
+        return input_ids, generation.model_copy(update={"max_tokens": max_tokens})
 
     def _grammar(self, generation: GenerationParams) -> Grammar | None:
         """The compiled grammar of the request's response_format (cached); None for text."""
@@ -266,5 +278,7 @@ def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:
 
 
 def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
-    with contextlib.closing(chunks):  # closing the text stops the generation
-        yield from (chunk for chunk in chunks if isinstance(chunk, str))
+    def text() -> Iterator[str]:
+        with contextlib.closing(chunks):  # closing the text stops the generation
+            yield from (chunk for chunk in chunks if isinstance(chunk, str))
+    return Stream(text(), chunks.close)

@@ -87,14 +87,22 @@ class PromptTokens:
         # fail ("Already borrowed"): tokenizing is serialised, and cheap next to generating.
         self._lock = threading.Lock()
 
-    def encode(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
-        """Each prompt's token ids; raises ``MlflowException`` (HTTP 400) when prompt plus
-        ``max_tokens`` cannot fit the context, or the rows the KV cache budget."""
+    def encode(self, prompts: list[str], max_tokens: int, fit: bool = False) -> tuple[list[list[int]], int]:
+        """Each prompt's token ids, and the ``max_tokens`` to generate with; raises
+        ``MlflowException`` (HTTP 400) when prompt plus ``max_tokens`` cannot fit the context, or
+        the rows the KV cache budget.
+
+        ``fit``: ``max_tokens`` is a default the caller did not choose, so it shrinks to what the
+        context leaves after the longest prompt (OpenAI's meaning of an omitted ``max_tokens``).
+        """
         self._check_chars(prompts)
         with self._lock:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
+        longest = max((len(ids) for ids in input_ids), default=0)
+        if fit and self.context_length is not None and longest < self.context_length:
+            max_tokens = min(max_tokens, self.context_length - longest)
         self._check_context(input_ids, max_tokens)
-        return input_ids
+        return input_ids, max_tokens
 
     def pad(self, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
         """One batch of token ids, left-padded, on ``device``."""
@@ -118,6 +126,13 @@ class PromptTokens:
                 raise MlflowException.invalid_parameter_value(
                     f"prompt at row {row} has no tokens after templating; send some text")
         longest = max(len(ids) for ids in input_ids)
+        if self.context_length is not None and longest >= self.context_length:
+            row = max(range(len(input_ids)), key=lambda r: len(input_ids[r]))
+            raise MlflowException.invalid_parameter_value(
+                f"prompt at row {row} is {longest} tokens after templating; it fills "
+                f"{self.context_name} of {self.context_length} tokens and leaves no room to "
+                "generate. Shorten the prompt."
+            )
         if self.context_length is not None and longest + max_tokens > self.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"the longest prompt is {longest} tokens after templating; with max_tokens="

@@ -26,6 +26,7 @@ from mlflow.tracing.constant import SpanAttributeKey, TokenUsageKey
 from templated_llm.runtime.completions import Completion
 from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.streams import Stream
 
 TRACING_ENV = "TEMPLATED_LLM_TRACING"
 TRACE_CONTENT_ENV = "TEMPLATED_LLM_TRACE_CONTENT"
@@ -107,7 +108,11 @@ class Tracer:
         trace = RequestTrace(span, self.content)
         trace.rows(rows)
         trace.params(generation, variables)
-        return _traced_stream(trace, span, chunks)
+
+        def closed_unread() -> None:
+            chunks.close()
+            span.end(status="ERROR")
+        return Stream(_traced_stream(trace, span, chunks), closed_unread)
 
 
 @contextlib.contextmanager
@@ -166,6 +171,7 @@ class RequestTrace:
     def __init__(self, span: Any | None, content: bool) -> None:
         self._span = span
         self._content = content
+        self._params: list[dict[str, Any]] = []  # one per request of a task model's call
 
     def rows(self, rows: list[Row], fields: dict[str, Any] | None = None) -> None:
         """The request's rows (and, for a task model, its body's other ``fields``)."""
@@ -185,7 +191,9 @@ class RequestTrace:
         values = generation.model_dump(mode="json", by_alias=True, exclude_none=True)
         # Template variables carry the user's text: without content, only their names.
         values.update(self._shown(variables, dict.fromkeys(variables, "<not traced>")))
-        self._span.set_attribute(_PARAMS, values)
+        # A task model's call of several requests generates each with its own params: a list.
+        self._params.append(values)
+        self._span.set_attribute(_PARAMS, values if len(self._params) == 1 else self._params)
 
     @contextlib.contextmanager
     def rendering(self, rows: list[Row]) -> Iterator[_Stage]:
