@@ -496,3 +496,52 @@ def test_torch_rng_of_the_caller_is_untouched_by_seeded_sequences(mpt):
         assert torch.equal(torch.rand(1), expected)
     finally:
         engine.close()
+
+
+class _Overflowing:
+    """An adapter whose passes over ``slot`` overflow: NaN keys and values into its cache and
+    NaN logits, as a float16 overflow gives."""
+
+    def __init__(self, adapter, slot: int) -> None:
+        self._adapter, self.slot, self.on = adapter, slot, True
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def forward(self, batch, cache):
+        logits = self._adapter.forward(batch, cache)
+        if self.on and self.slot in batch.slots:
+            row = batch.slots.index(self.slot)
+            end = batch.starts[row] + batch.lengths[row]
+            cache.k[:, self.slot, :, :end] = float("nan")
+            cache.v[:, self.slot, :, :end] = float("nan")
+            logits[row] = float("nan")
+        return logits
+
+
+def test_an_overflowing_sequence_fails_alone_and_leaves_its_slot_clean(tiny_snapshot):
+    # Eager attention reads every row's slot up to the longest row, masked keys included.
+    mpt = _load(tiny_snapshot, "mpt", "eager")
+    model, tokenizer, adapter = mpt
+    overflowing = _Overflowing(adapter, slot=1)
+    engine = Engine(model, tokenizer, overflowing,
+                    EngineConfig(max_num_seqs=2, max_cache_tokens=2 * 96, prefill_chunk=64))
+    long, short = _ids(mpt, PROMPTS[2]), _ids(mpt, PROMPTS[1])
+    greedy, sampled = GenerationParams(max_tokens=6), GenerationParams(max_tokens=6, temperature=1.0, seed=3)
+    try:
+        first = engine.submit(short, sampled)  # slot 0: sampling, so NaN beside it would fail its step
+        broken = engine.submit(long, greedy)  # slot 1: overflows
+        with pytest.raises(SequenceFailedError, match=r"non-finite logits .* the model's weights"):
+            broken.result(timeout=60)
+        assert first.result(timeout=60) == engine.submit(short, sampled).result(timeout=60)
+        cache = engine._scheduler.cache  # noqa: SLF001 - no NaN may outlive its sequence there
+        assert not (cache.k.isnan().any() or cache.v.isnan().any())
+        overflowing.on = False
+        # A shorter sequence in the overflowed slot beside a longer one: the keys it does not
+        # see there hold zeros, not the NaN of the sequence before.
+        again, beside = engine.submit(long, greedy), engine.submit(short, greedy)
+        assert beside.result(timeout=60) == _alone(mpt, short, greedy)
+        assert again.result(timeout=60) == _alone(mpt, long, greedy)
+        assert engine.stats().sequences_failed == 1
+    finally:
+        engine.close()

@@ -88,6 +88,12 @@ class SlotCache:
         index = batch.slot_index
         return cache_k[index, :, : batch.kv_len], cache_v[index, :, : batch.kv_len]
 
+    def clear(self, slot: int, end: int, start: int = 0) -> None:
+        """Zero positions ``start..end-1`` of ``slot``: a later sequence's masked keys there
+        multiply their values by a zero weight, and 0 * NaN would be NaN."""
+        self.k[:, slot, :, start:end] = 0
+        self.v[:, slot, :, start:end] = 0
+
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``source`` into slot ``target``."""
         self.k[:, target, :, :length] = self.k[:, source, :, :length]
@@ -100,3 +106,9 @@ class SlotCache:
         self.move(b, a, len_b)
         self.k[:, b, :, :len_a] = saved_k
         self.v[:, b, :, :len_a] = saved_v
+        # The longer one's tail stays behind in the shorter one's new slot: no copy of a
+        # sequence may outlive it there (see clear).
+        if len_a > len_b:
+            self.clear(a, len_a, start=len_b)
+        elif len_b > len_a:
+            self.clear(b, len_b, start=len_a)

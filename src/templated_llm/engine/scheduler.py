@@ -32,7 +32,7 @@ from templated_llm.engine.cache import SlotCache, StepBatch
 from templated_llm.engine.config import EngineConfig, resolve
 from templated_llm.engine.sequence import CANCELLED, Sequence, SequenceState, step_failure
 from templated_llm.engine.stats import EngineStats, StatsRecorder
-from templated_llm.errors import EngineClosedError, EngineFullError
+from templated_llm.errors import EngineClosedError, EngineFullError, SequenceFailedError
 from templated_llm.runtime.generation import end_ids
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import Grammar, mask_logits
@@ -248,6 +248,7 @@ class _Scheduler:
 
     def _advance(self, states: list[SequenceState], logits: torch.Tensor) -> None:
         """Sample each sequence's next token; end those that are done."""
+        states, logits = self._drop_non_finite(states, logits)
         for row, state in enumerate(states):
             if state.grammar is not None:  # structured output: only the tokens it allows
                 mask_logits(logits[row], state.grammar, self.end_list)
@@ -273,6 +274,30 @@ class _Scheduler:
             self._leave(state)
             self.recorder.finished_sequence(len(state.generated), now - state.first_token_at)
             state.finish(reason, self.tokenizer)
+
+    def _drop_non_finite(self, states: list[SequenceState], logits: torch.Tensor
+                         ) -> tuple[list[SequenceState], torch.Tensor]:
+        """Fail the sequences whose logits hold NaN or +inf (an overflow, as float16 can give):
+        greedy decoding would return garbage and sampling would fail the whole step. Their
+        slots are zeroed, so the values that caused it cannot reach the next sequence there."""
+        # One pass: a row's max is NaN or +inf where any of its logits is (or all are -inf).
+        broken = (~logits.amax(dim=-1).isfinite()).tolist()
+        if not any(broken):
+            return states, logits
+        hint = ("float16 overflows where bfloat16 and float32 do not: load the model with "
+                "dtype='bfloat16' or 'float32'" if self.adapter.dtype == torch.float16 else
+                f"in {self.adapter.dtype} that points at the model's weights or code")
+        for state, bad in zip(states, broken):
+            if bad:
+                self.cache.clear(state.slot, state.cached)
+                self._leave(state)
+                self.recorder.failed += 1
+                state.fail(SequenceFailedError(
+                    f"the model computed non-finite logits (NaN or inf) for this sequence after "
+                    f"{len(state.generated)} generated tokens; {hint}. Other sequences were not "
+                    "affected"))
+        kept = [row for row, bad in enumerate(broken) if not bad]
+        return [states[row] for row in kept], logits[kept]
 
     # -- slots ----------------------------------------------------------------------------------
 
