@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -148,6 +150,26 @@ def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architec
     try:
         handles = [engine.submit(ids, params) for ids, params in requests]
         assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.close()
+
+
+def test_mistral_with_layer_types_runs_as_ministral_on_the_engine(tiny_model, tmp_path):
+    # transformers loads a Mistral config.json that lists layer_types as Ministral: windows on
+    # the layers named sliding_attention only.
+    snapshot = shutil.copytree(tiny_model("mistral", sliding_window=6), tmp_path / "ministral")
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps(
+        {**config, "layer_types": ["sliding_attention", "full_attention"]}))
+    loaded = _load(snapshot, "mistral", "sdpa")
+    assert loaded[0].config.model_type == "ministral"
+    assert HuggingFaceAdapter.supports(loaded[0], "sdpa")
+    texts = [" ".join(["river", "sea", "model"] * 8), "hi", "the sea and the river"]
+    requests = [(_ids(loaded, t), GenerationParams(max_tokens=12)) for t in texts]
+    expected = [_alone(loaded, *r) for r in requests]
+    engine = _engine(loaded, prefill_chunk=16)
+    try:
+        assert [h.result(timeout=120) for h in [engine.submit(*r) for r in requests]] == expected
     finally:
         engine.close()
 

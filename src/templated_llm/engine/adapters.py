@@ -28,7 +28,7 @@ _logger = logging.getLogger(__name__)
 # Families whose transformers forward the HuggingFaceAdapter is tested with (tiny models) and
 # whose logits are the plain output projection of the last hidden state (no soft-capping or
 # scaling after it, which the adapter would skip).
-HF_MODEL_TYPES = frozenset({"llama", "mistral", "gpt_neox", "qwen2", "qwen3"})
+HF_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "gpt_neox", "qwen2", "qwen3"})
 HF_ATTENTION = frozenset({"eager", "sdpa"})
 # The name a model on the engine runs SDPA under (its config's ``_attn_implementation``):
 # transformers' SDPA attention, except on the decode steps the engine runs per row.
