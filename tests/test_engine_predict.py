@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 
 import mlflow
@@ -114,3 +116,19 @@ def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(logged_mo
                        r"what one sequence may hold .* leaves no room to generate") as raised:
         python_model.complete(["river " * 100], {})
     assert "max_tokens" not in raised.value.message
+
+
+def test_longrope_rows_of_one_request_each_get_what_they_get_alone(tiny_model, tmp_path):
+    # LongRoPE switches a whole pass to its long factors once the longest row passes 64
+    # positions: in one batch, the short row would be rotated as the long one.
+    snapshot = shutil.copytree(tiny_model("llama"), tmp_path / "longrope")
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64, "factor": 8.0,
+        "short_factor": [1.0] * 8, "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]}}))
+    model = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=snapshot, name="longrope").model_uri)
+    assert model.unwrap_python_model().engine is None  # LongRoPE generates whole batches
+    short, long = "hi", " ".join(["river", "sea", "model"] * 30)
+    params = {"temperature": 0.0, "max_tokens": 8}
+    together = model.predict([short, long], params=params)["candidates"].tolist()
+    assert together == [model.predict([p], params=params)["candidates"][0] for p in (short, long)]

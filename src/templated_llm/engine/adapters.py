@@ -94,7 +94,7 @@ class HuggingFaceAdapter(ModelAdapter):
     def supports(cls, model: Any, attention: str) -> bool:
         if model.config.model_type not in HF_MODEL_TYPES or attention not in HF_ATTENTION:
             return False
-        if "longrope" in _rope_types(model.config):
+        if picks_rope_per_pass(model.config):
             # LongRoPE picks its short or long factors for a whole forward pass from the largest
             # position in it: beside a long sequence, a short one would get the long factors.
             _logger.info("the engine does not run LongRoPE models (rotary factors chosen per "
@@ -128,6 +128,13 @@ class HuggingFaceAdapter(ModelAdapter):
         visible = batch.visible(window)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+
+
+def picks_rope_per_pass(config: Any) -> bool:
+    """Whether the model's rotary embedding (LongRoPE) picks its factors for a whole forward
+    pass from the largest position in it: a short sequence beside a long one is then rotated
+    as a long one, and generates what it does not generate alone."""
+    return "longrope" in _rope_types(config)
 
 
 def _rope_types(config: Any) -> set[str]:

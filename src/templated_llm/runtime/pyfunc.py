@@ -19,10 +19,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 
 from templated_llm.engine import Engine, EngineFullError, Sequence
+from templated_llm.engine.adapters import picks_rope_per_pass
 
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins.manager import get_model_spec, hooks
-from templated_llm.runtime.batching import MAX_MERGED_TOKENS, MicroBatcher
+from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
 from templated_llm.runtime.inputs import Row, read_rows
@@ -63,7 +64,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self._engine = self._start_engine()
         self.cache_tokens = None if self._engine is not None else loaded.batch_cache_tokens
         merged = MAX_MERGED_TOKENS if self.cache_tokens is None else min(MAX_MERGED_TOKENS, self.cache_tokens)
-        self._batcher = MicroBatcher(self._generate, max_padded_tokens=merged)
+        # LongRoPE rotates a whole batch by its longest row: each row generates alone.
+        self._rows_alone = picks_rope_per_pass(self.model.config)
+        self._batcher = MicroBatcher(self._generate, max_padded_tokens=merged,
+                                     max_prompts=1 if self._rows_alone else MAX_MERGED_PROMPTS)
         self.tokens = self._prompt_tokens()
         self.structured = StructuredOutput(self.tokenizer, self.model.config.vocab_size,
                                            sorted(end_ids(self.model.generation_config, self.tokenizer)))
@@ -265,9 +269,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return self.structured.compile(generation.response_format)
 
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
-        batch = self.tokens.pad(input_ids, self.device)
-        return generate_completions(self.model, self.tokenizer, batch, generation, self.device,
-                                    self._grammar(generation))
+        batches = [[ids] for ids in input_ids] if self._rows_alone else [input_ids]
+        return [completion for ids in batches for completion in generate_completions(
+            self.model, self.tokenizer, self.tokens.pad(ids, self.device), generation, self.device,
+            self._grammar(generation))]
 
 
 def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:
