@@ -271,23 +271,44 @@ def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
         assert end == "[DONE]" or json.loads(end)["error"]["code"] == "shutting_down", end
 
 
-def test_a_request_past_the_timeout_is_cancelled_and_answered_504(logged_model):
-    # The tiny model writes 300 tokens in about 0.3 s: the timeout must be far shorter.
-    with openai_server(logged_model.model_uri, "--request-timeout", "0.02") as url:
-        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 300, "temperature": 0.0}
+def _idle(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while metric(url, "templated_llm_sequences_in_flight") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(url, "templated_llm_sequences_in_flight") == 0
+
+
+def test_a_request_past_the_timeout_is_cancelled_and_answered_504(logged_model, loaded_model):
+    assert _predict(loaded_model, "Write a long story.", max_tokens=1000, temperature=0.0)[
+        "finish_reason"] == "length"  # left to run, each request would write all 1,000 tokens
+    # The tiny model writes 1,000 tokens in a few seconds: the timeout must be far shorter.
+    with openai_server(logged_model.model_uri, "--request-timeout", "0.05") as url:
+        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 1000, "temperature": 0.0}
         whole = requests.post(f"{url}/v1/completions", json=body, timeout=300)
         assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
         with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True,
                            timeout=300) as response:
             *_, last = _read_events(response)
         assert json.loads(last)["error"]["code"] == "timeout"
-        # Both slots come free: the stream's generation cancelled at its next token, the whole
-        # one's (a predict batch, which cannot be cancelled) at its end.
-        deadline = time.monotonic() + 120
-        while metric(url, "templated_llm_sequences_in_flight") > 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert metric(url, "templated_llm_sequences_in_flight") == 0
+        # Both generations stopped on the engine (a whole completion too), not at max_tokens.
+        _idle(url)
         assert metric(url, "templated_llm_sequences_cancelled_total") == 2
+        assert metric(url, "templated_llm_engine_tokens_generated") < 1000
+
+
+def test_a_client_gone_while_its_text_is_held_back_stops_its_generation(logged_model, loaded_model):
+    # Text that could still be a stop string's start is held back: the stream sends nothing, and
+    # the server must cancel the sequence without waiting for a chunk to send.
+    with openai_server(logged_model.model_uri) as url:
+        alone = _predict(loaded_model, "hi", max_tokens=1000, temperature=0.0)
+        assert alone["finish_reason"] == "length"  # left to run, it would write all 1,000 tokens
+        body = {"model": NAME, "prompt": "hi", "max_tokens": 1000, "temperature": 0.0,
+                "stream": True, "stop": [alone["candidates"] + "never written"]}
+        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300):
+            time.sleep(0.5)  # leaves with nothing read
+        _idle(url)
+        assert metric(url, "templated_llm_sequences_cancelled_total") == 1
+        assert metric(url, "templated_llm_engine_tokens_generated") < 1000
 
 
 def test_a_request_that_can_never_fit_is_a_400_and_refusals_are_not_cancellations(logged_model):

@@ -14,6 +14,7 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
+from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.structured import Grammar, GrammarLogitsProcessor
 from templated_llm.runtime.tokens import IncrementalText
 
@@ -184,18 +185,29 @@ class _Streamer(TextIteratorStreamer):
 def stream(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
     device: str, lock: contextlib.AbstractContextManager[Any], grammar: Grammar | None = None,
-) -> Iterator[str | Completion]:
+) -> Stream[str | Completion]:
     """Yield one row's generated text in chunks as it is decoded, then its :class:`Completion`.
 
     ``generate`` runs in a thread holding ``lock``; text that could be the start of a stop
     string is held back until it is known not to be, so the chunks join to the text
-    :func:`generate_completions` returns. Closing the iterator early stops the generation.
+    :func:`generate_completions` returns. Closing the stream early, or its ``cancel()`` from
+    any thread, stops the generation.
     """
+    cancelled = threading.Event()
+    chunks = _stream(model, tokenizer, batch, params, device, lock, grammar, cancelled)
+    # Nothing runs before the first chunk is asked for: nothing to clean up unread.
+    return Stream(chunks, lambda: None, cancel=cancelled.set)
+
+
+def _stream(
+    model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], params: GenerationParams,
+    device: str, lock: contextlib.AbstractContextManager[Any], grammar: Grammar | None,
+    cancelled: threading.Event,
+) -> Iterator[str | Completion]:
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
     streamer = _Streamer(tokenizer, ends)
     constrained = _constrained(batch, grammar, ends)
-    cancelled = threading.Event()
     failure: list[BaseException] = []
 
     def run() -> None:

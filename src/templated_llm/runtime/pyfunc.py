@@ -186,7 +186,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 raise
         if self._engine is not None:
             [sequence] = self._submit(input_ids, generation, grammar)
-            chunks = Stream(_then_completion(sequence), sequence.cancel)
+            chunks = Stream(_then_completion(sequence), sequence.cancel, cancel=sequence.cancel)
         else:
             batch = self.tokens.pad(input_ids, self.device)
             # The model alone for the whole stream: no batch runs beside it.
@@ -286,4 +286,4 @@ def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
     def text() -> Iterator[str]:
         with contextlib.closing(chunks):  # closing the text stops the generation
             yield from (chunk for chunk in chunks if isinstance(chunk, str))
-    return Stream(text(), chunks.close)
+    return Stream(text(), chunks.close, cancel=getattr(chunks, "cancel", None))

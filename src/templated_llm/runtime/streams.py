@@ -15,11 +15,22 @@ T = TypeVar("T")
 
 class Stream(Iterator[T]):
     """``chunks``, with ``unstarted_close`` run when the stream is closed or collected before
-    its first chunk (once started, the generator's own ``finally`` cleans up)."""
+    its first chunk (once started, the generator's own ``finally`` cleans up).
 
-    def __init__(self, chunks: Generator[T, None, None], unstarted_close: Callable[[], None]) -> None:
+    ``cancel`` stops the generation from any thread: a generator cannot be closed while another
+    thread is inside it, which a consumer waiting for its next chunk is.
+    """
+
+    def __init__(self, chunks: Generator[T, None, None], unstarted_close: Callable[[], None],
+                 cancel: Callable[[], None] | None = None) -> None:
         self._chunks = chunks
         self._unstarted_close: Callable[[], None] | None = unstarted_close
+        self._cancel = cancel
+
+    def cancel(self) -> None:
+        """Stop the generation; the stream then ends at once (thread-safe)."""
+        if self._cancel is not None:
+            self._cancel()
 
     def __iter__(self) -> Stream[T]:
         return self

@@ -112,7 +112,7 @@ class Tracer:
         def closed_unread() -> None:
             chunks.close()
             span.end(status="ERROR")
-        return Stream(_traced_stream(trace, span, chunks), closed_unread)
+        return Stream(_traced_stream(trace, span, chunks), closed_unread, cancel=getattr(chunks, "cancel", None))
 
 
 @contextlib.contextmanager

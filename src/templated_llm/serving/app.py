@@ -231,10 +231,12 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
         # Choice i samples with seed + i, in the model's seed range (0 to 2**63 - 1).
         choice = {**params, "seed": (params["seed"] + index % n) % 2**63} if "seed" in params else params
         row = rows[index // n]
-        if parsed.stream:
-            exchange.generations.start(index, partial(model.backend.stream, row, choice))
+        # On the engine a whole completion is read from a stream too, which a timeout, a client
+        # gone or a shutdown cancels; whole batches merge concurrent completions instead.
+        if parsed.stream or model.backend.streams_completions:
+            exchange.generations.start(index, partial(model.backend.stream, row, choice), cancellable=True)
         else:
-            exchange.generations.start(index, partial(_complete, model.backend, row, choice))
+            exchange.generations.start(index, partial(_complete, model.backend, row, choice), cancellable=False)
     reply = Reply(chat=chat, model=model.name, fingerprint=model.fingerprint,
                   include_usage=parsed.include_usage)
     if not parsed.stream:
@@ -372,12 +374,12 @@ class _Exchange:
         return completions
 
     def close(self) -> None:
-        """Cancel what still runs and stop watching; count what did not finish."""
-        self.generations.cancel()
+        """Cancel what still runs and stop watching; count what was cut short."""
+        stopped = self.generations.cancel()
         self._unwatch()
-        unfinished = sum(c is None for c in self._completions)
-        if unfinished and not self._failed:
-            self._metrics.cancelled.inc(unfinished)
+        cut = sum(self._completions[index] is None for index in stopped)
+        if cut and not self._failed:
+            self._metrics.cancelled.inc(cut)
             self._record.outcome = self._record.outcome or "cancelled"
 
 

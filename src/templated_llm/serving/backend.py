@@ -27,6 +27,9 @@ class Backend(Protocol):
     spec: ModelSpec
     #: Most sequences one request may ask for (prompts times ``n``).
     max_rows: int
+    #: Whether a whole completion is better read from :meth:`stream` (cancellable at once)
+    #: than from :meth:`complete` (where concurrent completions may share a batch).
+    streams_completions: bool
 
     def complete(self, row: Row, params: dict[str, Any]) -> Completion: ...
 
@@ -56,6 +59,9 @@ class TemplatedLLMBackend:
         self._model = model
         self.spec: ModelSpec = model.spec
         self.max_rows: int = model.config.max_rows_per_request
+        # The engine batches every sequence however it comes; whole batches merge only
+        # completions that come through predict.
+        self.streams_completions: bool = getattr(model, "engine", None) is not None
 
     def complete(self, row: Row, params: dict[str, Any]) -> Completion:
         # As predict (traced, on the engine), whatever MLflow task the model was logged with.

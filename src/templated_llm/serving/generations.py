@@ -3,8 +3,8 @@
 Generation blocks (a ``predict`` call, a stream's next chunk), so each sequence runs on a thread of
 its own and posts what it yields, tagged with its index, to one asyncio queue. The request
 reads the queue, so a timeout, a shutdown or a client gone is one event among the others:
-:meth:`Generations.interrupt` posts it, :meth:`Generations.cancel` closes the sequences' iterators
-(which cancels their generation) at their next item.
+:meth:`Generations.interrupt` posts it, :meth:`Generations.cancel` stops the sequences: at once
+where their iterator has a thread-safe ``cancel()`` (a stream), else at their next item.
 """
 
 from __future__ import annotations
@@ -72,10 +72,18 @@ class Generations:
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._in_flight = in_flight
+        self._lock = threading.Lock()
+        self._running: dict[int, Iterator[Any] | None] = {}  # started, not yet finished
+        self._cancellable: set[int] = set()
 
-    def start(self, index: int, open_: Callable[[], Iterator[Any]]) -> None:
+    def start(self, index: int, open_: Callable[[], Iterator[Any]], cancellable: bool) -> None:
         """Run ``open_()`` and iterate what it returns on a new thread (one ``in_flight`` slot,
-        acquired by the caller, is released when it ends)."""
+        acquired by the caller, is released when it ends). ``cancellable``: what it returns has
+        a thread-safe ``cancel()`` (a stream); else it runs to its end once started."""
+        with self._lock:
+            self._running[index] = None
+            if cancellable:
+                self._cancellable.add(index)
         threading.Thread(target=self._run, args=(index, open_), name=f"templated-llm-seq-{index}",
                          daemon=True).start()
 
@@ -83,6 +91,10 @@ class Generations:
         iterator = None
         try:
             iterator = open_()
+            with self._lock:
+                self._running[index] = iterator
+            if self._cancelled.is_set():
+                _cancel(iterator)  # cancelled while it was being opened
             self._post(index, ACCEPTED)
             for item in iterator:
                 self._post(index, item)
@@ -96,6 +108,8 @@ class Generations:
                     _close(iterator)  # a generation stopped early frees its slot
                 except Exception:  # noqa: BLE001 - nobody waits for this one any more
                     _logger.exception("closing a cancelled generation failed")
+            with self._lock:
+                del self._running[index]
             self._in_flight.release()
             self._post(index, FINISHED)
 
@@ -107,13 +121,25 @@ class Generations:
         """Post ``reason`` to the reader (thread-safe)."""
         self._post(-1, reason)
 
-    def cancel(self) -> None:
-        """Stop every sequence at its next item."""
+    def cancel(self) -> list[int]:
+        """Stop every sequence still running; returns the indexes of those stopped (a whole
+        completion generating, which cannot be cut short, is not)."""
         self._cancelled.set()
+        with self._lock:
+            running = dict(self._running)
+        for iterator in running.values():
+            _cancel(iterator)  # one still opening is cancelled once open
+        return [index for index in running if index in self._cancellable]
 
     async def next(self) -> tuple[int, Any]:
         """The next ``(index, item)``."""
         return await self._queue.get()
+
+
+def _cancel(iterator: Iterator[Any] | None) -> None:
+    cancel = getattr(iterator, "cancel", None)
+    if callable(cancel):
+        cancel()
 
 
 def _close(iterator: Iterator[Any]) -> None:
