@@ -310,7 +310,8 @@ def test_stream_joins_to_the_completion_and_holds_back_stop_strings(mpt, stop):
         for text in PROMPTS[:3]:
             params = GenerationParams(max_tokens=20, stop=stop)
             handle = engine.submit(_ids(mpt, text), params)
-            assert "".join(handle.stream()) == handle.completion.text
+            # At a stop string the text can end a step before the engine ends the sequence.
+            assert "".join(handle.stream()) == handle.result(timeout=60).text
             assert handle.completion == _alone(mpt, _ids(mpt, text), params)
     finally:
         engine.close()
@@ -524,8 +525,8 @@ class _Overflowing:
     """An adapter whose passes over ``slot`` overflow: NaN keys and values into its cache and
     NaN logits, as a float16 overflow gives."""
 
-    def __init__(self, adapter, slot: int) -> None:
-        self._adapter, self.slot, self.on = adapter, slot, True
+    def __init__(self, adapter, slot: int, after=lambda: None) -> None:
+        self._adapter, self.slot, self.on, self._after = adapter, slot, True, after
 
     def __getattr__(self, name):
         return getattr(self._adapter, name)
@@ -538,6 +539,7 @@ class _Overflowing:
             cache.k[:, self.slot, :, :end] = float("nan")
             cache.v[:, self.slot, :, :end] = float("nan")
             logits[row] = float("nan")
+            self._after()
         return logits
 
 
@@ -565,5 +567,22 @@ def test_an_overflowing_sequence_fails_alone_and_leaves_its_slot_clean(tiny_snap
         assert beside.result(timeout=60) == _alone(mpt, short, greedy)
         assert again.result(timeout=60) == _alone(mpt, long, greedy)
         assert engine.stats().sequences_failed == 1
+    finally:
+        engine.close()
+
+
+def test_a_sequence_cancelled_while_reading_its_prompt_leaves_no_overflow_behind(tiny_snapshot):
+    # Its logits are never sampled (the prompt is read in chunks), so only leaving can clear it.
+    mpt = _load(tiny_snapshot, "mpt", "eager")
+    model, tokenizer, adapter = mpt
+    handle = []
+    overflowing = _Overflowing(adapter, slot=0, after=lambda: handle[0].cancel())
+    engine = Engine(model, tokenizer, overflowing,
+                    EngineConfig(max_num_seqs=2, max_cache_tokens=2 * 96, prefill_chunk=4))
+    try:
+        handle.append(engine.submit(_ids(mpt, PROMPTS[2]), GenerationParams(max_tokens=6)))
+        assert handle[0].result(timeout=60).finish_reason == CANCELLED
+        cache = engine._scheduler.cache  # noqa: SLF001
+        assert not (cache.k.isnan().any() or cache.v.isnan().any())
     finally:
         engine.close()

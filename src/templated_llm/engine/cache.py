@@ -95,20 +95,17 @@ class SlotCache:
         self.v[:, slot, :, start:end] = 0
 
     def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``source`` into slot ``target``."""
+        """Move the first ``length`` positions of slot ``source`` into (all-zero) ``target``,
+        zeroing them in ``source``."""
         self.k[:, target, :, :length] = self.k[:, source, :, :length]
         self.v[:, target, :, :length] = self.v[:, source, :, :length]
+        self.clear(source, length)
 
     def swap(self, a: int, len_a: int, b: int, len_b: int) -> None:
         """Exchange the contents of slots ``a`` and ``b`` (their first ``len_*`` positions)."""
         saved_k = self.k[:, a, :, :len_a].clone()
         saved_v = self.v[:, a, :, :len_a].clone()
+        self.clear(a, len_a)
         self.move(b, a, len_b)
         self.k[:, b, :, :len_a] = saved_k
         self.v[:, b, :, :len_a] = saved_v
-        # The longer one's tail stays behind in the shorter one's new slot: no copy of a
-        # sequence may outlive it there (see clear).
-        if len_a > len_b:
-            self.clear(a, len_a, start=len_b)
-        elif len_b > len_a:
-            self.clear(b, len_b, start=len_a)

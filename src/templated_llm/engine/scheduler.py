@@ -278,8 +278,8 @@ class _Scheduler:
     def _drop_non_finite(self, states: list[SequenceState], logits: torch.Tensor
                          ) -> tuple[list[SequenceState], torch.Tensor]:
         """Fail the sequences whose logits hold NaN or +inf (an overflow, as float16 can give):
-        greedy decoding would return garbage and sampling would fail the whole step. Their
-        slots are zeroed, so the values that caused it cannot reach the next sequence there."""
+        greedy decoding would return garbage and sampling would fail the whole step. Leaving
+        zeroes their slots: the values that caused it do not reach the next sequence there."""
         # One pass: a row's max is NaN or +inf where any of its logits is (or all are -inf).
         broken = (~logits.amax(dim=-1).isfinite()).tolist()
         if not any(broken):
@@ -289,7 +289,6 @@ class _Scheduler:
                 f"in {self.adapter.dtype} that points at the model's weights or code")
         for state, bad in zip(states, broken):
             if bad:
-                self.cache.clear(state.slot, state.cached)
                 self._leave(state)
                 self.recorder.failed += 1
                 state.fail(SequenceFailedError(
@@ -302,8 +301,13 @@ class _Scheduler:
     # -- slots ----------------------------------------------------------------------------------
 
     def _leave(self, state: SequenceState) -> None:
-        """Free ``state``'s slot, keeping decoding slots 0..n-1 and prefilling ones after them."""
+        """Free ``state``'s slot, keeping decoding slots 0..n-1 and prefilling ones after them.
+
+        A slot holds zeros past its sequence's tokens, free slots none but zeros: a sequence's
+        masked keys are another's leftovers otherwise, and an overflow's NaN there would reach
+        its output (0 * NaN). Leaving and moving clear what they leave behind."""
         hole = state.slot
+        self.cache.clear(hole, state.cached)
         if hole < self.decoding:
             self.decoding -= 1
             if hole != self.decoding:
