@@ -95,6 +95,15 @@ def test_seed_gives_repeatable_samples_without_touching_global_rng(loaded_model)
     assert not other.equals(first)
 
 
+@pytest.mark.parametrize("engine", [True, False])
+def test_a_seeded_row_gets_what_it_gets_alone(loaded_model, fallback_model, engine):
+    model = loaded_model if engine else fallback_model
+    params = {"temperature": 1.0, "max_tokens": 8, "seed": 7}
+    together = model.predict([PROMPTS[0], PROMPTS[0], PROMPTS[1]], params=params)["candidates"].tolist()
+    alone = [model.predict([p], params=params)["candidates"][0] for p in (PROMPTS[0], PROMPTS[1])]
+    assert together == [alone[0], alone[0], alone[1]]
+
+
 def test_stop_strings_end_the_completion_before_the_stop(loaded_model):
     full = loaded_model.predict(["Name three rivers."], params=GREEDY)["candidates"][0]
     stop = full[4:7]
@@ -135,7 +144,8 @@ def test_the_logged_model_carries_signature_example_requirements_and_code(logged
     assert model.signature.outputs.optional_input_names() == ["prompt_tokens", "completion_tokens",
                                                               "finish_reason"]
     params = {p.name: p.default for p in model.signature.params.params}
-    assert params["temperature"] == 0.1 and params["max_tokens"] == 256  # the plugin's defaults
+    assert params["temperature"] == 0.1  # the plugin's default
+    assert params["max_tokens"] is None  # the plugin's 256, or what the context leaves
     assert set(params) == {"temperature", "max_tokens", "top_p", "top_k", "repetition_penalty",
                            "stop", "seed", "return_usage", "response_format"}
     assert params["response_format"] == {"type": "text"}

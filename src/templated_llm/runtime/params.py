@@ -63,7 +63,9 @@ def param_schema(defaults: dict[str, Any], template_variables: dict[str, str] | 
             f"template variables {clashing} have the names of inference params; rename them "
             f"(inference params: {list(GenerationParams.model_fields)})"
         )
-    defaults = {**values.model_dump(), "response_format": values.response_format.dump()}
+    # max_tokens has no default in the schema: MLflow fills a schema default in before predict,
+    # and a caller who sent none gets the model's default or what the context leaves.
+    defaults = {**values.model_dump(), "response_format": values.response_format.dump(), "max_tokens": None}
     return ParamSchema([
         *(ParamSpec(name, _MLFLOW_TYPES[name], defaults[name], (-1,) if name == "stop" else None)
           for name in GenerationParams.model_fields),

@@ -269,7 +269,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return self.structured.compile(generation.response_format)
 
     def _generate(self, input_ids: list[list[int]], generation: GenerationParams) -> list[Completion]:
-        batches = [[ids] for ids in input_ids] if self._rows_alone else [input_ids]
+        # A seeded row draws from its own seeded generator, as on the engine: what it gets alone.
+        alone = self._rows_alone or (generation.seed is not None and not generation.greedy)
+        batches = [[ids] for ids in input_ids] if alone else [input_ids]
         return [completion for ids in batches for completion in generate_completions(
             self.model, self.tokenizer, self.tokens.pad(ids, self.device), generation, self.device,
             self._grammar(generation))]
