@@ -132,3 +132,38 @@ def test_longrope_rows_of_one_request_each_get_what_they_get_alone(tiny_model, t
     params = {"temperature": 0.0, "max_tokens": 8}
     together = model.predict([short, long], params=params)["candidates"].tolist()
     assert together == [model.predict([p], params=params)["candidates"][0] for p in (short, long)]
+
+
+def test_a_checkpoints_generation_config_changes_neither_path(tiny_model, tmp_path, caplog):
+    # Beam search, suppressed tokens, several sequences per prompt: generate would apply them
+    # off the engine only (and num_return_sequences failed every request there).
+    snapshot = shutil.copytree(tiny_model("llama"), tmp_path / "generation-config")
+    (snapshot / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 1, "eos_token_id": 2, "num_beams": 3, "do_sample": True, "num_return_sequences": 2,
+        "suppress_tokens": list(range(3, 300)), "top_k": 5, "temperature": 0.6}))
+    prompts, params = ["Name three rivers.", "hi"], {"temperature": 0.0, "max_tokens": 8}
+    with caplog.at_level(logging.INFO, logger="templated_llm.runtime.loading"):
+        engine = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=snapshot, name="gc").model_uri)
+    assert "num_beams=3" in caplog.text and "generation ignores them" in caplog.text
+    whole = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=snapshot, name="gc-whole",
+                                             engine=False).model_uri)
+    expected = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=tiny_model("llama")).model_uri)
+    want = expected.predict(prompts, params=params)["candidates"].tolist()
+    assert engine.predict(prompts, params=params)["candidates"].tolist() == want
+    assert whole.predict(prompts, params=params)["candidates"].tolist() == want
+    sampled = {"temperature": 1.0, "max_tokens": 8, "seed": 3}
+    assert len(whole.predict(prompts, params=sampled)) == 2
+
+
+def test_top_k_0_samples_from_the_whole_vocabulary_off_the_engine(fallback_model, monkeypatch):
+    # Left unset, transformers fills in its own top_k of 50.
+    import transformers.generation.utils as generation_utils
+
+    built = []
+    original = generation_utils.TopKLogitsWarper.__init__
+    monkeypatch.setattr(generation_utils.TopKLogitsWarper, "__init__",
+                        lambda self, top_k, *a, **k: (built.append(top_k), original(self, top_k, *a, **k))[1])
+    fallback_model.predict(["hi"], params={"temperature": 1.0, "top_k": 0, "max_tokens": 2, "seed": 1})
+    assert built == []
+    fallback_model.predict(["hi"], params={"temperature": 1.0, "top_k": 5, "max_tokens": 2, "seed": 1})
+    assert built == [5]

@@ -111,7 +111,7 @@ def test_constrained_and_free_rows_share_a_batch(loaded_model):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"]}
     grammar = llm.structured.compile(ResponseFormat.model_validate(_json_schema(schema)))
-    ids = llm.tokens.encode(llm.render(PROMPTS), 16)
+    ids, _ = llm.tokens.encode(llm.render(PROMPTS), 16)
     batch = llm.tokens.pad(ids, llm.device)
     ends = sorted(end_ids(llm.model.generation_config, llm.tokenizer))
     common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": llm.tokenizer.pad_token_id}
@@ -131,7 +131,7 @@ def test_on_the_engine_constrained_and_free_sequences_run_side_by_side(loaded_mo
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"]}
     grammar = llm.structured.compile(ResponseFormat.model_validate(_json_schema(schema)))
-    constrained_ids, free_ids = llm.tokens.encode(llm.render(PROMPTS), 16)
+    (constrained_ids, free_ids), _ = llm.tokens.encode(llm.render(PROMPTS), 16)
     params = GenerationParams(temperature=0.0, max_tokens=16)
     alone = llm.engine.submit(free_ids, params).result()
     scheduler = llm.engine._scheduler

@@ -47,14 +47,18 @@ def test_counts_in_a_batch_with_stops_equal_each_row_alone(loaded_model, data, r
 
 
 class _Replay:
-    """A model whose generate returns the given new tokens after the prompt."""
+    """A model whose generate returns the given new tokens after the prompt, calling the
+    stopping criteria after each token as transformers does."""
 
     generation_config = GenerationConfig()
 
     def __init__(self, new_tokens: list[list[int]]) -> None:
         self.new_tokens = torch.tensor(new_tokens)
 
-    def generate(self, input_ids, **kwargs):
+    def generate(self, input_ids, stopping_criteria=(), **kwargs):
+        for step in range(1, self.new_tokens.shape[1] + 1):
+            for criterion in stopping_criteria:
+                criterion(torch.cat([input_ids, self.new_tokens[:, :step]], dim=1), None)
         return torch.cat([input_ids, self.new_tokens], dim=1)
 
 
@@ -73,3 +77,14 @@ def test_counts_for_each_way_a_row_ends(tiny_snapshot):
     completions = generate_completions(_Replay(rows), tokenizer, batch, params, "cpu")
     assert [(c.completion_tokens, c.finish_reason) for c in completions] == [
         (3, "stop"), (1 + len(three), "stop"), (5, "length")]
+
+
+def test_a_pad_token_that_is_no_end_token_neither_ends_nor_miscounts_a_row(tiny_snapshot):
+    # As Llama-2 fine-tunes padding with <unk>: a pad token the model generates is a token.
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_snapshot))
+    one, two, pad = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" on", " t", " fo"))
+    end, tokenizer.pad_token_id = tokenizer.eos_token_id, pad
+    rows = [[one, pad, two, two, end], [one, end, pad, pad, pad]]
+    batch = {"input_ids": torch.ones(2, 2, dtype=torch.long), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    completions = generate_completions(_Replay(rows), tokenizer, batch, GenerationParams(max_tokens=5), "cpu")
+    assert [(c.completion_tokens, c.finish_reason) for c in completions] == [(5, "stop"), (2, "stop")]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
 from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
@@ -19,13 +19,35 @@ from templated_llm.runtime.structured import Grammar, GrammarLogitsProcessor
 from templated_llm.runtime.tokens import IncrementalText
 
 
+# What generation keeps of a checkpoint's generation_config.json: its token ids and how it
+# caches. What decides the output comes from the plugin's defaults and each request's params
+# only, so whole batches generate what the engine does.
+_KEPT_GENERATION_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                           "use_cache", "cache_implementation", "cache_config", "disable_compile",
+                           "compile_config")
+
+
+def keep_mechanics_only(model: Any) -> dict[str, Any]:
+    """Replace ``model.generation_config`` by one holding only its token ids and cache settings;
+    returns the fields it set that generation then ignores (``num_beams``, ``suppress_tokens``,
+    ``temperature``, ...)."""
+    original = model.generation_config
+    ignored = {name: value for name, value in original.to_diff_dict().items()
+               if name not in _KEPT_GENERATION_FIELDS and name != "transformers_version"
+               and not name.startswith("_")}
+    model.generation_config = GenerationConfig(**{
+        name: getattr(original, name) for name in _KEPT_GENERATION_FIELDS
+        if getattr(original, name, None) is not None})
+    return ignored
+
+
 def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> Any:
     config = copy.deepcopy(model.generation_config)
     # Unset (None) rather than neutral values, which transformers warns about.
     sampling = {"temperature": None, "top_p": None, "top_k": None}
     if not params.greedy:
-        sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                    "top_k": params.top_k or None}
+        # top_k 0 set explicitly: left unset, transformers fills in its default of 50.
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     config.update(
         do_sample=not params.greedy,
         max_new_tokens=params.max_tokens,
@@ -40,30 +62,35 @@ def _generation_config(model: Any, tokenizer: Any, params: GenerationParams) -> 
     return config
 
 
-class _StopStrings(StoppingCriteria):
-    """Ends each row once its generated text holds a stop string, decoded as the engine decodes
-    it (IncrementalText). (transformers' own ``stop_strings`` match the token ids prompt
-    included: a stop string spanning the end of the prompt, such as "\n\n" after a template
-    ending in "\n", ended a row at its first token.)"""
+class _RowEnds(StoppingCriteria):
+    """Ends each row at a stop string in its generated text, decoded as the engine decodes it
+    (IncrementalText), and records how many tokens each row had when it ended, at an end token
+    or a stop string: transformers fills a finished row's later steps with the pad token, which
+    may be a token the model also generates. (transformers' own ``stop_strings`` match the
+    token ids prompt included: a stop string spanning the end of the prompt, such as "\n\n"
+    after a template ending in "\n", ended a row at its first token.)"""
 
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self._tokenizer, self._stop = tokenizer, stop
+    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int]) -> None:
+        self._tokenizer, self._stop, self._ends = tokenizer, stop, ends
         self._generated: list[list[int]] = []
         self._texts: list[IncrementalText] = []
+        self.ended: list[int | None] = []  # per row: its token count when it ended, if it did
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         # Called once per generated token: each row's newest is the last column.
         if not self._texts:
-            self._generated = [[] for _ in range(input_ids.shape[0])]
-            self._texts = [IncrementalText() for _ in range(input_ids.shape[0])]
-        for ids, token in zip(self._generated, input_ids[:, -1].tolist()):
+            rows = input_ids.shape[0]
+            self._generated, self.ended = [[] for _ in range(rows)], [None] * rows
+            self._texts = [IncrementalText() for _ in range(rows)]
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if self.ended[row] is not None:
+                continue
+            ids = self._generated[row]
             ids.append(token)
-        texts = [text.update(self._tokenizer, ids) for text, ids in zip(self._texts, self._generated)]
-        return torch.tensor([any(s in text for s in self._stop) for text in texts], device=input_ids.device)
-
-
-def _stopping(tokenizer: Any, params: GenerationParams) -> list[StoppingCriteria]:
-    return [_StopStrings(tokenizer, params.stop)] if params.stop else []
+            if token in self._ends or self._stop and any(
+                    s in self._texts[row].update(self._tokenizer, ids) for s in self._stop):
+                self.ended[row] = len(ids)
+        return torch.tensor([n is not None for n in self.ended], device=input_ids.device)
 
 
 @contextlib.contextmanager
@@ -79,10 +106,11 @@ def _seeded(seed: int | None, device: str) -> Iterator[None]:
 
 
 def end_ids(config: Any, tokenizer: Any) -> set[int]:
-    """The tokens that end a sequence: the generation config's end tokens and the pad token."""
+    """The tokens that end a sequence: the generation config's end tokens, else the
+    tokenizer's (a pad token that is no end token is a token like any other)."""
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     ids = set(eos) if isinstance(eos, list) else {eos}
-    return {i for i in ids | {tokenizer.pad_token_id} if i is not None}
+    return {i for i in ids if i is not None}
 
 
 def _constrained(batch: dict[str, torch.Tensor], grammar: Grammar | None, ends: set[int]) -> dict[str, Any]:
@@ -105,27 +133,21 @@ def generate_completions(
     """
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
+    row_ends = _RowEnds(tokenizer, params.stop, ends)
     with torch.inference_mode(), _seeded(params.seed, device):
-        output = model.generate(**batch, generation_config=config, stopping_criteria=_stopping(tokenizer, params),
+        output = model.generate(**batch, generation_config=config, stopping_criteria=[row_ends],
                                 **_constrained(batch, grammar, ends))
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
     completions = []
-    for row, text in enumerate(texts):
-        tokens = new_tokens[row].tolist()
-        # A row that finished before the others is followed by padding while they go on. It
-        # finished on an end token (counted), or on the token completing a stop string: then
-        # the first end token is padding (the pad token is often the end token itself).
-        ended = next((i for i, t in enumerate(tokens) if t in ends), None)
-        cut = cut_at_stop(text, params.stop)
-        if ended is not None and cut == text:
-            ended += 1
+    for row, tokens in enumerate(output[:, batch["input_ids"].shape[1] :].tolist()):
+        # A row that ended before the others is followed by padding while they go on.
+        ended = row_ends.ended[row] if row_ends.ended else None
+        tokens = tokens if ended is None else tokens[:ended]
         completions.append(Completion(
-            text=cut,
+            text=cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), params.stop),
             prompt_tokens=int(prompt_tokens[row]),
-            completion_tokens=len(tokens) if ended is None else ended,
-            finish_reason="stop" if ended is not None or cut != text else "length",
+            completion_tokens=len(tokens),
+            finish_reason="length" if ended is None else "stop",
         ))
     return completions
 
@@ -214,7 +236,7 @@ def _stream(
         try:
             with lock, torch.inference_mode(), _seeded(params.seed, device):
                 model.generate(**batch, generation_config=config, streamer=streamer,
-                               stopping_criteria=[_Cancelled(cancelled), *_stopping(tokenizer, params)],
+                               stopping_criteria=[_Cancelled(cancelled), _RowEnds(tokenizer, params.stop, ends)],
                                **constrained)
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)

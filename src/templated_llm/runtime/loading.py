@@ -27,6 +27,7 @@ from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
 from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, default_device
+from templated_llm.runtime.generation import keep_mechanics_only
 from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.memory import check_load
 from templated_llm.runtime.packed_linear import convert_weights, pack_linear_layers
@@ -114,6 +115,11 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     # Before any weight is read: refuse a model that cannot fit.
     batch_cache_tokens = check_load(snapshot, config, choice, device)
     model = _load_weights(spec, snapshot, choice, device, attention, config.trust_remote_code)
+    if ignored := keep_mechanics_only(model):
+        _logger.info(
+            "the snapshot's generation_config.json sets %s: generation ignores them, on the engine "
+            "and off it; the plugin's generation_defaults and each request's params decide the "
+            "output", ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())))
     in_use = hooks().configure_attention(spec=spec, model=model, attention=attention)
     if in_use != attention:
         raise AttentionUnavailableError(
