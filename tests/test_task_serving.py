@@ -151,6 +151,41 @@ def test_a_completions_request_gets_one_text_completion(completions_model):
         response["usage"][k] for k in ("prompt_tokens", "completion_tokens"))
 
 
+def test_a_completions_request_of_several_prompts_gets_a_choice_each(completions_model, loaded_model):
+    # OpenAI's completions API takes a list of prompts; the rest were dropped without a word.
+    model = mlflow.pyfunc.load_model(completions_model.model_uri)
+    prompts = ["Name three rivers.", "hi"]
+    response = model.predict({"prompt": prompts, **GREEDY})
+    want = loaded_model.predict(prompts, params={**GREEDY, "return_usage": True})
+    assert [c["index"] for c in response["choices"]] == [0, 1]
+    assert [c["text"] for c in response["choices"]] == want["candidates"].tolist()
+    assert response["usage"]["prompt_tokens"] == int(want["prompt_tokens"].sum())
+    assert response["usage"]["completion_tokens"] == int(want["completion_tokens"].sum())
+
+
+def test_the_requests_of_one_frame_generate_side_by_side(chat_model, monkeypatch):
+    # One request after another would leave the engine one sequence at a time.
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    engine = model.unwrap_python_model().engine
+    running = []
+    step = type(engine._scheduler)._step  # noqa: SLF001
+    monkeypatch.setattr(type(engine._scheduler), "_step",  # noqa: SLF001
+                        lambda self: (running.append(len(self.running)), step(self))[1])
+    model.predict(pd.DataFrame({"messages": [CHAT] * 3, "max_tokens": [6] * 3, "temperature": [0.0] * 3}))
+    assert max(running) == 3
+
+
+def test_openai_chat_messages_are_taken_as_mlflows_chat_schema_allows_them(chat_model, expected):
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    # The developer role is the system one; a name and fields left null change nothing.
+    messages = [{"role": "developer", "content": SYSTEM["content"], "name": "ops"},
+                *({**m, "name": "bob", "refusal": None, "tool_calls": None} for m in CHAT)]
+    response = model.predict({"messages": messages, **GREEDY})
+    assert response["choices"][0]["message"]["content"] == expected["system"]["candidates"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="must be a dict with keys 'role' and 'content'"):
+        model.predict({"messages": [{**CHAT[0], "tool_call_id": "call-1"}], **GREEDY})
+
+
 def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected):
     model = mlflow.pyfunc.load_model(chat_model.model_uri)
     responses = model.predict(pd.DataFrame({"messages": [CHAT, [SYSTEM, *CHAT]],

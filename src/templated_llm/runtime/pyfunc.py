@@ -155,10 +155,11 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if self.config.task is not None:
             requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
                                           stream=True)
-            if len(requests) != 1:
+            if len(requests) != 1 or len(requests[0].rows) != 1:
                 raise MlflowException.invalid_parameter_value(
-                    f"predict_stream takes one request; received {len(requests)}")
-            return _text_only(self._stream([requests[0].row], {**(params or {}), **requests[0].params}))
+                    f"predict_stream takes one request of one prompt; received {len(requests)} "
+                    f"requests of {sum(len(r.rows) for r in requests)} prompts")
+            return _text_only(self._stream(requests[0].rows, {**(params or {}), **requests[0].params}))
         return _text_only(self.generate_stream(model_input, params))
 
     def generate_stream(
@@ -214,15 +215,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
     ) -> dict[str, Any] | list[dict[str, Any]]:
         requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
-        trace.rows([r.row for r in requests], requests[0].params if len(requests) == 1 else None)
-        completions, responses = [], []
-        for request in requests:
-            # Each request (row) has its own params: its body's over the request's params.
-            [completion], _ = self._complete([request.row], {**(params or {}), **request.params}, trace)
-            completions.append(completion)
-            responses.append(task_response(self.config.task, self.spec.name, completion))
+        trace.rows([row for r in requests for row in r.rows], requests[0].params if len(requests) == 1 else None)
+        # Each request (row) has its own params: its body's over the request's params.
+        results = self._complete_all([(r.rows, {**(params or {}), **r.params}) for r in requests], trace)
+        responses = [task_response(self.config.task, self.spec.name, completions) for completions, _ in results]
         response = responses[0] if len(responses) == 1 else responses
-        trace.response(response, completions)
+        trace.response(response, [c for completions, _ in results for c in completions])
         return response
 
     def _complete_input(
@@ -230,11 +228,23 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     ) -> tuple[list[Completion], GenerationParams]:
         rows = read_rows(model_input, self.config.max_rows_per_request)
         trace.rows(rows)
-        return self._complete(rows, params, trace)
+        [result] = self._complete_all([(rows, params)], trace)
+        return result
 
-    def _complete(
-        self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
-    ) -> tuple[list[Completion], GenerationParams]:
+    def _complete_all(
+        self, requests: list[tuple[list[Row], dict[str, Any] | None]], trace: RequestTrace
+    ) -> list[tuple[list[Completion], GenerationParams]]:
+        """Every request's completions, each with its own params: all are checked before any
+        generates, then all generate at once (side by side on the engine)."""
+        prepared = [self._prepare(rows, params, trace) for rows, params in requests]
+        with trace.generation([ids for input_ids, _, _ in prepared for ids in input_ids]) as stage:
+            completions = self._generate_all(prepared)
+            stage.generated([c for request in completions for c in request])
+        return [(request, generation) for request, (_, generation, _) in zip(completions, prepared)]
+
+    def _prepare(self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
+                 ) -> tuple[list[list[int]], GenerationParams, Grammar | None]:
+        """A request's token ids, params and grammar; raises a 400 for anything it cannot be."""
         variables, generation = self._params(params)
         try:
             grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
@@ -244,13 +254,23 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             input_ids, generation = self._encode(prompts, generation, params)
         finally:
             trace.params(generation, variables)  # as generated, or as refused
-        with trace.generation(input_ids) as stage:
-            if self._engine is None:
-                completions = list(self._batcher.submit(input_ids, generation))
-            else:
-                completions = [row.result() for row in self._submit(input_ids, generation, grammar)]
-            stage.generated(completions)
-        return completions, generation
+        return input_ids, generation, grammar
+
+    def _generate_all(self, prepared: list[tuple[list[list[int]], GenerationParams, Grammar | None]]
+                      ) -> list[list[Completion]]:
+        if self._engine is None:
+            return [list(self._batcher.submit(input_ids, generation)) for input_ids, generation, _ in prepared]
+        submitted: list[list[Sequence]] = []
+        try:
+            for input_ids, generation, grammar in prepared:
+                submitted.append(self._submit(input_ids, generation, grammar))
+            return [[sequence.result() for sequence in sequences] for sequences in submitted]
+        except BaseException:
+            # A refused or failed request fails the call: what else it queued stops.
+            for sequences in submitted:
+                for sequence in sequences:
+                    sequence.cancel()
+            raise
 
     def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,

@@ -80,9 +80,10 @@ def task_signature(task: str, params: ParamSchema) -> ModelSignature:
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """One request of a task model: its prompt or conversation, and the params its body set."""
+    """One request of a task model: its conversation or prompts (a completions body's
+    ``prompt`` may be a list, answered with a choice each), and the params its body set."""
 
-    row: Row
+    rows: list[Row]
     params: dict[str, Any]
 
 
@@ -109,8 +110,11 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
             f"received fields {[str(c) for c in frame.columns]}"
         )
     check_row_limit(len(frame), max_rows)
+    if task == CHAT:
+        frame = frame.assign(**{column: frame[column].map(_as_plain_messages)})
     # A chat request is one conversation: each row is read as a one-row input of its own.
-    rows = [read_rows(frame[[column]].iloc[[i]], max_rows)[0] for i in range(len(frame))]
+    rows = [read_rows(frame[[column]].iloc[[i]], max_rows) for i in range(len(frame))]
+    check_row_limit(sum(map(len, rows)), max_rows)
     requests = []
     for index, row in enumerate(rows):
         params = {str(k): v for k, v in ((k, _value(frame[k].iloc[index])) for k in frame.columns)
@@ -125,21 +129,38 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
     return requests
 
 
-def task_response(task: str, model: str, completion: Completion) -> dict[str, Any]:
-    """The OpenAI-shaped response to one request: ``chat.completion`` or ``text_completion``."""
-    usage = TokenUsageStats(
-        prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-        total_tokens=completion.prompt_tokens + completion.completion_tokens,
-    )
+def _as_plain_messages(messages: Any) -> Any:
+    """An OpenAI chat body's messages as role and content: the fields MLflow's chat schema
+    allows and that change nothing here are dropped (``name``, fields left null), and the
+    ``developer`` role is the ``system`` one. Anything else is left for the check to refuse."""
+    if not isinstance(messages, (list, np.ndarray)):
+        return messages
+    plain = []
+    for message in messages:
+        if isinstance(message, dict):
+            message = {k: v for k, v in message.items() if v is not None and k != "name"}
+            if message.get("role") == "developer":
+                message["role"] = "system"
+        plain.append(message)
+    return plain
+
+
+def task_response(task: str, model: str, completions: list[Completion]) -> dict[str, Any]:
+    """The OpenAI-shaped response to one request, a choice per completion (per prompt of a
+    completions request): ``chat.completion`` or ``text_completion``."""
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    usage = TokenUsageStats(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
     if task == CHAT:
         return ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}", model=model, usage=usage,
-            choices=[ChatChoice(message=ChatMessage(role="assistant", content=completion.text),
-                                finish_reason=completion.finish_reason)],
+            choices=[ChatChoice(index=i, message=ChatMessage(role="assistant", content=c.text),
+                                finish_reason=c.finish_reason) for i, c in enumerate(completions)],
         ).to_dict()
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason}],
+        "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason}
+                    for i, c in enumerate(completions)],
         "usage": usage.to_dict(),
     }
