@@ -48,6 +48,14 @@ def test_unknown_params_are_rejected_with_the_allowed_list() -> None:
         validate_params({"temprature": 0.5}, {})
 
 
+def test_an_unknown_field_inside_a_param_is_named_with_the_fields_it_takes() -> None:
+    # Not "unknown param 'response_format'", which the allowed list then names.
+    with pytest.raises(MlflowException, match=r"param 'response_format' has no field 'extra'; it takes \['type', 'json_schema'\]"):
+        validate_params({"response_format": {"type": "text", "extra": 1}}, {})
+    with pytest.raises(MlflowException, match=r"no field 'json_schema.bogus'; it takes \['name', 'description', 'schema', 'strict'\]"):
+        validate_params({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "bogus": 1}}}, {})
+
+
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(MlflowException) as caught:
         validate_params({"temperature": -1, "max_tokens": 0}, {})

@@ -80,8 +80,9 @@ def test_a_registry_prompt_is_checked_like_a_file_before_anything_is_logged(tiny
     name = f"bad-{abs(hash(str(template)))}"
     mlflow.genai.register_prompt(name, template)
     before = len(mlflow.search_logged_models(output_format="list"))
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         log_llm("mpt-instruct", snapshot=tiny_snapshot, template=f"prompts:/{name}/1")
+    assert f"prompts:/{name}/1" in str(raised.value)  # the prompt, not a staging file
     assert len(mlflow.search_logged_models(output_format="list")) == before
 
 

@@ -278,7 +278,8 @@ def log_llm(
     with tempfile.TemporaryDirectory() as staging:
         source = _template_source(spec, template, Path(staging) / "template")
         # Fail before logging: sandbox checks, and one render with the spec's template variables.
-        validate_template(source.path, prompt=_INPUT_EXAMPLE[0], **spec.template_variables)
+        # A registry prompt is named by its URI, not the staging file it was written to.
+        validate_template(source.path, {"prompt": _INPUT_EXAMPLE[0], **spec.template_variables}, source.uri)
         defaults = GenerationParams(**spec.generation_defaults).model_dump()
         config = LoggedConfig(
             model=spec.name,

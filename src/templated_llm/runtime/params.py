@@ -4,7 +4,7 @@ MLflow ``ParamSchema`` derived from them."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import numpy as np
 from mlflow.exceptions import MlflowException
@@ -110,6 +110,18 @@ def read_params(
     return variables, validate_params(rest, defaults, max_tokens_limit)
 
 
+def _fields_at(model: type[BaseModel], path: list[Any]) -> list[str]:
+    """The fields of the pydantic model found by following ``path`` from ``model``."""
+    for key in path:
+        field = model.model_fields.get(str(key))
+        found = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)
+                 and issubclass(a, BaseModel)] if field is not None else []
+        if not found:
+            return []
+        model = found[0]
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
 def validate_params(
     params: dict[str, Any] | None, defaults: dict[str, Any], max_tokens_limit: int | None = None
 ) -> GenerationParams:
@@ -125,9 +137,15 @@ def validate_params(
         problems = []
         for error in exc.errors():
             name, *item = error["loc"]
-            if error["type"] == "extra_forbidden":
+            if error["type"] == "extra_forbidden" and not item:
                 problems.append(
                     f"unknown param {name!r}; allowed params: {list(GenerationParams.model_fields)}"
+                )
+            elif error["type"] == "extra_forbidden":
+                fields = _fields_at(GenerationParams, [name, *item[:-1]])
+                problems.append(
+                    f"param {name!r} has no field {'.'.join(map(str, item))!r}"
+                    f"{f'; it takes {fields}' if fields else ''}; received {merged[name]!r}"
                 )
             else:
                 where = f" item {item[0]}" if item and isinstance(item[0], int) else (

@@ -95,13 +95,15 @@ def _check_sandbox(tree: nodes.Template, name: str) -> None:
             )
 
 
-def validate_template(path: str | os.PathLike[str], **sample: Any) -> PromptTemplate:
+def validate_template(path: str | os.PathLike[str], sample: dict[str, Any], name: str | None = None
+                      ) -> PromptTemplate:
     """Load a template and render it once with ``sample`` variables, so it fails at log time.
 
     Raises :class:`TemplateSecurityError` for a sandbox violation and :class:`TemplateError`,
-    naming the file and line, for a syntax error or an undefined variable.
+    naming the template (``name``, else the file) and line, for a syntax error or an undefined
+    variable.
     """
-    template = PromptTemplate.from_file(path)
+    template = PromptTemplate(Path(path).read_text(encoding="utf-8"), name=name or str(path))
     try:
         template.render(**sample)
     except TemplateError as exc:
