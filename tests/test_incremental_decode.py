@@ -42,7 +42,7 @@ def sentencepiece_like():
 
 def _streamed_whole_batch(tokenizer, ids: list[int]) -> str:
     """What the whole-batch path's stream (transformers' generate with its streamer) sends."""
-    streamer = _Streamer(tokenizer, end_ids={tokenizer.eos_token_id})
+    streamer = _Streamer(tokenizer)
     streamer.put(torch.tensor([[1]]))  # the prompt, skipped
     for token in ids:
         streamer.put(torch.tensor([token]))

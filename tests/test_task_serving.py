@@ -186,6 +186,16 @@ def test_openai_chat_messages_are_taken_as_mlflows_chat_schema_allows_them(chat_
         model.predict({"messages": [{**CHAT[0], "tool_call_id": "call-1"}], **GREEDY})
 
 
+def test_a_refused_chat_request_leaves_a_chat_trace_of_its_body(chat_model):
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="request field 'n'"):
+        model.predict({"messages": CHAT, "n": 2, **GREEDY})
+    trace = mlflow.get_trace(mlflow.get_last_active_trace_id(thread_local=True), flush=True)
+    root = next(span for span in trace.data.spans if span.parent_id is None)
+    assert trace.info.state == "ERROR" and root.span_type == "CHAT_MODEL"
+    assert root.inputs["body"][0]["messages"][0]["content"] == CHAT[0]["content"]
+
+
 def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected):
     model = mlflow.pyfunc.load_model(chat_model.model_uri)
     responses = model.predict(pd.DataFrame({"messages": [CHAT, [SYSTEM, *CHAT]],

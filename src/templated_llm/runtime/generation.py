@@ -168,11 +168,9 @@ class _Streamer(TextIteratorStreamer):
     decodes as the engine does (IncrementalText).
     """
 
-    def __init__(self, tokenizer: Any, end_ids: set[int]) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.end_ids = end_ids
         self.generated: list[int] = []
-        self.ended = False  # the last token is an end token
         self.text = ""  # everything sent
         self._decoded = IncrementalText()
 
@@ -186,7 +184,6 @@ class _Streamer(TextIteratorStreamer):
             return
         ids = value.reshape(-1).tolist()
         self.generated.extend(ids)
-        self.ended = ids[-1] in self.end_ids
         self._send(self._decoded.update(self.tokenizer, self.generated))
 
     def end(self) -> None:
@@ -228,7 +225,8 @@ def _stream(
 ) -> Iterator[str | Completion]:
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
-    streamer = _Streamer(tokenizer, ends)
+    streamer = _Streamer(tokenizer)
+    row_ends = _RowEnds(tokenizer, params.stop, ends)
     constrained = _constrained(batch, grammar, ends)
     failure: list[BaseException] = []
 
@@ -236,7 +234,7 @@ def _stream(
         try:
             with lock, torch.inference_mode(), _seeded(params.seed, device):
                 model.generate(**batch, generation_config=config, streamer=streamer,
-                               stopping_criteria=[_Cancelled(cancelled), _RowEnds(tokenizer, params.stop, ends)],
+                               stopping_criteria=[_Cancelled(cancelled), row_ends],
                                **constrained)
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)
@@ -251,10 +249,9 @@ def _stream(
         thread.join()
     if failure:
         raise failure[0]
-    text = cut_at_stop(streamer.text, params.stop)
     yield Completion(
-        text=text,
+        text=cut_at_stop(streamer.text, params.stop),
         prompt_tokens=int(batch["attention_mask"].sum()),
         completion_tokens=streamer.tokens,
-        finish_reason="stop" if streamer.ended or text != streamer.text else "length",
+        finish_reason="stop" if row_ends.ended and row_ends.ended[0] is not None else "length",
     )

@@ -31,7 +31,7 @@ from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_re
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.structured import Grammar, StructuredOutput
-from templated_llm.runtime.tasks import read_task_requests, task_response
+from templated_llm.runtime.tasks import CHAT, read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
@@ -214,7 +214,11 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _predict_task(
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
+        try:
+            requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
+        except Exception:
+            trace.body(model_input, chat=self.config.task == CHAT)  # the refused request's trace
+            raise
         trace.rows([row for r in requests for row in r.rows], requests[0].params if len(requests) == 1 else None)
         # Each request (row) has its own params: its body's over the request's params.
         results = self._complete_all([(r.rows, {**(params or {}), **r.params}) for r in requests], trace)

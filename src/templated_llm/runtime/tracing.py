@@ -185,6 +185,16 @@ class RequestTrace:
             "conversations" if chat else "prompts": rows}
         self._span.set_inputs(self._shown({**shown, **(fields or {})}, {"rows": len(rows)}))
 
+    def body(self, model_input: Any, chat: bool) -> None:
+        """A request refused before its rows were read: its body as received."""
+        if self._span is None:
+            return
+        if chat:
+            self._span.set_span_type(SpanType.CHAT_MODEL)
+        if isinstance(model_input, pd.DataFrame):
+            model_input = json.loads(model_input.to_json(orient="records"))
+        self._span.set_inputs(self._shown({"body": model_input}, {"body": "<not traced>"}))
+
     def params(self, generation: GenerationParams, variables: dict[str, str]) -> None:
         if self._span is None:
             return

@@ -191,7 +191,9 @@ def _json_response(document: Any, status: int = 200) -> Response:
 
 def _error_response(error: RequestError) -> Response:
     body = error_body(error.message, type=error.type, param=error.param, code=error.code)
-    return Response(body, status_code=error.status, media_type="application/json")
+    # At capacity or loading: clients (the openai SDK among them) wait this long to retry.
+    headers = {"retry-after": "1"} if error.status in (429, 503) else None
+    return Response(body, status_code=error.status, media_type="application/json", headers=headers)
 
 
 def _model_card(model: LoadedModel) -> dict[str, Any]:
