@@ -278,6 +278,15 @@ def test_a_wrong_or_missing_key_is_a_401_on_v1_and_invocations(server):
     assert answered.status_code == 200 and len(answered.json()["predictions"]) == 1
 
 
+def test_a_key_beyond_ascii_is_matched_as_the_client_sends_it():
+    from templated_llm.serving.gate import Gate
+
+    gate = Gate(None, None, api_key="clé-ü", max_body_bytes=1, available=lambda: None)
+    sent = "Bearer clé-ü".encode()  # a header carries the key's UTF-8 bytes
+    assert gate._authorized({"headers": [(b"authorization", sent)]})  # noqa: SLF001
+    assert not gate._authorized({"headers": [(b"authorization", "Bearer clé-u".encode())]})  # noqa: SLF001
+
+
 def test_a_body_over_the_limit_is_a_413(server):
     response = requests.post(f"{server}/v1/completions", data=b"x" * (16 * 2**20 + 1),
                              headers={"Authorization": f"Bearer {KEY}"}, timeout=60)

@@ -97,10 +97,9 @@ class Gate:
         await self._app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                  self._api_key.encode())
+        # Header bytes against the key's UTF-8 bytes, as clients send a key beyond ASCII.
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key.encode())
 
     def _finish(self, scope: Scope, record: Record, status: int, seconds: float) -> None:
         route = route_of(scope["path"])
