@@ -15,7 +15,7 @@ ORDER = [
     "plugins.hookspecs", "plugins.attention",
     "runtime.device", "runtime.templates", "runtime.inputs", "runtime.structured", "runtime.params",
     "runtime.prompts",
-    "runtime.tokens", "runtime.completions", "runtime.tasks", "runtime.generation", "runtime.batching",
+    "runtime.tokens", "runtime.completions", "runtime.streams", "runtime.tasks", "runtime.generation", "runtime.batching",
     "runtime.tracing", "runtime.packed_linear",
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.attention", "engine.adapters", "engine.scheduler",

@@ -150,3 +150,26 @@ def test_a_stream_closed_or_dropped_unread_cancels_its_sequence(loaded_model, dr
             time.sleep(0.01)
         assert stats.running + stats.waiting == 0
         assert stats.tokens_generated - before < 200
+
+
+def test_a_whole_batch_stream_cancelled_says_so_and_its_trace_is_an_error(fallback_model) -> None:
+    # Cut short, it is neither "length" (max_tokens reached) nor a success.
+    stream = fallback_model.unwrap_python_model().generate_stream(
+        "Cancel three rivers.", {**GREEDY, "max_tokens": 200})
+    next(stream)
+    stream.cancel()
+    *_, completion = list(stream)
+    assert completion.finish_reason == "cancelled" and completion.completion_tokens < 200
+    [trace] = [t for t in mlflow.search_traces(return_type="list", max_results=20, flush=True)
+               if "Cancel three rivers." in (t.info.request_preview or "")]
+    assert trace.info.state == "ERROR"
+
+
+def test_an_omitted_max_tokens_fits_the_whole_batch_cache_budget(tiny_snapshot) -> None:
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="small-budget", engine=False)
+    model = mlflow.pyfunc.load_model(info.model_uri, model_config={"max_cache_tokens": 600})
+    python_model = model.unwrap_python_model()
+    assert python_model.cache_tokens == 600  # 3 rows of the default 256 would not fit
+    completions = python_model.complete(["a", "b", "c"], {"temperature": 0.0})
+    longest = max(c.prompt_tokens for c in completions)
+    assert all(c.completion_tokens <= 600 // 3 - longest for c in completions)

@@ -26,6 +26,7 @@ from mlflow.types.llm import (
 
 from local_server import free_port, running_server
 from templated_llm import TaskError, log_llm
+from templated_llm.engine import EngineConfig
 from test_chat_serving import CHAT, GREEDY, SYSTEM  # the same conversations as the default schema's
 
 pytestmark = pytest.mark.slow
@@ -230,3 +231,13 @@ def test_predict_stream_takes_the_request_bodys_params(chat_model, completions_m
     assert "".join(completions.predict_stream(body)) == choice["text"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="request field 'n'"):
         list(completions.predict_stream({**body, "n": 2}))
+
+
+def test_a_frame_of_more_requests_than_the_engine_queues_is_served_in_turn(tiny_snapshot):
+    # Submitting every request at once would refuse what an idle engine can serve in turn.
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="small-queue", task="llm/v1/completions",
+                   engine=EngineConfig(max_num_seqs=1, max_waiting=2))
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    responses = model.predict(pd.DataFrame({"prompt": ["a", "b", "c", "d"], "max_tokens": [3] * 4,
+                                            "temperature": [0.0] * 4}))
+    assert [r["choices"][0]["finish_reason"] for r in responses] == ["length"] * 4

@@ -14,6 +14,8 @@ import pandas as pd
 from mlflow.types.schema import ColSpec, Schema
 
 OUTPUT_COLUMN = "candidates"
+#: ``finish_reason`` of a generation cancelled before it ended.
+CANCELLED = "cancelled"
 #: Columns added to ``candidates`` when a request sets ``return_usage``, with their MLflow types.
 USAGE_COLUMNS = {"prompt_tokens": "long", "completion_tokens": "long", "finish_reason": "string"}
 

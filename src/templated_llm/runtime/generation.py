@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
-from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
+from templated_llm.runtime.completions import CANCELLED, Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.structured import Grammar, GrammarLogitsProcessor
@@ -244,6 +244,7 @@ def _stream(
     thread.start()
     try:
         yield from held_back_at_stop(streamer, params.stop)
+        cut_short = cancelled.is_set() and streamer.tokens < params.max_tokens  # by cancel()
     finally:
         cancelled.set()
         thread.join()
@@ -253,5 +254,6 @@ def _stream(
         text=cut_at_stop(streamer.text, params.stop),
         prompt_tokens=int(batch["attention_mask"].sum()),
         completion_tokens=streamer.tokens,
-        finish_reason="stop" if row_ends.ended and row_ends.ended[0] is not None else "length",
+        finish_reason="stop" if row_ends.ended and row_ends.ended[0] is not None else
+        CANCELLED if cut_short else "length",
     )

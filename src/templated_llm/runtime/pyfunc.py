@@ -6,6 +6,7 @@ each stage is a module of this package, and this class only connects them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -264,14 +265,25 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                       ) -> list[list[Completion]]:
         if self._engine is None:
             return [list(self._batcher.submit(input_ids, generation)) for input_ids, generation, _ in prepared]
-        submitted: list[list[Sequence]] = []
+        results: list[list[Completion]] = []
+        waiting, running = list(prepared), collections.deque()
         try:
-            for input_ids, generation, grammar in prepared:
-                submitted.append(self._submit(input_ids, generation, grammar))
-            return [[sequence.result() for sequence in sequences] for sequences in submitted]
+            while waiting or running:
+                # Queue what the engine takes; when it is full, the call's own oldest request
+                # frees room as it ends (full with others' work alone, the call is refused).
+                while waiting:
+                    try:
+                        running.append(self._submit(*waiting[0]))
+                    except MlflowException as exc:
+                        if exc.error_code != "RESOURCE_EXHAUSTED" or not running:
+                            raise
+                        break
+                    waiting.pop(0)
+                results.append([sequence.result() for sequence in running.popleft()])
+            return results
         except BaseException:
             # A refused or failed request fails the call: what else it queued stops.
-            for sequences in submitted:
+            for sequences in running:
                 for sequence in sequences:
                     sequence.cancel()
             raise

@@ -93,14 +93,18 @@ class PromptTokens:
         the rows the KV cache budget.
 
         ``fit``: ``max_tokens`` is a default the caller did not choose, so it shrinks to what the
-        context leaves after the longest prompt (OpenAI's meaning of an omitted ``max_tokens``).
+        context (and the whole-batch KV cache budget) leaves after the longest prompt (OpenAI's
+        meaning of an omitted ``max_tokens``).
         """
         self._check_chars(prompts)
         with self._lock:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
         longest = max((len(ids) for ids in input_ids), default=0)
-        if fit and self.context_length is not None and longest < self.context_length:
-            max_tokens = min(max_tokens, self.context_length - longest)
+        if fit:
+            room = [self.context_length - longest if self.context_length is not None else max_tokens,
+                    self.cache_tokens // len(input_ids) - longest if self.cache_tokens is not None else max_tokens]
+            if min(room) >= 1:
+                max_tokens = min(max_tokens, *room)
         self._check_context(input_ids, max_tokens)
         return input_ids, max_tokens
 

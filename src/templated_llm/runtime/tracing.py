@@ -23,7 +23,7 @@ from mlflow.entities import LiveSpan, SpanEvent, SpanStatusCode, SpanType
 from mlflow.environment_variables import MLFLOW_TRACE_SAMPLING_RATIO
 from mlflow.tracing.constant import SpanAttributeKey, TokenUsageKey
 
-from templated_llm.runtime.completions import Completion
+from templated_llm.runtime.completions import CANCELLED, Completion
 from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.streams import Stream
@@ -152,7 +152,7 @@ def _traced_stream(trace: RequestTrace, span: LiveSpan, chunks: Iterator[str | C
             for chunk in chunks:
                 if isinstance(chunk, Completion):
                     trace.response({"text": chunk.text, "finish_reason": chunk.finish_reason}, [chunk])
-                    status = "OK"
+                    status = "ERROR" if chunk.finish_reason == CANCELLED else "OK"
                 yield chunk
     finally:
         span.end(status=status)
