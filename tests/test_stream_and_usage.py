@@ -173,3 +173,14 @@ def test_an_omitted_max_tokens_fits_the_whole_batch_cache_budget(tiny_snapshot) 
     completions = python_model.complete(["a", "b", "c"], {"temperature": 0.0})
     longest = max(c.prompt_tokens for c in completions)
     assert all(c.completion_tokens <= 600 // 3 - longest for c in completions)
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_a_stream_without_text_gives_the_completion_alone(loaded_model, fallback_model, engine) -> None:
+    model = loaded_model if engine else fallback_model
+    params = {**GREEDY, "return_usage": True}
+    [expected] = model.predict([PROMPT], params=params).to_dict("records")
+    stream = model.unwrap_python_model().generate_stream(PROMPT, GREEDY, text=False)
+    [completion] = list(stream)
+    assert (completion.text, completion.completion_tokens, completion.finish_reason) == (
+        expected["candidates"], expected["completion_tokens"], expected["finish_reason"])

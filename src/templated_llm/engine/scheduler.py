@@ -217,6 +217,8 @@ class _Scheduler:
             for state in states:
                 if not state.done.is_set():
                     if state in self.running:
+                        # The failed pass may have written past its tokens in some layers.
+                        self.cache.clear(state.slot, self.cache.slot_len)
                         self._leave(state)
                     self.recorder.failed += 1
                     state.fail(failure)

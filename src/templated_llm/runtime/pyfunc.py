@@ -164,19 +164,22 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return _text_only(self.generate_stream(model_input, params))
 
     def generate_stream(
-        self, model_input: Any, params: dict[str, Any] | None = None
+        self, model_input: Any, params: dict[str, Any] | None = None, *, text: bool = True
     ) -> Iterator[str | Completion]:
         """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
         counts, finish reason). Input and params are checked before this returns; closing the
-        iterator stops the generation."""
+        iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
+        the Completion only, for a caller who wants it whole but may cancel it (on the engine
+        no text is then decoded at every step)."""
         rows = read_rows(model_input, self.config.max_rows_per_request)
         if len(rows) != 1:
             raise MlflowException.invalid_parameter_value(
                 f"predict_stream takes one prompt or conversation; received {len(rows)}"
             )
-        return self._stream(rows, params)
+        return self._stream(rows, params, text)
 
-    def _stream(self, rows: list[Row], params: dict[str, Any] | None) -> Iterator[str | Completion]:
+    def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True
+                ) -> Iterator[str | Completion]:
         try:
             variables, generation = self._params(params)
             grammar = self._grammar(generation)
@@ -188,12 +191,15 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 raise
         if self._engine is not None:
             [sequence] = self._submit(input_ids, generation, grammar)
-            chunks = Stream(_then_completion(sequence), sequence.cancel, cancel=sequence.cancel)
+            chunks = Stream(_then_completion(sequence) if text else _completion_only(sequence),
+                            sequence.cancel, cancel=sequence.cancel)
         else:
             batch = self.tokens.pad(input_ids, self.device)
             # The model alone for the whole stream: no batch runs beside it.
             chunks = stream(self.model, self.tokenizer, batch, generation, self.device,
                             self._batcher.lock, grammar)
+            if not text:
+                chunks = _completions_of(chunks)
         return self.tracer.stream(rows, generation, variables, chunks)
 
     def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
@@ -320,8 +326,21 @@ def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:
     yield sequence.result()
 
 
+def _completion_only(sequence: Sequence) -> Iterator[Completion]:
+    # No text chunks: the sequence is not marked streaming, so the engine decodes it once.
+    yield sequence.result()
+
+
 def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
-    def text() -> Iterator[str]:
-        with contextlib.closing(chunks):  # closing the text stops the generation
-            yield from (chunk for chunk in chunks if isinstance(chunk, str))
-    return Stream(text(), chunks.close, cancel=getattr(chunks, "cancel", None))
+    return _only(chunks, str)
+
+
+def _completions_of(chunks: Iterator[str | Completion]) -> Iterator[Completion]:
+    return _only(chunks, Completion)
+
+
+def _only(chunks: Iterator[str | Completion], kind: type) -> Iterator[Any]:
+    def kept() -> Iterator[Any]:
+        with contextlib.closing(chunks):  # closing this stops the generation
+            yield from (chunk for chunk in chunks if isinstance(chunk, kind))
+    return Stream(kept(), chunks.close, cancel=getattr(chunks, "cancel", None))

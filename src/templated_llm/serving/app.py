@@ -236,7 +236,8 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
         # On the engine a whole completion is read from a stream too, which a timeout, a client
         # gone or a shutdown cancels; whole batches merge concurrent completions instead.
         if parsed.stream or model.backend.streams_completions:
-            exchange.generations.start(index, partial(model.backend.stream, row, choice), cancellable=True)
+            exchange.generations.start(index, partial(model.backend.stream, row, choice, text=parsed.stream),
+                                       cancellable=True)
         else:
             exchange.generations.start(index, partial(_complete, model.backend, row, choice), cancellable=False)
     reply = Reply(chat=chat, model=model.name, fingerprint=model.fingerprint,

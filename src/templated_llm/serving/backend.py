@@ -33,9 +33,9 @@ class Backend(Protocol):
 
     def complete(self, row: Row, params: dict[str, Any]) -> Completion: ...
 
-    def stream(self, row: Row, params: dict[str, Any]) -> Iterator[str | Completion]:
-        """Text deltas as they are generated, then the :class:`Completion`; closing the iterator
-        cancels the generation."""
+    def stream(self, row: Row, params: dict[str, Any], text: bool = True) -> Iterator[str | Completion]:
+        """Text deltas as they are generated (none with ``text=False``), then the
+        :class:`Completion`; closing the iterator, or its ``cancel()``, cancels the generation."""
         ...
 
     def stats(self) -> Any | None:
@@ -68,8 +68,8 @@ class TemplatedLLMBackend:
         [completion] = self._model.complete(_model_input(row), params)
         return completion
 
-    def stream(self, row: Row, params: dict[str, Any]) -> Iterator[str | Completion]:
-        return self._model.generate_stream(_model_input(row), params)
+    def stream(self, row: Row, params: dict[str, Any], text: bool = True) -> Iterator[str | Completion]:
+        return self._model.generate_stream(_model_input(row), params, text=text)
 
     def stats(self) -> Any | None:
         engine = getattr(self._model, "engine", None)
