@@ -324,7 +324,9 @@ def test_a_request_that_can_never_fit_is_a_400_and_refusals_are_not_cancellation
         assert metric(url, "templated_llm_sequences_cancelled_total") == 0
         assert metric(url, "templated_llm_sequences_in_flight") == 0
         # Two sequences generating fill the server: the next request is a 429 to retry later.
-        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 1000, "n": 2, "stream": True}
+        # Greedy: these run all 1,000 tokens (the timeout test checks it), holding both places.
+        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 1000, "n": 2, "stream": True,
+                "temperature": 0.0}
         with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as running:
             next(line for line in running.iter_lines() if line)
             refused = requests.post(f"{url}/v1/completions", json={**body, "n": 1, "stream": False}, timeout=60)
