@@ -105,7 +105,7 @@ class SlotCache:
         """Exchange the contents of slots ``a`` and ``b`` (their first ``len_*`` positions)."""
         saved_k = self.k[:, a, :, :len_a].clone()
         saved_v = self.v[:, a, :, :len_a].clone()
-        self.clear(a, len_a)
+        self.clear(a, len_a, start=len_b)  # the tail b's positions will not overwrite
         self.move(b, a, len_b)
         self.k[:, b, :, :len_a] = saved_k
         self.v[:, b, :, :len_a] = saved_v

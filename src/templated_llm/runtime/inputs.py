@@ -21,6 +21,11 @@ Row = str | list[Message]
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
+def openai_role(role: Any) -> Any:
+    """A role as this model takes it: OpenAI's ``developer`` is the ``system`` one."""
+    return "system" if role == "developer" else role
+
+
 def read_rows(model_input: Any, max_rows: int) -> list[Row]:
     """The rows of a request: its prompts, or its conversations when it sends ``messages``.
 

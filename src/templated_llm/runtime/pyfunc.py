@@ -17,7 +17,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
+from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED, ErrorCode
 
 from templated_llm.engine import Engine, EngineFullError, Sequence
 from templated_llm.engine.adapters import picks_rope_per_pass
@@ -281,7 +281,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                     try:
                         running.append(self._submit(*waiting[0]))
                     except MlflowException as exc:
-                        if exc.error_code != "RESOURCE_EXHAUSTED" or not running:
+                        if exc.error_code != ErrorCode.Name(RESOURCE_EXHAUSTED) or not running:
                             raise
                         break
                     waiting.pop(0)

@@ -28,7 +28,7 @@ from mlflow.types.schema import ParamSchema
 
 from templated_llm.errors import TaskError
 from templated_llm.runtime.completions import Completion
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, read_rows
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, openai_role, read_rows
 
 CHAT = "llm/v1/chat"
 COMPLETIONS = "llm/v1/completions"
@@ -139,8 +139,8 @@ def _as_plain_messages(messages: Any) -> Any:
     for message in messages:
         if isinstance(message, dict):
             message = {k: v for k, v in message.items() if v is not None and k != "name"}
-            if message.get("role") == "developer":
-                message["role"] = "system"
+            if "role" in message:
+                message["role"] = openai_role(message["role"])
         plain.append(message)
     return plain
 

@@ -101,10 +101,10 @@ class PromptTokens:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
         longest = max((len(ids) for ids in input_ids), default=0)
         if fit:
-            room = [self.context_length - longest if self.context_length is not None else max_tokens,
-                    self.cache_tokens // len(input_ids) - longest if self.cache_tokens is not None else max_tokens]
-            if min(room) >= 1:
-                max_tokens = min(max_tokens, *room)
+            limits = [self.context_length, None if self.cache_tokens is None else self.cache_tokens // len(input_ids)]
+            room = min((limit - longest for limit in limits if limit is not None), default=max_tokens)
+            if room >= 1:
+                max_tokens = min(max_tokens, room)
         self._check_context(input_ids, max_tokens)
         return input_ids, max_tokens
 

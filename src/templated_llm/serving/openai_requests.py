@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from templated_llm.errors import RequestError
-from templated_llm.runtime.inputs import Row
+from templated_llm.runtime.inputs import Row, openai_role
 from templated_llm.spec import ModelSpec
 
 # Fields that change nothing here: accepted and ignored.
@@ -280,7 +280,7 @@ def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]
     takes one user message as its instruction; a system message before it sets the ``system``
     variable, or, for a template without one, opens the instruction.
     """
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+    turns = [{"role": openai_role(m.role), "content": m.text}
              for m in request.messages]
     if spec.chat:
         return turns, {}
