@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -237,9 +238,9 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_survives(server):
 # --- shutdown ---------------------------------------------------------------------------------
 
 def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
-    with openai_server(logged_model.model_uri, "--shutdown-timeout", "2") as url:
+    with openai_server(logged_model.model_uri, "--shutdown-timeout", "1") as url:
         process = server_process(int(url.rsplit(":", 1)[1]))
-        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 400, "temperature": 0.0,
+        body = {"model": NAME, "prompt": "Write a long story.", "max_tokens": 1000, "temperature": 0.0,
                 "stream": True}
         ends: dict[int, object] = {}
         started = threading.Event()
@@ -252,7 +253,7 @@ def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
                         if line:
                             events.append(line.decode().removeprefix("data: "))
                             started.set()
-                    ends[i] = events[-1]
+                    ends[i] = events[-2:]
             except requests.RequestException as exc:
                 ends[i] = exc
 
@@ -264,11 +265,16 @@ def test_sigterm_during_streams_ends_them_cleanly_and_exits_0(logged_model):
         for thread in threads:
             thread.join(120)
         assert process.wait(60) == 0
-    # Each stream ended with its last event: [DONE] if it finished in time, else the error the
-    # OpenAI SDKs raise; never a connection cut mid-event.
+    # Each stream ended with its last chunk if it finished in time, else the error the OpenAI
+    # SDKs raise, then [DONE]; never a connection cut mid-event.
     assert len(ends) == 3
     for end in ends.values():
-        assert end == "[DONE]" or json.loads(end)["error"]["code"] == "shutting_down", end
+        assert isinstance(end, list) and end[1] == "[DONE]", end
+        last = json.loads(end[0])
+        assert last["choices"][0]["finish_reason"] == "length" if "choices" in last else \
+            last["error"]["code"] == "shutting_down", end
+    # 3 x 1,000 tokens take the tiny model several seconds: the shutdown cut some of them short.
+    assert any("error" in json.loads(end[0]) for end in ends.values()), ends
 
 
 def _idle(url: str) -> None:
@@ -309,6 +315,26 @@ def test_a_client_gone_while_its_text_is_held_back_stops_its_generation(logged_m
         _idle(url)
         assert metric(url, "templated_llm_sequences_cancelled_total") == 1
         assert metric(url, "templated_llm_engine_tokens_generated") < 1000
+
+
+def test_a_client_gone_before_its_whole_completion_is_ready_stops_its_generation(logged_model, loaded_model):
+    with openai_server(logged_model.model_uri) as url:
+        assert _predict(loaded_model, "Write a long story.", max_tokens=1000, temperature=0.0)[
+            "finish_reason"] == "length"  # left to run, it would write all 1,000 tokens
+        body = json.dumps({"model": NAME, "prompt": "Write a long story.", "max_tokens": 1000,
+                           "temperature": 0.0}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+            deadline = time.monotonic() + 60
+            while metric(url, "templated_llm_engine_tokens_generated") == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # The client left (no answer read); the server noticed and stopped the sequence.
+        _idle(url)
+        assert metric(url, "templated_llm_sequences_cancelled_total") == 1
+        assert metric(url, "templated_llm_engine_tokens_generated") < 1000
+        assert 'status="499"' in requests.get(f"{url}/metrics", timeout=30).text
 
 
 def test_a_request_that_can_never_fit_is_a_400_and_refusals_are_not_cancellations(logged_model):

@@ -30,7 +30,7 @@ from templated_llm.runtime.inputs import Row
 from templated_llm.serving import openai_requests as oai
 from templated_llm.serving.backend import LoadedModel, load
 from templated_llm.serving.config import ServerConfig
-from templated_llm.serving.failures import SHUTTING_DOWN, TIMEOUT, as_request_error
+from templated_llm.serving.failures import CLIENT_GONE, SHUTTING_DOWN, TIMEOUT, as_request_error
 from templated_llm.serving.gate import RECORD, ASGIApp, Gate, Record
 from templated_llm.serving.generations import ACCEPTED, FINISHED, Generations, InFlight
 from templated_llm.serving.metrics import CONTENT_TYPE, Metrics
@@ -243,9 +243,12 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
     reply = Reply(chat=chat, model=model.name, fingerprint=model.fingerprint,
                   include_usage=parsed.include_usage)
     if not parsed.stream:
+        # The body is read: what the client sends next is its disconnect, which cancels.
+        watch = asyncio.create_task(_when_gone(request, partial(exchange.generations.interrupt, CLIENT_GONE)))
         try:
             completions = await exchange.completions()
         finally:
+            watch.cancel()
             exchange.close()
         return Response(reply.whole(completions, n), media_type="application/json")
     try:
@@ -254,6 +257,12 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
         exchange.close()
         raise
     return _Stream(exchange.events(reply, early), on_close=exchange.close)
+
+
+async def _when_gone(request: Request, then: Callable[[], None]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    then()
 
 
 def _complete(backend: Any, row: Row, params: dict[str, Any]) -> Iterator[Completion]:
@@ -336,6 +345,7 @@ class _Exchange:
             index, item = waiting.popleft() if waiting else await self.generations.next()
             if index < 0 or isinstance(item, BaseException):
                 yield _error_event(self._fail(index, item))
+                yield DONE  # as vLLM does: clients that read to [DONE] stop there, not at a timeout
                 return
             if isinstance(item, str) and item:
                 if self._first_text[index] is None:
@@ -349,6 +359,7 @@ class _Exchange:
             completions = self._check_complete()
         except RequestError as error:
             yield _error_event(error)
+            yield DONE
             return
         if reply.include_usage:
             yield reply.usage_chunk(completions, self._n)

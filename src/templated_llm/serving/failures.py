@@ -18,6 +18,9 @@ _OVERLOADED_NAMES = {"EngineFullError"}
 
 TIMEOUT = RequestError("the request took longer than the server's --request-timeout",
                        status=504, type="timeout", code="timeout")
+# 499, as nginx logs a client that closed its connection; nobody reads the answer.
+CLIENT_GONE = RequestError("the client closed the connection; the request was cancelled",
+                           status=499, type="cancelled", code="cancelled")
 SHUTTING_DOWN = RequestError("the server is shutting down; the request was cancelled. Retry it",
                              status=503, type="server_error", code="shutting_down")
 
