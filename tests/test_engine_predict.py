@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from templated_llm import log_llm
+from templated_llm import hookimpl, log_llm, register_plugin
+from templated_llm.plugins.manager import unregister_plugin
 from templated_llm.engine import adapters
 from templated_llm.engine.config import EngineConfig
 
@@ -153,6 +154,31 @@ def test_a_checkpoints_generation_config_changes_neither_path(tiny_model, tmp_pa
     assert whole.predict(prompts, params=params)["candidates"].tolist() == want
     sampled = {"temperature": 1.0, "max_tokens": 8, "seed": 3}
     assert len(whole.predict(prompts, params=sampled)) == 2
+
+
+class _SuppressingPlugin:
+    """Sets, in prepare_model, what generate would apply and the engine would not."""
+
+    @hookimpl
+    def prepare_model(self, spec, model, tokenizer):
+        if spec.name == "llama2-chat":
+            model.generation_config.update(suppress_tokens=list(range(3, 300)), num_beams=2)
+
+
+def test_generation_fields_a_plugin_sets_at_load_change_neither_path(tiny_model, caplog):
+    prompts, params = ["Name three rivers.", "hi"], {"temperature": 0.0, "max_tokens": 8}
+    expected = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=tiny_model("llama")).model_uri)
+    want = expected.predict(prompts, params=params)["candidates"].tolist()
+    register_plugin(_SuppressingPlugin(), name="suppressing")
+    try:
+        with caplog.at_level(logging.WARNING, logger="templated_llm.runtime.loading"):
+            engine, whole = (mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=tiny_model("llama"),
+                                                              engine=on).model_uri) for on in (True, False))
+    finally:
+        unregister_plugin("suppressing")
+    assert "a plugin's prepare_model sets num_beams=2, suppress_tokens=" in caplog.text
+    assert engine.predict(prompts, params=params)["candidates"].tolist() == want
+    assert whole.predict(prompts, params=params)["candidates"].tolist() == want
 
 
 def test_top_k_0_samples_from_the_whole_vocabulary_off_the_engine(fallback_model, monkeypatch):

@@ -109,7 +109,11 @@ def configure_attention(spec: ModelSpec, model: Any, attention: str) -> str | No
 
 @hookspec
 def prepare_model(spec: ModelSpec, model: Any, tokenizer: Any) -> None:
-    """Adjust a loaded model or its generation settings (``model.generation_config``).
+    """Adjust a loaded model, or the token ids in ``model.generation_config`` (its end tokens).
+
+    Other generation fields set here (``num_beams``, ``temperature``, ...) are dropped with a
+    warning, as the generation engine would not apply them: output-changing defaults belong in
+    the spec's ``generation_defaults``, which are request params too.
 
     Called once per load, after the attention backend is installed, for every implementation
     (not first-result): each returns ``None`` and changes ``model`` in place, for its own

@@ -115,11 +115,7 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     # Before any weight is read: refuse a model that cannot fit.
     batch_cache_tokens = check_load(snapshot, config, choice, device)
     model = _load_weights(spec, snapshot, choice, device, attention, config.trust_remote_code)
-    if ignored := keep_mechanics_only(model):
-        _logger.info(
-            "the snapshot's generation_config.json sets %s: generation ignores them, on the engine "
-            "and off it; the plugin's generation_defaults and each request's params decide the "
-            "output", ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())))
+    _keep_mechanics_only(model, "the snapshot's generation_config.json", logging.INFO)
     in_use = hooks().configure_attention(spec=spec, model=model, attention=attention)
     if in_use != attention:
         raise AttentionUnavailableError(
@@ -127,9 +123,19 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
             f"it runs {in_use!r}; log it with attention={in_use!r} or 'eager'"
         )
     hooks().prepare_model(spec=spec, model=model, tokenizer=tokenizer)
+    # The engine reads only the token ids: what else a plugin sets would apply off it only.
+    _keep_mechanics_only(model, "a plugin's prepare_model", logging.WARNING)
     if config.pack_weights and device == "cpu":
         pack_linear_layers(model)
     return LoadedModel(model, device, attention, choice.name, batch_cache_tokens)
+
+
+def _keep_mechanics_only(model: Any, source: str, level: int) -> None:
+    if ignored := keep_mechanics_only(model):
+        _logger.log(
+            level, "%s sets %s in model.generation_config: generation ignores them, on the engine "
+            "and off it; the plugin's generation_defaults and each request's params decide the "
+            "output", source, ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())))
 
 
 def _load_weights(spec: ModelSpec, snapshot: Path, choice: DTypeChoice, device: str, attention: str,
