@@ -205,6 +205,20 @@ def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected)
         expected["plain"]["candidates"], expected["system"]["candidates"]]
 
 
+def test_a_refusal_in_a_frame_names_the_request_it_is_about(chat_model):
+    model = mlflow.pyfunc.load_model(chat_model.model_uri)
+    frame = pd.DataFrame({"messages": [CHAT, CHAT], "max_tokens": [6, -1], "temperature": [0.0, 0.0]})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^request 1 \(of 2 in the frame\): param 'max_tokens'"):
+        model.predict(frame)
+    frame = pd.DataFrame({"messages": [CHAT, [{"role": "user", "content": "x " * 5000}]],
+                          "max_tokens": [6, 6], "temperature": [0.0, 0.0]})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^request 1 \(of 2 in the frame\): prompt at row 0"):
+        model.predict(frame)
+    # One request alone is named by its fields only.
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^param 'max_tokens'"):
+        model.predict({"messages": CHAT, "max_tokens": -1})
+
+
 def test_several_requests_in_one_frame_are_traced_each_with_its_params(chat_model):
     model = mlflow.pyfunc.load_model(chat_model.model_uri)
     model.predict(pd.DataFrame({"messages": [CHAT, CHAT], "max_tokens": [2, 3], "temperature": [0.0, 0.0]}))

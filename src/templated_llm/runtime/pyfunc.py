@@ -32,7 +32,7 @@ from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_re
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.structured import Grammar, StructuredOutput
-from templated_llm.runtime.tasks import CHAT, read_task_requests, task_response
+from templated_llm.runtime.tasks import CHAT, read_task_requests, request_at, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
@@ -247,7 +247,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     ) -> list[tuple[list[Completion], GenerationParams]]:
         """Every request's completions, each with its own params: all are checked before any
         generates, then all generate at once (side by side on the engine)."""
-        prepared = [self._prepare(rows, params, trace) for rows, params in requests]
+        prepared = []
+        for index, (rows, params) in enumerate(requests):
+            with request_at(index, len(requests)):
+                prepared.append(self._prepare(rows, params, trace))
         with trace.generation([ids for input_ids, _, _ in prepared for ids in input_ids]) as stage:
             completions = self._generate_all(prepared)
             stage.generated([c for request in completions for c in request])

@@ -4,9 +4,11 @@ and answers each with one OpenAI-shaped response object, usage and finish reason
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -113,7 +115,10 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
     if task == CHAT:
         frame = frame.assign(**{column: frame[column].map(_as_plain_messages)})
     # A chat request is one conversation: each row is read as a one-row input of its own.
-    rows = [read_rows(frame[[column]].iloc[[i]], max_rows) for i in range(len(frame))]
+    rows = []
+    for index in range(len(frame)):
+        with request_at(index, len(frame)):
+            rows.append(read_rows(frame[[column]].iloc[[index]], max_rows))
     check_row_limit(sum(map(len, rows)), max_rows)
     requests = []
     for index, row in enumerate(rows):
@@ -121,12 +126,26 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
                   if k != column and v is not None}
         for name, neutral in _NEUTRAL.items():
             if params.pop(name, neutral) not in (neutral, None) and not (stream and name == "stream"):
-                raise MlflowException.invalid_parameter_value(
-                    f"request field {name!r} is not supported by this model; leave it out "
-                    f"(or set it to {neutral!r})"
-                )
+                with request_at(index, len(frame)):
+                    raise MlflowException.invalid_parameter_value(
+                        f"request field {name!r} is not supported by this model; leave it out "
+                        f"(or set it to {neutral!r})"
+                    )
         requests.append(TaskRequest(row, params))
     return requests
+
+
+@contextlib.contextmanager
+def request_at(index: int, count: int) -> Iterator[None]:
+    """Names, in a 400 raised inside, the request of a frame of ``count`` that it is about (its
+    own message names the row or field within that request)."""
+    try:
+        yield
+    except MlflowException as exc:
+        if count == 1 or exc.get_http_status_code() != 400:
+            raise
+        raise MlflowException(f"request {index} (of {count} in the frame): {exc.message}",
+                              error_code=exc.error_code) from exc
 
 
 def _as_plain_messages(messages: Any) -> Any:
