@@ -109,6 +109,13 @@ def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(logged_mo
     assert completion.prompt_tokens == prompt_tokens
     assert completion.completion_tokens <= 96 - prompt_tokens
     assert completion.finish_reason == "length" or completion.completion_tokens < 96 - prompt_tokens
+    # Each row is fitted on its own: a short prompt is not held to what a long one leaves.
+    short, long = "hi", "river " * 25
+    short_tokens, long_tokens = (len(ids) for ids in python_model.tokens.encode(python_model.render([short, long]), 1)[0])
+    assert short_tokens < long_tokens < 90
+    completions = python_model.complete([short, long], {"temperature": 0.0})
+    assert [c.completion_tokens for c in completions] == [96 - short_tokens, 96 - long_tokens]  # greedy: no end token
+    assert [c.finish_reason for c in completions] == ["length", "length"]
     # A max_tokens the caller chose is never shrunk: refused as before.
     with pytest.raises(MlflowException, match=r"with max_tokens=256 that exceeds"):
         python_model.complete([prompt], {"temperature": 0.0, "max_tokens": 256})

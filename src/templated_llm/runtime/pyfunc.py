@@ -104,7 +104,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if self._engine is not None and (limit is None or self._engine.max_seq_len < limit):
             limit, name = self._engine.max_seq_len, (
                 "what one sequence may hold in the engine (max_cache_tokens / max_num_seqs)")
-        return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name, self.cache_tokens)
+        return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name, self.cache_tokens,
+                            rows_alone=self._engine is not None)
 
     @property
     def engine(self) -> Engine | None:
@@ -183,14 +184,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         try:
             variables, generation = self._params(params)
             grammar = self._grammar(generation)
-            input_ids, generation = self._encode(self.render(rows, variables), generation, params)
+            input_ids, generation, row_tokens = self._encode(self.render(rows, variables), generation, params)
         except Exception:
             # Refused before it streams: an error trace, as a refused predict leaves.
             with self.tracer.request() as trace:
                 trace.rows(rows)
                 raise
         if self._engine is not None:
-            [sequence] = self._submit(input_ids, generation, grammar)
+            [sequence] = self._submit(input_ids, generation, grammar, row_tokens)
             chunks = Stream(_then_completion(sequence) if text else _completion_only(sequence),
                             sequence.cancel, cancel=sequence.cancel)
         else:
@@ -202,14 +203,16 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 chunks = _completions_of(chunks)
         return self.tracer.stream(rows, generation, variables, chunks)
 
-    def _submit(self, input_ids: list[list[int]], generation: GenerationParams,
-                grammar: Grammar | None) -> list[Sequence]:
-        """Every row on the engine, or none: a row refused (a full queue) cancels the rows
-        already queued."""
+    def _submit(self, input_ids: list[list[int]], generation: GenerationParams, grammar: Grammar | None,
+                row_tokens: list[int]) -> list[Sequence]:
+        """Every row on the engine, each with its ``max_tokens``, or none: a row refused (a full
+        queue) cancels the rows already queued."""
         rows: list[Sequence] = []
         try:
-            for ids in input_ids:
-                rows.append(self._engine.submit(ids, generation, grammar))
+            for ids, max_tokens in zip(input_ids, row_tokens):
+                params = generation if max_tokens == generation.max_tokens else \
+                    generation.model_copy(update={"max_tokens": max_tokens})
+                rows.append(self._engine.submit(ids, params, grammar))
         except BaseException as exc:
             for row in rows:
                 row.cancel()
@@ -251,29 +254,30 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         for index, (rows, params) in enumerate(requests):
             with request_at(index, len(requests)):
                 prepared.append(self._prepare(rows, params, trace))
-        with trace.generation([ids for input_ids, _, _ in prepared for ids in input_ids]) as stage:
+        with trace.generation([ids for input_ids, *_ in prepared for ids in input_ids]) as stage:
             completions = self._generate_all(prepared)
             stage.generated([c for request in completions for c in request])
-        return [(request, generation) for request, (_, generation, _) in zip(completions, prepared)]
+        return [(request, generation) for request, (_, generation, *_) in zip(completions, prepared)]
 
     def _prepare(self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
-                 ) -> tuple[list[list[int]], GenerationParams, Grammar | None]:
-        """A request's token ids, params and grammar; raises a 400 for anything it cannot be."""
+                 ) -> tuple[list[list[int]], GenerationParams, Grammar | None, list[int]]:
+        """A request's token ids, params, grammar and each row's ``max_tokens``; raises a 400
+        for anything it cannot be."""
         variables, generation = self._params(params)
         try:
             grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
             with trace.rendering(rows) as stage:
                 prompts = self.render(rows, variables)
                 stage.rendered(prompts)
-            input_ids, generation = self._encode(prompts, generation, params)
+            input_ids, generation, row_tokens = self._encode(prompts, generation, params)
         finally:
             trace.params(generation, variables)  # as generated, or as refused
-        return input_ids, generation, grammar
+        return input_ids, generation, grammar, row_tokens
 
-    def _generate_all(self, prepared: list[tuple[list[list[int]], GenerationParams, Grammar | None]]
+    def _generate_all(self, prepared: list[tuple[list[list[int]], GenerationParams, Grammar | None, list[int]]]
                       ) -> list[list[Completion]]:
-        if self._engine is None:
-            return [list(self._batcher.submit(input_ids, generation)) for input_ids, generation, _ in prepared]
+        if self._engine is None:  # whole batches: every row of a request has the same max_tokens
+            return [list(self._batcher.submit(input_ids, generation)) for input_ids, generation, *_ in prepared]
         results: list[list[Completion]] = []
         waiting, running = list(prepared), collections.deque()
         try:
@@ -302,12 +306,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                            self.config.max_tokens_limit)
 
     def _encode(self, prompts: list[str], generation: GenerationParams, params: dict[str, Any] | None
-                ) -> tuple[list[list[int]], GenerationParams]:
-        """The prompts' token ids, and ``generation`` with the ``max_tokens`` they leave room
-        for: a caller who sent none gets the default, or less where the context is short."""
+                ) -> tuple[list[list[int]], GenerationParams, list[int]]:
+        """The prompts' token ids, ``generation`` with the largest ``max_tokens`` they leave room
+        for, and each row's: a caller who sent none gets the default, or less where the context
+        is short."""
         fit = (params or {}).get("max_tokens") is None
-        input_ids, max_tokens = self.tokens.encode(prompts, generation.max_tokens, fit)
-        return input_ids, generation.model_copy(update={"max_tokens": max_tokens})
+        input_ids, row_tokens = self.tokens.encode(prompts, generation.max_tokens, fit)
+        return input_ids, generation.model_copy(update={"max_tokens": max(row_tokens)}), row_tokens
 
     def _grammar(self, generation: GenerationParams) -> Grammar | None:
         """The compiled grammar of the request's response_format (cached); None for text."""

@@ -76,37 +76,46 @@ class PromptTokens:
     """The tokens stage of one loaded model: its tokenizer, within its context length."""
 
     def __init__(self, tokenizer: Any, context: int | None, add_special_tokens: bool,
-                 context_name: str = "the model's context", cache_tokens: int | None = None) -> None:
+                 context_name: str = "the model's context", cache_tokens: int | None = None,
+                 rows_alone: bool = False) -> None:
         self.tokenizer = tokenizer
         self.context_length = context
         self.context_name = context_name  # what sets the limit, for the error messages
         self.cache_tokens = cache_tokens  # the whole-batch path's KV cache budget a request must fit
+        # Each row generates in a context of its own (the engine): a short row is not held to
+        # what its request's longest one leaves.
+        self.rows_alone = rows_alone
         self.add_special_tokens = add_special_tokens
         self._max_prompt_chars = _max_prompt_chars(tokenizer, context)
         # transformers reconfigures the shared Rust tokenizer per call, and calls at once can
         # fail ("Already borrowed"): tokenizing is serialised, and cheap next to generating.
         self._lock = threading.Lock()
 
-    def encode(self, prompts: list[str], max_tokens: int, fit: bool = False) -> tuple[list[list[int]], int]:
-        """Each prompt's token ids, and the ``max_tokens`` to generate with; raises
-        ``MlflowException`` (HTTP 400) when prompt plus ``max_tokens`` cannot fit the context, or
-        the rows the KV cache budget.
+    def encode(self, prompts: list[str], max_tokens: int, fit: bool = False
+               ) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids, and the ``max_tokens`` each generates with; raises
+        ``MlflowException`` (HTTP 400) when a prompt plus its ``max_tokens`` cannot fit the
+        context, or the rows the KV cache budget.
 
         ``fit``: ``max_tokens`` is a default the caller did not choose, so it shrinks to what the
-        context (and the whole-batch KV cache budget) leaves after the longest prompt (OpenAI's
-        meaning of an omitted ``max_tokens``).
+        context (and the whole-batch KV cache budget) leaves after the prompt, or after the
+        longest prompt where rows are padded to it (OpenAI's meaning of an omitted ``max_tokens``).
         """
         self._check_chars(prompts)
         with self._lock:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
-        longest = max((len(ids) for ids in input_ids), default=0)
+        self._check_prompts(input_ids)
+        longest = max(len(ids) for ids in input_ids)
+        lengths = [len(ids) if self.rows_alone else longest for ids in input_ids]
+        limits = [limit for limit in (self.context_length, None if self.cache_tokens is None
+                                      else self.cache_tokens // len(input_ids)) if limit is not None]
+        row_tokens = [max_tokens] * len(input_ids)
         if fit:
-            limits = [self.context_length, None if self.cache_tokens is None else self.cache_tokens // len(input_ids)]
-            room = min((limit - longest for limit in limits if limit is not None), default=max_tokens)
-            if room >= 1:
-                max_tokens = min(max_tokens, room)
-        self._check_context(input_ids, max_tokens)
-        return input_ids, max_tokens
+            # Where nothing is left (a cache budget too small for the rows), the check says so.
+            rooms = [min((limit - length for limit in limits), default=max_tokens) for length in lengths]
+            row_tokens = [min(max_tokens, room) if room >= 1 else max_tokens for room in rooms]
+        self._check_context(lengths, row_tokens)
+        return input_ids, row_tokens
 
     def pad(self, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
         """One batch of token ids, left-padded, on ``device``."""
@@ -122,33 +131,37 @@ class PromptTokens:
                     f"{self.context_length} tokens. Shorten the prompt."
                 )
 
-    def _check_context(self, input_ids: list[list[int]], max_tokens: int) -> None:
+    def _check_prompts(self, input_ids: list[list[int]]) -> None:
         for row, ids in enumerate(input_ids):
             # An empty prompt under a template of just {{ prompt }}, for a tokenizer with no
             # start token: a model must be given at least one token to continue.
             if not ids:
                 raise MlflowException.invalid_parameter_value(
                     f"prompt at row {row} has no tokens after templating; send some text")
-        longest = max(len(ids) for ids in input_ids)
-        if self.context_length is not None and longest >= self.context_length:
-            row = max(range(len(input_ids)), key=lambda r: len(input_ids[r]))
+            if self.context_length is not None and len(ids) >= self.context_length:
+                raise MlflowException.invalid_parameter_value(
+                    f"prompt at row {row} is {len(ids)} tokens after templating; it fills "
+                    f"{self.context_name} of {self.context_length} tokens and leaves no room to "
+                    "generate. Shorten the prompt."
+                )
+
+    def _check_context(self, lengths: list[int], row_tokens: list[int]) -> None:
+        """``lengths``: each row's tokens in its context (the longest prompt's where rows are padded)."""
+        row = max(range(len(lengths)), key=lambda r: lengths[r] + row_tokens[r])
+        length, max_tokens = lengths[row], row_tokens[row]
+        if self.context_length is not None and length + max_tokens > self.context_length:
+            which = f"the prompt at row {row}" if self.rows_alone and len(lengths) > 1 else "the longest prompt"
             raise MlflowException.invalid_parameter_value(
-                f"prompt at row {row} is {longest} tokens after templating; it fills "
-                f"{self.context_name} of {self.context_length} tokens and leaves no room to "
-                "generate. Shorten the prompt."
-            )
-        if self.context_length is not None and longest + max_tokens > self.context_length:
-            raise MlflowException.invalid_parameter_value(
-                f"the longest prompt is {longest} tokens after templating; with max_tokens="
+                f"{which} is {length} tokens after templating; with max_tokens="
                 f"{max_tokens} that exceeds {self.context_name} of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )
         # Every row is padded to the longest, and its cache holds max_tokens more.
-        cache = len(input_ids) * (longest + max_tokens)
+        cache = sum(lengths) + sum(row_tokens)
         if self.cache_tokens is not None and cache > self.cache_tokens:
             raise MlflowException.invalid_parameter_value(
-                f"the request needs {cache} tokens of KV cache ({len(input_ids)} rows of the "
-                f"longest prompt's {longest} tokens plus max_tokens={max_tokens}); this model's "
+                f"the request needs {cache} tokens of KV cache ({len(lengths)} rows of the "
+                f"longest prompt's {length} tokens plus max_tokens={max_tokens}); this model's "
                 f"cache budget for a batch is {self.cache_tokens} tokens (max_cache_tokens, or what "
                 "memory held at load). Send fewer rows or lower max_tokens."
             )
