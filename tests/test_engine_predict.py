@@ -73,6 +73,13 @@ def test_a_full_engine_refuses_with_429_and_frees_what_it_queued(logged_model):
     assert model.predict(PROMPTS[:1], params={"max_tokens": 3})["candidates"][0]
 
 
+def test_rows_that_free_slots_take_are_not_counted_as_waiting(logged_model):
+    model = mlflow.pyfunc.load_model(logged_model.model_uri,
+                                     model_config={"max_num_seqs": 4, "max_cache_tokens": 4 * 96, "max_waiting": 1})
+    # Four rows take the four idle slots and a fifth waits: nothing is over the queue.
+    assert len(model.predict(PROMPTS + ["Name a sea."], params={"temperature": 0.0, "max_tokens": 3})) == 5
+
+
 def test_a_request_over_a_slot_is_refused_naming_the_engine_budget(logged_model):
     model = mlflow.pyfunc.load_model(logged_model.model_uri,
                                      model_config={"max_num_seqs": 2, "max_cache_tokens": 64})
@@ -131,7 +138,7 @@ def test_longrope_rows_of_one_request_each_get_what_they_get_alone(tiny_model, t
     # positions: in one batch, the short row would be rotated as the long one.
     snapshot = shutil.copytree(tiny_model("llama"), tmp_path / "longrope")
     config = json.loads((snapshot / "config.json").read_text())
-    (snapshot / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512, "rope_parameters": {
+    (snapshot / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64, "factor": 8.0,
         "short_factor": [1.0] * 8, "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]}}))
     model = mlflow.pyfunc.load_model(log_llm("llama2-chat", snapshot=snapshot, name="longrope").model_uri)
@@ -140,6 +147,10 @@ def test_longrope_rows_of_one_request_each_get_what_they_get_alone(tiny_model, t
     params = {"temperature": 0.0, "max_tokens": 8}
     together = model.predict([short, long], params=params)["candidates"].tolist()
     assert together == [model.predict([p], params=params)["candidates"][0] for p in (short, long)]
+    # Without max_tokens, each row gets what its own length leaves in the context.
+    fitted = model.predict([short, long], params={"temperature": 0.0, "return_usage": True})
+    assert fitted["finish_reason"].tolist() == ["length", "length"]
+    assert fitted["completion_tokens"].tolist() == [160 - n for n in fitted["prompt_tokens"]]
 
 
 def test_a_checkpoints_generation_config_changes_neither_path(tiny_model, tmp_path, caplog):

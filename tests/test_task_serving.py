@@ -208,8 +208,9 @@ def test_several_requests_in_one_frame_get_a_response_each(chat_model, expected)
 def test_a_refusal_in_a_frame_names_the_request_it_is_about(chat_model):
     model = mlflow.pyfunc.load_model(chat_model.model_uri)
     frame = pd.DataFrame({"messages": [CHAT, CHAT], "max_tokens": [6, -1], "temperature": [0.0, 0.0]})
-    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^request 1 \(of 2 in the frame\): param 'max_tokens'"):
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^request 1 \(of 2 in the frame\): param 'max_tokens'") as raised:
         model.predict(frame)
+    assert raised.value.get_http_status_code() == 400
     frame = pd.DataFrame({"messages": [CHAT, [{"role": "user", "content": "x " * 5000}]],
                           "max_tokens": [6, 6], "temperature": [0.0, 0.0]})
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"^request 1 \(of 2 in the frame\): prompt at row 0"):

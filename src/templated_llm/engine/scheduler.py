@@ -134,7 +134,10 @@ class _Scheduler:
         with self.condition:
             if self.stopping:
                 raise EngineClosedError("the engine is closed; load the model again")
-            if len(self.waiting) >= self.config.max_waiting:
+            # Every sequence passes through the queue: those a free slot will take at the next
+            # step are not waiting for one.
+            free = max(0, self.cache.slots - len(self.running))
+            if len(self.waiting) - free >= self.config.max_waiting:
                 raise EngineFullError(
                     f"the engine is full: {len(self.running)} sequences running and "
                     f"{len(self.waiting)} waiting, the most it queues (max_waiting="

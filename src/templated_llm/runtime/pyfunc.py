@@ -105,7 +105,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             limit, name = self._engine.max_seq_len, (
                 "what one sequence may hold in the engine (max_cache_tokens / max_num_seqs)")
         return PromptTokens(self.tokenizer, limit, add_special_tokens(self.spec), name, self.cache_tokens,
-                            rows_alone=self._engine is not None)
+                            rows_alone=self._engine is not None or self._rows_alone)
 
     @property
     def engine(self) -> Engine | None:
@@ -276,8 +276,9 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
 
     def _generate_all(self, prepared: list[tuple[list[list[int]], GenerationParams, Grammar | None, list[int]]]
                       ) -> list[list[Completion]]:
-        if self._engine is None:  # whole batches: every row of a request has the same max_tokens
-            return [list(self._batcher.submit(input_ids, generation)) for input_ids, generation, *_ in prepared]
+        if self._engine is None:
+            return [self._whole_batches(input_ids, generation, row_tokens)
+                    for input_ids, generation, _, row_tokens in prepared]
         results: list[list[Completion]] = []
         waiting, running = list(prepared), collections.deque()
         try:
@@ -300,6 +301,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 for sequence in sequences:
                     sequence.cancel()
             raise
+
+    def _whole_batches(self, input_ids: list[list[int]], generation: GenerationParams, row_tokens: list[int]
+                       ) -> list[Completion]:
+        if len(set(row_tokens)) == 1:
+            return list(self._batcher.submit(input_ids, generation))
+        # Rows fitted each to its own length (they generate one at a time: LongRoPE) go apart.
+        return [completion for ids, max_tokens in zip(input_ids, row_tokens) for completion in
+                self._batcher.submit([ids], generation.model_copy(update={"max_tokens": max_tokens}))]
 
     def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.models import ModelSignature
 from mlflow.types.llm import (
     CHAT_MODEL_INPUT_SCHEMA,
@@ -144,8 +145,9 @@ def request_at(index: int, count: int) -> Iterator[None]:
     except MlflowException as exc:
         if count == 1 or exc.get_http_status_code() != 400:
             raise
+        # error_code holds the code's name; the constructor takes its number.
         raise MlflowException(f"request {index} (of {count} in the frame): {exc.message}",
-                              error_code=exc.error_code) from exc
+                              error_code=ErrorCode.Value(exc.error_code)) from exc
 
 
 def _as_plain_messages(messages: Any) -> Any:

@@ -107,8 +107,7 @@ class PromptTokens:
         self._check_prompts(input_ids)
         longest = max(len(ids) for ids in input_ids)
         lengths = [len(ids) if self.rows_alone else longest for ids in input_ids]
-        limits = [limit for limit in (self.context_length, None if self.cache_tokens is None
-                                      else self.cache_tokens // len(input_ids)) if limit is not None]
+        limits = [limit for limit in (self.context_length, self._cache_share(len(input_ids))) if limit is not None]
         row_tokens = [max_tokens] * len(input_ids)
         if fit:
             # Where nothing is left (a cache budget too small for the rows), the check says so.
@@ -156,15 +155,25 @@ class PromptTokens:
                 f"{max_tokens} that exceeds {self.context_name} of {self.context_length} tokens. "
                 "Shorten the prompt or lower max_tokens."
             )
-        # Every row is padded to the longest, and its cache holds max_tokens more.
-        cache = sum(lengths) + sum(row_tokens)
-        if self.cache_tokens is not None and cache > self.cache_tokens:
+        # Every row is padded to the longest, and its cache holds max_tokens more; a row that
+        # generates alone needs the budget for itself only.
+        share = self._cache_share(len(lengths))
+        if share is not None and length + max_tokens > share:
+            need = (f"{length + max_tokens} tokens of KV cache (its prompt's {length} tokens plus "
+                    f"max_tokens={max_tokens}); rows generate one at a time" if self.rows_alone else
+                    f"{len(lengths) * (length + max_tokens)} tokens of KV cache ({len(lengths)} rows of "
+                    f"the longest prompt's {length} tokens plus max_tokens={max_tokens})")
             raise MlflowException.invalid_parameter_value(
-                f"the request needs {cache} tokens of KV cache ({len(lengths)} rows of the "
-                f"longest prompt's {length} tokens plus max_tokens={max_tokens}); this model's "
-                f"cache budget for a batch is {self.cache_tokens} tokens (max_cache_tokens, or what "
-                "memory held at load). Send fewer rows or lower max_tokens."
+                f"the request needs {need}; this model's cache budget for a batch is "
+                f"{self.cache_tokens} tokens (max_cache_tokens, or what memory held at load). "
+                "Send fewer rows or lower max_tokens."
             )
+
+    def _cache_share(self, rows: int) -> int | None:
+        """The KV cache tokens each row may use off the engine: all of them for a row alone."""
+        if self.cache_tokens is None:
+            return None
+        return self.cache_tokens if self.rows_alone else self.cache_tokens // rows
 
 
 class IncrementalText:
