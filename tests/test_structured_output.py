@@ -182,3 +182,41 @@ def test_a_response_format_compiles_once(loaded_model):
     first = llm.structured.compile(ResponseFormat.model_validate(_json_schema({"type": "integer"})))
     again = llm.structured.compile(ResponseFormat.model_validate(_json_schema({"type": "integer"})))
     assert first is again
+
+
+def test_a_const_that_looks_like_a_schema_is_written_as_sent(loaded_model):
+    schema = {"type": "object", "properties": {"k": {"const": {"properties": 1}}}, "required": ["k"]}
+    frame = loaded_model.predict(PROMPTS[:1], params={
+        "response_format": _json_schema(schema), "max_tokens": 60, "temperature": 0.0, "return_usage": True})
+    assert json.loads(frame["candidates"][0]) == {"k": {"properties": 1}}
+    assert frame["finish_reason"][0] == "stop"
+
+
+def test_an_object_composed_with_allof_takes_every_branchs_properties(loaded_model):
+    # Closed, each branch would refuse the other's property: the schema was unsatisfiable.
+    schema = {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                                          {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    frame = loaded_model.predict(PROMPTS[:1], params={
+        "response_format": _json_schema(schema), "max_tokens": 40, "temperature": 0.0, "return_usage": True})
+    # Left open, the random model may write further keys to max_tokens; what it wrote is held.
+    text = frame["candidates"][0]
+    if frame["finish_reason"][0] == "stop":
+        jsonschema.validate(json.loads(text), schema)
+    assert text.startswith("{")
+
+
+def test_objects_the_schema_leaves_open_are_closed():
+    from templated_llm.runtime.structured import _closed
+
+    nested = {"type": "object", "properties": {"p": {"type": "object", "properties": {"q": {}}},
+                                               "r": {"type": "array", "items": {"properties": {}}}},
+              "$defs": {"d": {"properties": {}}}, "anyOf": [{"properties": {}}],
+              "additionalProperties": {"properties": {}}}
+    closed = _closed(nested)
+    assert closed["additionalProperties"] == {"properties": {}, "additionalProperties": False}  # the user's
+    for sub in (closed["properties"]["p"], closed["properties"]["r"]["items"], closed["$defs"]["d"], closed["anyOf"][0]):
+        assert sub["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["p"]["properties"]  # a name, not a schema
+    composed = _closed({"properties": {"c": {}}, "allOf": [{"properties": {"a": {"properties": {}}}}]})
+    assert "additionalProperties" not in composed and "additionalProperties" not in composed["allOf"][0]
+    assert composed["allOf"][0]["properties"]["a"]["additionalProperties"] is False

@@ -98,14 +98,34 @@ class ResponseFormat(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _closed(schema: Any) -> Any:
-    """``schema`` with every object that leaves ``additionalProperties`` unset closed."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
+# Where a JSON schema holds schemas: keyword -> a schema, a list of them, or a name -> schema map.
+# Other keywords' values (const, enum, default, examples, required...) are data, never changed.
+_SUBSCHEMA = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one",
+              "else": "one", "contains": "one", "propertyNames": "one", "additionalItems": "one",
+              "unevaluatedProperties": "one", "unevaluatedItems": "one",
+              "anyOf": "list", "oneOf": "list", "allOf": "list", "prefixItems": "list",
+              "properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+              "dependentSchemas": "map"}
+
+
+def _closed(schema: Any, close: bool = True) -> Any:
+    """``schema`` with every object schema that leaves ``additionalProperties`` unset closed,
+    so a model writes no keys the schema does not name. Not where ``allOf`` composes an object
+    from several schemas: closed, each would refuse the others' properties."""
     if not isinstance(schema, dict):
         return schema
-    closed = {key: _closed(value) for key, value in schema.items()}
-    if "properties" in closed and "additionalProperties" not in closed:
+    closed = dict(schema)
+    # allOf branches, and the object beside them, describe one object together: left open.
+    close = close and "allOf" not in schema
+    for key, shape in _SUBSCHEMA.items():
+        value = schema.get(key)
+        if shape == "map" and isinstance(value, dict):
+            closed[key] = {name: _closed(sub) for name, sub in value.items()}
+        elif isinstance(value, list) and shape in ("list", "one"):  # "items" as a list: draft 4
+            closed[key] = [_closed(sub, close=key != "allOf") for sub in value]
+        elif isinstance(value, dict) and shape == "one":
+            closed[key] = _closed(value)
+    if close and "properties" in schema and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
     return closed
 
