@@ -151,3 +151,13 @@ def test_a_conversation_goes_on_with_the_message_the_server_returned(server):
                       "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             follow])
     assert raised.value.param == "messages.1.tool_calls"
+
+
+def test_a_body_predicted_in_python_is_read_as_the_server_reads_it(logged, expected):
+    # MLflow's scoring server takes the body's fields named as params as params: so does predict.
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert model.predict({"messages": CHAT, **GREEDY})["candidates"][0] == expected["plain"]
+    developer = {"role": "developer", "content": SYSTEM["content"]}
+    assert model.predict({"messages": [developer, *CHAT], **GREEDY})["candidates"][0] == expected["system"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"input fields \['n'\] are neither 'prompt'"):
+        model.predict({"messages": CHAT, "n": 2, **GREEDY})

@@ -185,6 +185,12 @@ def test_openai_chat_messages_are_taken_as_mlflows_chat_schema_allows_them(chat_
     assert response["choices"][0]["message"]["content"] == expected["system"]["candidates"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="must be a dict with keys 'role' and 'content'"):
         model.predict({"messages": [{**CHAT[0], "tool_call_id": "call-1"}], **GREEDY})
+    # An assistant turn as the API returns it: empty tool_calls, and no content but a refusal.
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [],
+                                                 "refusal": "No."}, *CHAT]
+    written = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}, *CHAT]
+    assert model.predict({"messages": turn, **GREEDY})["choices"][0]["message"]["content"] == \
+        model.predict({"messages": written, **GREEDY})["choices"][0]["message"]["content"]
 
 
 def test_a_refused_chat_request_leaves_a_chat_trace_of_its_body(chat_model):

@@ -139,7 +139,7 @@ def to_conversations(model_input: Any) -> list[list[Message]]:
     Accepted: a DataFrame with a ``messages`` column (a conversation per row, or, as MLflow
     turns ``{"inputs": {"messages": [...]}}`` into, one row holding them all), a list of
     ``{"messages": ...}`` records, or a dict with a ``messages`` key holding one conversation or
-    a list of them.
+    a list of them. OpenAI's `developer` role is the `system` one.
     """
     if isinstance(model_input, pd.DataFrame):
         values = _plain(model_input[MESSAGES_COLUMN].tolist())
@@ -151,6 +151,9 @@ def to_conversations(model_input: Any) -> list[list[Message]]:
         values = _conversations(model_input[MESSAGES_COLUMN])
     if not values:
         raise MlflowException.invalid_parameter_value("input has no messages; send at least one conversation")
+    values = [[{**m, "role": openai_role(m["role"])} if isinstance(m, dict) and "role" in m else m
+               for m in conversation] if isinstance(conversation, list) else conversation
+              for conversation in values]
     for row, conversation in enumerate(values):
         _check_conversation(row, conversation)
     return values

@@ -27,7 +27,7 @@ from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
-from templated_llm.runtime.inputs import Row, read_rows
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, read_rows
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
@@ -172,6 +172,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
         the Completion only, for a caller who wants it whole but may cancel it (on the engine
         no text is then decoded at every step)."""
+        model_input, params = self._body_params(model_input, params)
         rows = read_rows(model_input, self.config.max_rows_per_request)
         if len(rows) != 1:
             raise MlflowException.invalid_parameter_value(
@@ -240,6 +241,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _complete_input(
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
     ) -> tuple[list[Completion], GenerationParams]:
+        model_input, params = self._body_params(model_input, params)
         rows = read_rows(model_input, self.config.max_rows_per_request)
         trace.rows(rows)
         [result] = self._complete_all([(rows, params)], trace)
@@ -309,6 +311,23 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         # Rows fitted each to its own length (they generate one at a time: LongRoPE) go apart.
         return [completion for ids, max_tokens in zip(input_ids, row_tokens) for completion in
                 self._batcher.submit([ids], generation.model_copy(update={"max_tokens": max_tokens}))]
+
+    def _body_params(self, model_input: Any, params: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+        """A dict input's fields named as params (``{"messages": ..., "max_tokens": 5}``), taken
+        as params over ``params``: what MLflow's scoring server does with that body. Other
+        fields beside the prompts are refused rather than ignored."""
+        if not isinstance(model_input, dict):
+            return model_input, params
+        names = {*GenerationParams.model_fields, *self.spec.template_variables}
+        body = {k: v for k, v in model_input.items() if k in names}
+        unknown = sorted(str(k) for k in model_input if k not in names and k not in (PROMPT_COLUMN, MESSAGES_COLUMN))
+        if unknown:
+            raise MlflowException.invalid_parameter_value(
+                f"input fields {unknown} are neither {PROMPT_COLUMN!r}, {MESSAGES_COLUMN!r} nor a param of "
+                f"this model; params are {sorted(names)}")
+        if not body:
+            return model_input, params
+        return {k: v for k, v in model_input.items() if k not in names}, {**(params or {}), **body}
 
     def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,

@@ -101,6 +101,10 @@ def _value(value: Any) -> Any:
     return value
 
 
+# Message fields that, empty, say nothing (the openai client sends them back with a message).
+_EMPTY_CHANGES_NOTHING = ("tool_calls", "annotations")
+
+
 def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool = False) -> list[TaskRequest]:
     """The requests in ``model_input``: a DataFrame with one request body per row (what MLflow
     hands over after checking the body against the task's schema), or one body as a dict.
@@ -151,17 +155,23 @@ def request_at(index: int, count: int) -> Iterator[None]:
 
 
 def _as_plain_messages(messages: Any) -> Any:
-    """An OpenAI chat body's messages as role and content: the fields MLflow's chat schema
-    allows and that change nothing here are dropped (``name``, fields left null), and the
-    ``developer`` role is the ``system`` one. Anything else is left for the check to refuse."""
+    """An OpenAI chat body's messages as role and content, read as the OpenAI routes read them:
+    the fields MLflow's chat schema allows and that change nothing here are dropped (``name``,
+    fields left null, empty ``tool_calls``), the ``developer`` role is the ``system`` one, and an
+    assistant turn without content is its refusal, or empty. Anything else is left for the
+    check to refuse."""
     if not isinstance(messages, (list, np.ndarray)):
         return messages
     plain = []
     for message in messages:
         if isinstance(message, dict):
-            message = {k: v for k, v in message.items() if v is not None and k != "name"}
+            message = {k: v for k, v in message.items() if v is not None and k != "name"
+                       and not (k in _EMPTY_CHANGES_NOTHING and isinstance(v, (list, np.ndarray)) and len(v) == 0)}
             if "role" in message:
                 message["role"] = openai_role(message["role"])
+            if message.get("role") == "assistant":
+                refusal = message.pop("refusal", "")
+                message.setdefault("content", refusal)
         plain.append(message)
     return plain
 
