@@ -289,12 +289,25 @@ def test_limits_are_recorded_in_the_logged_model(tiny_snapshot):
 
 
 @pytest.mark.parametrize(("limits", "message"), [
-    ({"max_tokens_limit": 100}, "default max_tokens \\(256\\) exceeds max_tokens_limit \\(100\\)"),
+    ({"max_tokens_limit": 0}, "max_tokens_limit"),
     ({"max_rows_per_request": 0}, "max_rows_per_request"),
 ])
 def test_impossible_limits_fail_before_logging(tiny_snapshot, limits, message, nothing_logged):
     with pytest.raises(ValueError, match=message):
         log_llm("mpt-instruct", snapshot=tiny_snapshot, **limits)
+
+
+def test_a_limit_below_the_plugins_default_max_tokens_lowers_the_default(tiny_snapshot):
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, max_tokens_limit=5)
+    config = mlflow.models.Model.load(info.model_uri).flavors["python_function"]["config"]
+    assert config["generation_defaults"]["max_tokens"] == 5  # the plugin's is 256
+    [completion] = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().complete(["hi"], {"temperature": 0.0})
+    assert completion.completion_tokens <= 5
+
+
+def test_an_argument_mlflow_does_not_take_is_refused_before_logging(tiny_snapshot, nothing_logged):
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['generation_defaults'\].*'tags'"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot, generation_defaults={"max_tokens": 5})
 
 
 def test_the_log_command_sets_the_limits_and_the_opt_in(tiny_snapshot):

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import inspect
 import os
 import re
 import shutil
@@ -246,7 +247,8 @@ def log_llm(
             ``auto_map`` in its config); off by default, recorded in the logged model, and
             warned about on every load.
         max_rows_per_request: most prompts one ``predict`` call (one request) may carry.
-        max_tokens_limit: the largest ``max_tokens`` a caller may ask for.
+        max_tokens_limit: the largest ``max_tokens`` a caller may ask for; below the
+            plugin's default ``max_tokens``, that default is lowered to it.
         pack_weights: on CPU, reorder the linear layers' weights once at load into oneDNN's
             layout (about 2x faster matmuls; same arithmetic, rounding may differ in the
             last bits), or, for bfloat16 weights larger than the CPU's cache, run them
@@ -262,12 +264,14 @@ def log_llm(
             ``TEMPLATED_LLM_TRACING`` overrides it where the model is loaded.
         trace_content: keep prompt and completion text in those traces; ``False`` records
             counts only. ``TEMPLATED_LLM_TRACE_CONTENT`` overrides it where the model is loaded.
-        **kwargs: passed on to MLflow's model logging (``tags``, ``metadata``, ...).
+        **kwargs: passed on to ``mlflow.pyfunc.log_model`` (``tags``, ``metadata``, ...); one
+            it does not take is refused before anything is logged.
 
     The weights are not loaded here, and they are copied once, into the artifact store.
     The template, the snapshot's files and its need for remote code are checked first: a
     failing check raises before anything is written to the store.
     """
+    _check_mlflow_arguments(kwargs)
     spec = get_model_spec(model)
     plugin_module, plugin_code = _plugin_code(spec)
     # A dtype that cannot run here fails now, as an attention backend does.
@@ -281,6 +285,8 @@ def log_llm(
         # A registry prompt is named by its URI, not the staging file it was written to.
         validate_template(source.path, {"prompt": _INPUT_EXAMPLE[0], **spec.template_variables}, source.uri)
         defaults = GenerationParams(**spec.generation_defaults).model_dump()
+        # A limit below the plugin's default max_tokens brings the default down with it.
+        defaults["max_tokens"] = min(defaults["max_tokens"], max(max_tokens_limit, 1))
         config = LoggedConfig(
             model=spec.name,
             plugin=spec.plugin_name,
@@ -331,6 +337,21 @@ def log_llm(
             registered_model_name=registered_model_name,
             **kwargs,
         )
+
+
+# What log_llm sets itself in MLflow's log_model call.
+_SET_BY_LOG_LLM = {"artifact_path", "name", "python_model", "artifacts", "model_config", "signature",
+                   "input_example", "pip_requirements", "code_paths", "registered_model_name"}
+
+
+def _check_mlflow_arguments(kwargs: dict[str, Any]) -> None:
+    """Refuse, before anything is logged, keyword arguments MLflow's ``log_model`` would reject
+    only after creating the logged model (or that log_llm sets itself)."""
+    accepted = set(inspect.signature(mlflow.pyfunc.log_model).parameters) - _SET_BY_LOG_LLM
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(f"log_llm() got unexpected keyword arguments {unknown}; besides its own, it "
+                        f"takes those of mlflow.pyfunc.log_model: {sorted(accepted)}")
 
 
 def _engine_fields(engine: bool | EngineConfig) -> dict[str, Any]:
