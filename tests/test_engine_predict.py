@@ -65,9 +65,18 @@ def test_a_full_engine_refuses_with_429_and_frees_what_it_queued(logged_model):
                                      model_config={"max_num_seqs": 1, "max_waiting": 1})
     engine = model.unwrap_python_model().engine
     assert engine.max_num_seqs == 1
+    # A stream holds the one slot: of two more rows, one may wait and the other is refused.
+    holder = model.predict_stream(PROMPTS[0], params={"temperature": 0.0, "max_tokens": 1000})
+    next(holder)
     with pytest.raises(MlflowException, match=r"max_waiting=1") as raised:
-        model.predict(PROMPTS[:3], params={"temperature": 0.0, "max_tokens": 40})
+        model.predict(PROMPTS[1:3], params={"temperature": 0.0, "max_tokens": 40})
     assert raised.value.get_http_status_code() == 429
+    deadline = time.monotonic() + 30
+    while engine.stats().waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().waiting == 0  # the row that had a place in the queue left it
+    assert engine.stats().running == 1  # beside the stream, which goes on
+    holder.close()
     _until_idle(engine)
     assert engine.stats().running == 0
     assert model.predict(PROMPTS[:1], params={"max_tokens": 3})["candidates"][0]
@@ -78,6 +87,10 @@ def test_rows_that_free_slots_take_are_not_counted_as_waiting(logged_model):
                                      model_config={"max_num_seqs": 4, "max_cache_tokens": 4 * 96, "max_waiting": 1})
     # Four rows take the four idle slots and a fifth waits: nothing is over the queue.
     assert len(model.predict(PROMPTS + ["Name a sea."], params={"temperature": 0.0, "max_tokens": 3})) == 5
+    # More rows than the engine ever holds: a 400, never a 429 to retry in vain.
+    with pytest.raises(MlflowException, match=r"6 rows; this model's engine holds at most 5 sequences") as raised:
+        model.predict(PROMPTS + ["Name a sea.", "Name a lake."], params={"max_tokens": 3})
+    assert raised.value.get_http_status_code() == 400
 
 
 def test_a_request_over_a_slot_is_refused_naming_the_engine_budget(logged_model):

@@ -61,8 +61,10 @@ def test_a_task_model_answers_the_call_as_the_default_schema_does(tiny_model, mo
 
 
 def test_a_row_needs_prompt_or_messages(predict):
-    with pytest.raises(TypeError, match="prompt="):
+    with pytest.raises(TypeError, match="prompt=.*received neither"):
         predict(question="Hi")
+    with pytest.raises(TypeError, match="prompt=.*received both"):
+        predict(prompt="Hi", messages=[{"role": "user", "content": "Hi"}])
 
 
 def test_a_name_the_model_does_not_take_is_refused_not_dropped(logged_model, predict):

@@ -48,7 +48,9 @@ def predict_fn(model: str | PyFuncModel, params: dict[str, Any] | None = None) -
 
     def predict(prompt: str | None = None, messages: list[Message] | None = None, **variables: str) -> str:
         if (prompt is None) == (messages is None):
-            raise TypeError("pass the row's text as prompt=... or its chat turns as messages=..., not both")
+            given = "both" if prompt is not None else "neither"
+            raise TypeError(f"pass the row's text as prompt=... or its chat turns as messages=... (one of "
+                            f"them); received {given}")
         check(variables, "the row's inputs")
         request = {**fixed, **variables}
         if task is None:  # the 'prompt'/'candidates' schema

@@ -208,6 +208,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 row_tokens: list[int]) -> list[Sequence]:
         """Every row on the engine, each with its ``max_tokens``, or none: a row refused (a full
         queue) cancels the rows already queued."""
+        capacity = self._engine.max_num_seqs + self._engine.config.max_waiting
+        if len(input_ids) > capacity:  # all or none: more would be refused (429) every time
+            raise MlflowException.invalid_parameter_value(
+                f"the request has {len(input_ids)} rows; this model's engine holds at most {capacity} "
+                f"sequences at once (max_num_seqs {self._engine.max_num_seqs} + max_waiting "
+                f"{self._engine.config.max_waiting}). Send at most {capacity} rows per request")
         rows: list[Sequence] = []
         try:
             for ids, max_tokens in zip(input_ids, row_tokens):
