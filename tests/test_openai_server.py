@@ -188,6 +188,10 @@ BAD = {
                                     "messages.0", "a refusal is an assistant's"),
     "a schema nested too deeply": ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "deep", "schema": _nested(150)}}}, "response_format", "at most 128 are allowed"),
+    "the system prompt twice": ({"messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": PROMPT}],
+                                 "extra_body": {"template_variables": {"system": "Be long."}}},
+                                "template_variables", "sets the system prompt twice"),
     "max_completion_tokens over the context": (
         {"messages": [{"role": "user", "content": "river " * 1500}], "max_completion_tokens": 1000},
         "max_completion_tokens", "with max_completion_tokens=1000 that exceeds"),
@@ -252,6 +256,18 @@ def test_an_unknown_model_is_a_404(client):
     assert raised.value.code == "model_not_found" and NAME in raised.value.message
 
 
+def test_a_refused_prompt_of_a_list_is_named_by_its_place(client):
+    with pytest.raises(openai.BadRequestError, match=r"prompt at row 1 is \d+ tokens after templating") as raised:
+        client.completions.create(model=NAME, prompt=["Hi", "river " * 3000], max_tokens=4)
+    assert raised.value.param == "prompt"
+
+
+def test_null_template_variables_take_the_defaults(client):
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 3, "temperature": 0.0}
+    assert client.completions.create(**body, extra_body={"template_variables": None}).choices[0].text == \
+        client.completions.create(**body).choices[0].text
+
+
 def test_ping_answered_503_while_the_model_loaded_then_200(server):
     # The harness polled /ping from the server's start: uvicorn listens before the model is in.
     assert metric(server, 'templated_llm_requests_total{route="/ping",status="503"}') > 0
@@ -285,6 +301,44 @@ def test_a_key_beyond_ascii_is_matched_as_the_client_sends_it():
     sent = "Bearer clé-ü".encode()  # a header carries the key's UTF-8 bytes
     assert gate._authorized({"headers": [(b"authorization", sent)]})  # noqa: SLF001
     assert not gate._authorized({"headers": [(b"authorization", "Bearer clé-u".encode())]})  # noqa: SLF001
+
+
+@pytest.mark.parametrize(("key", "environment", "says"), [
+    ("", None, "--api-key is empty"),
+    (None, "", f"{API_KEY_ENV} is empty"),
+    (" key ", None, "--api-key is padded with spaces"),
+])
+def test_a_key_that_would_turn_auth_off_or_never_match_is_refused(monkeypatch, key, environment, says):
+    from templated_llm.serving.config import ServerConfig
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    if environment is not None:
+        monkeypatch.setenv(API_KEY_ENV, environment)
+    with pytest.raises(ValueError, match=says):
+        ServerConfig("models:/m/1", api_key=key)
+
+
+@pytest.mark.parametrize(("timeout", "says"), [(float("inf"), "a finite number; received inf"),
+                                                (float("nan"), "a finite number; received nan"),
+                                                (0.0, "positive; received 0.0")])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout, says):
+    from templated_llm.serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match=f"request_timeout must be {says}"):
+        ServerConfig("models:/m/1", request_timeout=timeout)
+
+
+def test_the_503_of_a_server_not_ready_says_when_to_retry():
+    from starlette.testclient import TestClient
+
+    from templated_llm.serving.gate import Gate
+    from templated_llm.serving.metrics import Metrics
+
+    gate = Gate(None, Metrics(lambda: None), api_key=None, max_body_bytes=1,
+                available=lambda: "the model is loading; retry in a moment")
+    for path in ("/v1/models", "/invocations", "/ping"):
+        response = TestClient(gate).get(path)
+        assert (response.status_code, response.headers.get("retry-after")) == (503, "1"), path
 
 
 def test_a_body_over_the_limit_is_a_413(server):

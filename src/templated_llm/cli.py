@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from templated_llm.devtools.tiny import ARCHITECTURES
+# Read once, when torch loads OpenMP, so set before anything imports torch. By default OpenMP's
+# workers spin for a while after each parallel region; a served model runs on its engine's
+# thread beside the server's own threads (HTTP, tokenizing), and spinning workers starved them:
+# 3-5x slower generation whenever another process or thread wanted a core. Sleeping workers cost
+# 10-25% on an otherwise idle machine (docs/serving.md). A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from templated_llm.devtools.tiny import ARCHITECTURES  # noqa: E402 - after the OpenMP setting
 from templated_llm.model_logging.config import DType
 from templated_llm.serving.config import API_KEY_ENV, ServerConfig
 
@@ -130,6 +138,10 @@ def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_man
     ]
 
 
+# The server's defaults, read without building a config (which reads the API key's variable).
+_SERVER_DEFAULTS = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(ServerConfig)})
+
+
 def _serve(args: argparse.Namespace) -> int:
     if not args.mlflow_only:
         from templated_llm.serving import serve
@@ -148,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(config)
     # What plain mlflow models serve has no counterpart for: refused, not silently dropped (a
     # server the user believes needs a key, or bounds its bodies, must not run without).
-    defaults = ServerConfig("")
+    defaults = _SERVER_DEFAULTS
     ignored = [option for option, given in (
         ("--api-key", args.api_key is not None), (f"${API_KEY_ENV}", bool(os.environ.get(API_KEY_ENV))),
         ("--served-model-name", args.served_model_name is not None),
@@ -247,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("model_uri", help="models:/<id>, models:/<name>/<version>, models:/<name>@<alias>, runs:/...")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
-    d = ServerConfig("")
+    d = _SERVER_DEFAULTS
     serve.add_argument("--served-model-name",
                        help="the name clients pass as 'model' (default: the registered model's "
                             "name, else the plugin's model name)")

@@ -302,7 +302,9 @@ class _Exchange:
         self._failed = False
 
     def _fail(self, index: int, item: BaseException) -> RequestError:
-        error = as_request_error(item, self._aliases)
+        # Each prompt of a request generates as a call of its own: name it in the request.
+        row = index // self._n if index >= 0 and self._count > self._n else None
+        error = as_request_error(item, self._aliases, row)
         self._record.outcome = error.code or error.type
         # Index -1: the request was interrupted (timeout, shutdown); else a sequence failed,
         # refused as input or in generation, and what did not finish was not cancelled.

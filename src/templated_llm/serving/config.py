@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,8 +31,18 @@ class ServerConfig:
     max_pending: int = 256
 
     def __post_init__(self) -> None:
-        if self.api_key is None and os.environ.get(API_KEY_ENV):
+        if self.api_key is None and API_KEY_ENV in os.environ:
             object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
+            source = API_KEY_ENV
+        else:
+            source = "--api-key"
+        # An empty key ("--api-key $KEY" with KEY unset) would turn auth off unnoticed, and one
+        # with spaces around it never match (clients' tokens are read stripped).
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            raise ValueError(f"{source} is {'empty' if not self.api_key.strip() else 'padded with spaces'}; "
+                             "set a key without spaces around it, or leave it unset for no auth")
         for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_n", "max_pending"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; received {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                what = "positive" if math.isfinite(value) else "a finite number"
+                raise ValueError(f"{name} must be {what}; received {value}")

@@ -25,9 +25,11 @@ SHUTTING_DOWN = RequestError("the server is shutting down; the request was cance
                              status=503, type="server_error", code="shutting_down")
 
 
-def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) -> RequestError:
+def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None,
+                     row: int | None = None) -> RequestError:
     """``exc`` as the RequestError to answer; ``aliases`` rename a param the model names (its
-    ``max_tokens``) to the request field that set it (``max_completion_tokens``)."""
+    ``max_tokens``) to the request field that set it (``max_completion_tokens``). ``row``: the
+    request's prompt that the model, given it alone (as its row 0), refused."""
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, OverloadedError) or _OVERLOADED_NAMES & {c.__name__ for c in type(exc).__mro__} \
@@ -35,12 +37,16 @@ def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) 
         return RequestError(f"the server is at capacity: {exc}. Retry later", status=429,
                             type="rate_limit_error", code="queue_full")
     if isinstance(exc, MlflowException) and exc.get_http_status_code() == 400:
-        found = _PARAM.search(exc.message)
+        message = exc.message
+        found = _PARAM.search(message)
         param = found and next(group for group in found.groups() if group)
+        if row is not None:
+            message = re.sub(r"\bat row 0\b", f"at row {row}", message).replace(
+                "the longest prompt is", f"the prompt at row {row} is")
         alias = (aliases or {}).get(param)
         if alias is None:
-            return RequestError(exc.message, param=param)
-        return RequestError(re.sub(rf"\b{param}\b", alias, exc.message), param=alias)
+            return RequestError(message, param=param)
+        return RequestError(re.sub(rf"\b{param}\b", alias, message), param=alias)
     _logger.error("generation failed", exc_info=exc)
     return RequestError(f"generation failed ({type(exc).__name__}); the server log has the details",
                         status=500, type="server_error", code="generation_failed")

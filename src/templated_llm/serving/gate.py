@@ -152,5 +152,7 @@ async def _refuse(send: Send, path: str, status: int, message: str, type: str, c
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if status == 503:  # loading or shutting down: when clients (the openai SDK) retry
+        headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

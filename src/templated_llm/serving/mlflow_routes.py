@@ -6,7 +6,9 @@ the input DataFrame (``f"Failed to predict data '{data}'"``). On pandas 3.0 that
 ``UnicodeEncodeError`` when a cell holds text with a lone surrogate (valid JSON, ``"\\udcff"``):
 its column-width code builds an Arrow string array, which must be UTF-8. The model's 400 then
 became Starlette's 500 "Internal Server Error". By the time the exception leaves the app Starlette
-has already sent that 500, so a 5xx response is held back here until the app finishes.
+has already sent that 500, so a 500 response is held back here until the app finishes. Other
+5xx are MLflow's own answers, sent at once: its 504 at the request timeout comes while the
+generation it gave up on still runs (MLflow cannot cancel it), and the app returns only after.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class KeepRefusals:
         held: list[dict[str, Any]] = []
 
         async def hold_errors(message: dict[str, Any]) -> None:
-            if held or message["type"] == "http.response.start" and message["status"] >= 500:
+            if held or message["type"] == "http.response.start" and message["status"] == 500:
                 held.append(message)
             else:
                 await send(message)

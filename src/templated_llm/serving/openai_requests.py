@@ -63,7 +63,7 @@ class _Request(BaseModel):
     # Extensions: sampling params predict takes, and the template's variables.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = None
-    template_variables: dict[str, str] = Field(default_factory=dict)
+    template_variables: dict[str, str] | None = None
     # Structured output: checked (a 400 naming the problem) by predict's params.
     response_format: dict[str, Any] | None = None
 
@@ -258,7 +258,8 @@ def _short(value: Any, limit: int = 200) -> str:
 
 def params(request: _Request, spec: ModelSpec, variables: dict[str, str] | None = None) -> dict[str, Any]:
     """``predict``'s params for ``request``: the sampling fields sent, and the template variables."""
-    unknown = sorted(set(request.template_variables) - set(spec.template_variables))
+    template_variables = request.template_variables or {}
+    unknown = sorted(set(template_variables) - set(spec.template_variables))
     if unknown:
         raise RequestError(
             f"model {spec.name!r} has no template variables {unknown}; its variables: "
@@ -270,7 +271,7 @@ def params(request: _Request, spec: ModelSpec, variables: dict[str, str] | None 
                 "repetition_penalty": request.repetition_penalty,
                 "response_format": request.response_format}
     return {**{k: v for k, v in sampling.items() if v is not None},
-            **request.template_variables, **(variables or {})}
+            **template_variables, **(variables or {})}
 
 
 def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]]:
@@ -282,6 +283,9 @@ def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]
     """
     turns = [{"role": openai_role(m.role), "content": m.text}
              for m in request.messages]
+    if "system" in (request.template_variables or {}) and any(t["role"] == "system" for t in turns):
+        raise RequestError("the request sets the system prompt twice, as a system message and as "
+                           "template_variables.system; send one", param="template_variables")
     if spec.chat:
         return turns, {}
     if not spec.chat_as_instruction:
