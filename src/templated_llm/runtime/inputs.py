@@ -151,12 +151,19 @@ def to_conversations(model_input: Any) -> list[list[Message]]:
         values = _conversations(model_input[MESSAGES_COLUMN])
     if not values:
         raise MlflowException.invalid_parameter_value("input has no messages; send at least one conversation")
-    values = [[{**m, "role": openai_role(m["role"])} if isinstance(m, dict) and "role" in m else m
-               for m in conversation] if isinstance(conversation, list) else conversation
-              for conversation in values]
+    values = [_with_openai_roles(conversation) for conversation in values]
     for row, conversation in enumerate(values):
         _check_conversation(row, conversation)
     return values
+
+
+def _with_openai_roles(conversation: Any) -> Any:
+    """``conversation`` with each message's role read by :func:`openai_role`; anything that is
+    not a list of messages as it is, for the check to refuse."""
+    if not isinstance(conversation, list):
+        return conversation
+    return [{**m, "role": openai_role(m["role"])} if isinstance(m, dict) and "role" in m else m
+            for m in conversation]
 
 
 def _check_conversation(row: int, conversation: Any) -> None:

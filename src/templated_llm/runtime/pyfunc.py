@@ -216,9 +216,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 f"{self._engine.config.max_waiting}). Send at most {capacity} rows per request")
         rows: list[Sequence] = []
         try:
-            for ids, max_tokens in zip(input_ids, row_tokens):
-                params = generation if max_tokens == generation.max_tokens else \
-                    generation.model_copy(update={"max_tokens": max_tokens})
+            for ids, params in zip(input_ids, _rows_params(generation, row_tokens)):
                 rows.append(self._engine.submit(ids, params, grammar))
         except BaseException as exc:
             for row in rows:
@@ -315,8 +313,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if len(set(row_tokens)) == 1:
             return list(self._batcher.submit(input_ids, generation))
         # Rows fitted each to its own length (they generate one at a time: LongRoPE) go apart.
-        return [completion for ids, max_tokens in zip(input_ids, row_tokens) for completion in
-                self._batcher.submit([ids], generation.model_copy(update={"max_tokens": max_tokens}))]
+        return [completion for ids, params in zip(input_ids, _rows_params(generation, row_tokens))
+                for completion in self._batcher.submit([ids], params)]
 
     def _body_params(self, model_input: Any, params: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
         """A dict input's fields named as params (``{"messages": ..., "max_tokens": 5}``), taken
@@ -359,6 +357,12 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return [completion for ids in batches for completion in generate_completions(
             self.model, self.tokenizer, self.tokens.pad(ids, self.device), generation, self.device,
             self._grammar(generation))]
+
+
+def _rows_params(generation: GenerationParams, row_tokens: list[int]) -> list[GenerationParams]:
+    """``generation`` for each row, with the row's ``max_tokens``."""
+    return [generation if max_tokens == generation.max_tokens else
+            generation.model_copy(update={"max_tokens": max_tokens}) for max_tokens in row_tokens]
 
 
 def _then_completion(sequence: Sequence) -> Iterator[str | Completion]:

@@ -31,7 +31,7 @@ from mlflow.types.schema import ParamSchema
 
 from templated_llm.errors import TaskError
 from templated_llm.runtime.completions import Completion
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, openai_role, read_rows
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, read_rows
 
 CHAT = "llm/v1/chat"
 COMPLETIONS = "llm/v1/completions"
@@ -157,9 +157,9 @@ def request_at(index: int, count: int) -> Iterator[None]:
 def _as_plain_messages(messages: Any) -> Any:
     """An OpenAI chat body's messages as role and content, read as the OpenAI routes read them:
     the fields MLflow's chat schema allows and that change nothing here are dropped (``name``,
-    fields left null, empty ``tool_calls``), the ``developer`` role is the ``system`` one, and an
-    assistant turn without content is its refusal, or empty. Anything else is left for the
-    check to refuse."""
+    fields left null, empty ``tool_calls``), and an assistant turn without content is its
+    refusal, or empty. Anything else is left for the check to refuse (which reads the
+    ``developer`` role as the ``system`` one, as for every input)."""
     if not isinstance(messages, (list, np.ndarray)):
         return messages
     plain = []
@@ -167,8 +167,6 @@ def _as_plain_messages(messages: Any) -> Any:
         if isinstance(message, dict):
             message = {k: v for k, v in message.items() if v is not None and k != "name"
                        and not (k in _EMPTY_CHANGES_NOTHING and isinstance(v, (list, np.ndarray)) and len(v) == 0)}
-            if "role" in message:
-                message["role"] = openai_role(message["role"])
             if message.get("role") == "assistant":
                 refusal = message.pop("refusal", "")
                 message.setdefault("content", refusal)
