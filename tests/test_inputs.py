@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
-from templated_llm.runtime.inputs import has_messages, to_conversations, to_prompts
+from templated_llm.runtime.inputs import has_messages, read_requests, to_conversations, to_prompts
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,36 @@ def test_bad_input_is_an_invalid_parameter_error(model_input, message) -> None:
 
 def test_a_dict_of_lists_that_mlflow_packed_into_one_row() -> None:
     assert to_prompts(pd.DataFrame({"prompt": [["a", "b"]]})) == ["a", "b"]
+
+
+PARAMS = ("max_tokens", "temperature", "stop")
+
+
+def test_a_frame_with_param_columns_is_a_request_per_row() -> None:
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "max_tokens": [3, np.nan, 5],
+                          "stop": [["x"], None, np.array(["y", "z"])]})
+    assert read_requests(frame, PARAMS, 8) == [
+        (["a"], {"max_tokens": 3, "stop": ["x"]}), (["b"], {}), (["c"], {"max_tokens": 5, "stop": ["y", "z"]})]
+    # A row holding a list of prompts (as MLflow packs a dict of lists) is one request of them all.
+    assert read_requests(pd.DataFrame({"prompt": [["a", "b"]], "temperature": [0.5]}), PARAMS, 8) == [
+        (["a", "b"], {"temperature": 0.5})]
+    for plain in (pd.DataFrame({"prompt": ["a", "b"]}), pd.DataFrame({"0": ["a", "b"]}), ["a", "b"]):
+        assert read_requests(plain, PARAMS, 8) == [(["a", "b"], {})]
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame({"prompt": ["a"], "temprature": [0.5]}), r"input columns \['temprature'\] are neither"),
+        (pd.DataFrame({"text": ["a"], "max_tokens": [3]}), "'prompt' column; received columns"),
+        (pd.DataFrame({"prompt": ["a", None], "max_tokens": [3, 3]}),
+         r"request 1 \(of 2 in the frame\): prompt at row 0 must be a string"),
+        (pd.DataFrame({"prompt": ["a", "b", "c"], "max_tokens": [1, 2, 3]}), "at most 2 per request"),
+    ],
+)
+def test_a_frame_with_param_columns_refuses_what_it_cannot_read(frame, message) -> None:
+    with pytest.raises(MlflowException, match=message):
+        read_requests(frame, PARAMS, 2)
 
 
 def _message(role: str):

@@ -108,6 +108,10 @@ BAD_REQUESTS = {
     "wrong param type": ({"inputs": ["hi"], "params": {"max_tokens": "many"}},
                          "validate type and shape for 'max_tokens'"),
     "malformed JSON": ('{"inputs": ["hi"', "valid JSON"),
+    "a column that is not a param": ({"dataframe_records": [{"prompt": "hi", "temprature": 0.5}]},
+                                     "input columns ['temprature'] are neither 'prompt'"),
+    "a row's bad param": ({"dataframe_records": [{"prompt": "hi"}, {"prompt": "hi", "max_tokens": 0}]},
+                          "request 1 (of 2 in the frame): param 'max_tokens'"),
 }
 
 
@@ -118,6 +122,18 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(server, case):
     assert response.status_code == 400, response.text
     assert words in response.json()["message"]
     assert len(_candidates(_post(server, {"inputs": ["hi"], "params": GREEDY}))) == 1
+
+
+def test_each_dataframe_row_generates_with_the_params_in_its_columns(server, registered):
+    # Columns named as params set that row's params (over the request's): what Spark's struct
+    # columns and dataframe_records carry.
+    records = [{"prompt": PROMPTS[0], "max_tokens": 2}, {"prompt": PROMPTS[1]},
+               {"prompt": PROMPTS[2], "max_tokens": 9, "temperature": 0.0}]
+    model = mlflow.pyfunc.load_model(registered.model_uri)
+    alone = [model.predict([r["prompt"]], params={**GREEDY, **r})["candidates"][0] for r in records]
+    assert len(set(alone)) == 3
+    body = {"dataframe_records": records, "params": GREEDY}
+    assert _candidates(_post(server, body)) == alone
 
 
 def test_16_concurrent_requests_all_succeed_with_greedy_results(server, expected):

@@ -205,3 +205,14 @@ def test_without_content_a_refused_request_traces_no_text_of_it(no_content_model
     assert trace.info.state == "ERROR"
     text = json.dumps(trace.to_dict())
     assert SECRET not in text and "MlflowException" in text and "INVALID_PARAMETER_VALUE" in text
+
+
+def test_rows_given_different_max_tokens_are_traced_each_with_its_own(logged_model):
+    # An omitted max_tokens is fitted to each prompt on the engine: the trace lists what each
+    # row was given, not the largest of them.
+    model = mlflow.pyfunc.load_model(logged_model.model_uri,
+                                     model_config={"max_num_seqs": 2, "max_cache_tokens": 2 * 96})
+    frame, trace = _predict_traced(model, ["hi", "river " * 25], params={"temperature": 0.0, "return_usage": True})
+    fitted = [96 - n for n in frame["prompt_tokens"]]
+    assert len(set(fitted)) == 2
+    assert _spans(trace)["mpt-instruct"].get_attribute("templated_llm.params")["max_tokens"] == fitted

@@ -3,12 +3,16 @@ or a clear 400 saying why not."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ErrorCode
 
 PROMPT_COLUMN = "prompt"
 MESSAGES_COLUMN = "messages"
@@ -42,6 +46,64 @@ def read_rows(model_input: Any, max_rows: int) -> list[Row]:
                 f"{found.group()!r} at character {found.start()}; send UTF-8 text"
             )
     return rows
+
+
+def read_requests(model_input: Any, param_names: Collection[str], max_rows: int
+                  ) -> list[tuple[list[Row], dict[str, Any]]]:
+    """The requests in ``model_input``, each its rows and its own params: one request, or, for a
+    DataFrame with columns named as params (``max_tokens``, ``temperature``, a template
+    variable...), one per DataFrame row, with that row's values (an empty cell sets nothing).
+
+    A DataFrame column that is neither the prompts, the messages nor a param is refused rather
+    than ignored: a setting sent under a wrong name would otherwise change nothing, silently.
+    """
+    if not isinstance(model_input, pd.DataFrame):
+        return [(read_rows(model_input, max_rows), {})]
+    main = MESSAGES_COLUMN if has_messages(model_input) else PROMPT_COLUMN
+    others = [str(c) for c in model_input.columns if str(c) != main]
+    # "0": a positional column, read as the prompts; without its prompts, read_rows says so.
+    if not others or others == ["0"] or main not in model_input.columns:
+        return [(read_rows(model_input, max_rows), {})]
+    unknown = sorted(set(others) - set(param_names))
+    if unknown:
+        raise MlflowException.invalid_parameter_value(
+            f"input columns {unknown} are neither {PROMPT_COLUMN!r}, {MESSAGES_COLUMN!r} nor a param "
+            f"of this model; params are {sorted(param_names)}")
+    check_row_limit(len(model_input), max_rows)
+    frame = model_input.set_axis([str(c) for c in model_input.columns], axis=1)
+    requests = []
+    for index in range(len(frame)):
+        with request_at(index, len(frame)):
+            rows = read_rows(frame[[main]].iloc[[index]], max_rows)
+        params = {name: value for name in others if (value := cell_value(frame[name].iloc[index])) is not None}
+        requests.append((rows, params))
+    check_row_limit(sum(len(rows) for rows, _ in requests), max_rows)
+    return requests
+
+
+def cell_value(value: Any) -> Any:
+    """A DataFrame cell as a plain Python value; ``None`` for a cell the request left empty."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+@contextlib.contextmanager
+def request_at(index: int, count: int) -> Iterator[None]:
+    """Names, in a 400 raised inside, the request of a frame of ``count`` that it is about (its
+    own message names the row or field within that request)."""
+    try:
+        yield
+    except MlflowException as exc:
+        if count == 1 or exc.get_http_status_code() != 400:
+            raise
+        # error_code holds the code's name; the constructor takes its number.
+        raise MlflowException(f"request {index} (of {count} in the frame): {exc.message}",
+                              error_code=ErrorCode.Value(exc.error_code)) from exc
 
 
 def check_row_limit(rows: int, max_rows: int) -> None:

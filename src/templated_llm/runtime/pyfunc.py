@@ -27,12 +27,12 @@ from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, read_rows
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, read_requests, request_at
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.structured import Grammar, StructuredOutput
-from templated_llm.runtime.tasks import CHAT, read_task_requests, request_at, task_response
+from templated_llm.runtime.tasks import CHAT, read_task_requests, task_response
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.runtime.streams import Stream
 from templated_llm.runtime.tokens import PromptTokens, add_special_tokens, context_length
@@ -132,8 +132,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         with self.tracer.request() as trace:
             if self.config.task is not None:
                 return self._predict_task(model_input, params, trace)
-            completions, generation = self._complete_input(model_input, params, trace)
-            frame = to_frame(completions, generation.return_usage)
+            completions, usage = self._complete_input(model_input, params, trace)
+            frame = to_frame(completions, usage)
             trace.response(frame, completions)
             return frame
 
@@ -172,12 +172,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
         the Completion only, for a caller who wants it whole but may cancel it (on the engine
         no text is then decoded at every step)."""
-        model_input, params = self._body_params(model_input, params)
-        rows = read_rows(model_input, self.config.max_rows_per_request)
-        if len(rows) != 1:
+        requests = self._requests(model_input, params)
+        if len(requests) != 1 or len(requests[0][0]) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes one prompt or conversation; received {len(rows)}"
+                "predict_stream takes one prompt or conversation; received "
+                f"{sum(len(rows) for rows, _ in requests)}"
             )
+        [(rows, params)] = requests
         return self._stream(rows, params, text)
 
     def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True
@@ -244,12 +245,21 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
 
     def _complete_input(
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
-    ) -> tuple[list[Completion], GenerationParams]:
+    ) -> tuple[list[Completion], bool]:
+        """Every row's completion, and whether token counts were asked for (by any row)."""
+        requests = self._requests(model_input, params)
+        trace.rows([row for rows, _ in requests for row in rows])
+        results = self._complete_all(requests, trace)
+        return ([c for completions, _ in results for c in completions],
+                any(generation.return_usage for _, generation in results))
+
+    def _requests(self, model_input: Any, params: dict[str, Any] | None
+                  ) -> list[tuple[list[Row], dict[str, Any] | None]]:
+        """The input's requests, each with its params: those a dict body or a DataFrame row
+        sets, over ``params``."""
         model_input, params = self._body_params(model_input, params)
-        rows = read_rows(model_input, self.config.max_rows_per_request)
-        trace.rows(rows)
-        [result] = self._complete_all([(rows, params)], trace)
-        return result
+        return [(rows, {**(params or {}), **own} if own else params) for rows, own
+                in read_requests(model_input, self._param_names, self.config.max_rows_per_request)]
 
     def _complete_all(
         self, requests: list[tuple[list[Row], dict[str, Any] | None]], trace: RequestTrace
@@ -270,6 +280,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         """A request's token ids, params, grammar and each row's ``max_tokens``; raises a 400
         for anything it cannot be."""
         variables, generation = self._params(params)
+        row_tokens = None
         try:
             grammar = self._grammar(generation)  # an invalid schema is a 400 before anything runs
             with trace.rendering(rows) as stage:
@@ -277,7 +288,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 stage.rendered(prompts)
             input_ids, generation, row_tokens = self._encode(prompts, generation, params)
         finally:
-            trace.params(generation, variables)  # as generated, or as refused
+            trace.params(generation, variables, row_tokens)  # as generated, or as refused
         return input_ids, generation, grammar, row_tokens
 
     def _generate_all(self, prepared: list[tuple[list[list[int]], GenerationParams, Grammar | None, list[int]]]
@@ -322,7 +333,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         fields beside the prompts are refused rather than ignored."""
         if not isinstance(model_input, dict):
             return model_input, params
-        names = {*GenerationParams.model_fields, *self.spec.template_variables}
+        names = self._param_names
         body = {k: v for k, v in model_input.items() if k in names}
         unknown = sorted(str(k) for k in model_input if k not in names and k not in (PROMPT_COLUMN, MESSAGES_COLUMN))
         if unknown:
@@ -332,6 +343,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if not body:
             return model_input, params
         return {k: v for k, v in model_input.items() if k not in names}, {**(params or {}), **body}
+
+    @property
+    def _param_names(self) -> set[str]:
+        return {*GenerationParams.model_fields, *self.spec.template_variables}
 
     def _params(self, params: dict[str, Any] | None) -> tuple[dict[str, str], GenerationParams]:
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,

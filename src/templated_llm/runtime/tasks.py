@@ -4,18 +4,14 @@ and answers each with one OpenAI-shaped response object, usage and finish reason
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.models import ModelSignature
 from mlflow.types.llm import (
     CHAT_MODEL_INPUT_SCHEMA,
@@ -31,7 +27,15 @@ from mlflow.types.schema import ParamSchema
 
 from templated_llm.errors import TaskError
 from templated_llm.runtime.completions import Completion
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, check_row_limit, read_rows
+from templated_llm.runtime.inputs import (
+    MESSAGES_COLUMN,
+    PROMPT_COLUMN,
+    Row,
+    cell_value,
+    check_row_limit,
+    read_rows,
+    request_at,
+)
 
 CHAT = "llm/v1/chat"
 COMPLETIONS = "llm/v1/completions"
@@ -90,17 +94,6 @@ class TaskRequest:
     params: dict[str, Any]
 
 
-def _value(value: Any) -> Any:
-    """A cell as a plain Python value; ``None`` for a cell the request left empty."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
-
-
 # Message fields that, empty, say nothing (the openai client sends them back with a message).
 _EMPTY_CHANGES_NOTHING = ("tool_calls", "annotations")
 
@@ -127,7 +120,7 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
     check_row_limit(sum(map(len, rows)), max_rows)
     requests = []
     for index, row in enumerate(rows):
-        params = {str(k): v for k, v in ((k, _value(frame[k].iloc[index])) for k in frame.columns)
+        params = {str(k): v for k, v in ((k, cell_value(frame[k].iloc[index])) for k in frame.columns)
                   if k != column and v is not None}
         for name, neutral in _NEUTRAL.items():
             if params.pop(name, neutral) not in (neutral, None) and not (stream and name == "stream"):
@@ -138,20 +131,6 @@ def read_task_requests(model_input: Any, task: str, max_rows: int, stream: bool 
                     )
         requests.append(TaskRequest(row, params))
     return requests
-
-
-@contextlib.contextmanager
-def request_at(index: int, count: int) -> Iterator[None]:
-    """Names, in a 400 raised inside, the request of a frame of ``count`` that it is about (its
-    own message names the row or field within that request)."""
-    try:
-        yield
-    except MlflowException as exc:
-        if count == 1 or exc.get_http_status_code() != 400:
-            raise
-        # error_code holds the code's name; the constructor takes its number.
-        raise MlflowException(f"request {index} (of {count} in the frame): {exc.message}",
-                              error_code=ErrorCode.Value(exc.error_code)) from exc
 
 
 def _as_plain_messages(messages: Any) -> Any:

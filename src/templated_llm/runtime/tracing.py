@@ -195,10 +195,15 @@ class RequestTrace:
             model_input = json.loads(model_input.to_json(orient="records"))
         self._span.set_inputs(self._shown({"body": model_input}, {"body": "<not traced>"}))
 
-    def params(self, generation: GenerationParams, variables: dict[str, str]) -> None:
+    def params(self, generation: GenerationParams, variables: dict[str, str],
+               row_tokens: list[int] | None = None) -> None:
+        """The params a request generates with; ``row_tokens``: each row's ``max_tokens``, listed
+        where rows were given different ones (an omitted ``max_tokens`` fitted to each prompt)."""
         if self._span is None:
             return
         values = generation.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if row_tokens is not None and len(set(row_tokens)) > 1:
+            values["max_tokens"] = row_tokens
         # Template variables carry the user's text: without content, only their names.
         values.update(self._shown(variables, dict.fromkeys(variables, "<not traced>")))
         # A task model's call of several requests generates each with its own params: a list.
