@@ -29,3 +29,20 @@ def test_unknown_template_lists_the_shipped_ones() -> None:
     assert "mpt-instruct.jinja" in available_templates()
     with pytest.raises(TemplateError, match="mpt-instruct.jinja"):
         find_template("nope.jinja")
+
+
+def test_a_draft_in_the_working_directory_never_replaces_a_plugins_template(tmp_path, monkeypatch):
+    from templated_llm.plugins.manager import get_model_spec
+    from templated_llm.runtime.loading import template_path
+    from templated_llm.runtime.templates import TEMPLATES_DIR
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mpt-instruct.jinja").write_text("MY DRAFT {{ prompt }}")
+    shipped = TEMPLATES_DIR / "mpt-instruct.jinja"
+    assert template_path(get_model_spec("mpt-instruct")) == shipped
+    # Asked for by that bare name, it is ambiguous; a path says which.
+    with pytest.raises(TemplateError, match="both a shipped template and a different file"):
+        template_path(get_model_spec("mpt-instruct"), "mpt-instruct.jinja")
+    assert template_path(get_model_spec("mpt-instruct"), "./mpt-instruct.jinja").read_text() == "MY DRAFT {{ prompt }}"
+    (tmp_path / "mpt-instruct.jinja").write_bytes(shipped.read_bytes())  # the same file: no doubt
+    assert template_path(get_model_spec("mpt-instruct"), "mpt-instruct.jinja") == shipped

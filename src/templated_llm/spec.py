@@ -15,7 +15,8 @@ class ModelSpec(BaseModel):
 
     ``name`` is what users pass to :func:`templated_llm.log_llm`; ``repo_id`` is the Hugging Face
     repository downloaded when no local snapshot is given; ``template`` names a file in the
-    shipped ``prompt_templates/`` folder (or is a path to a Jinja file).
+    shipped ``prompt_templates/`` folder (which a same-named file in the working directory never
+    replaces), or is a path to a Jinja file.
 
     ``chat`` declares that the template renders OpenAI-style ``messages`` (the variable
     ``messages``: user and assistant turns, the last the user's), so the model takes ``messages``

@@ -44,7 +44,7 @@ def _installable(model_class: type | None) -> list[str]:
 
 @hookimpl(trylast=True)
 def prompt_template(spec: ModelSpec) -> Path:
-    return find_template(spec.template)
+    return find_template(spec.template, shipped_first=True)
 
 
 @hookimpl(trylast=True)

@@ -28,14 +28,23 @@ def available_templates() -> list[str]:
     return sorted(p.name for p in TEMPLATES_DIR.glob("*.jinja"))
 
 
-def find_template(name_or_path: str | os.PathLike[str]) -> Path:
-    """Resolve a shipped template name (``mpt-instruct.jinja``) or a path to a template file."""
+def find_template(name_or_path: str | os.PathLike[str], *, shipped_first: bool = False) -> Path:
+    """Resolve a shipped template name (``mpt-instruct.jinja``) or a path to a template file.
+
+    A bare name that is both a shipped template and a different file in the working directory
+    is the shipped one where ``shipped_first`` (a plugin naming its template: a draft beside the
+    user's work must not replace it), else refused as ambiguous (a caller's ``template=``)."""
     path = Path(name_or_path).expanduser()
+    bare = str(name_or_path) == path.name
+    shipped = TEMPLATES_DIR / str(name_or_path)
+    if bare and shipped.is_file():
+        if shipped_first or not path.is_file() or path.read_bytes() == shipped.read_bytes():
+            return shipped
+        raise TemplateError(
+            f"prompt template {path.name!r} is both a shipped template and a different file in the "
+            f"working directory ({path.resolve()}); pass './{path.name}' for the file, or rename it")
     if path.is_file():
         return path
-    shipped = TEMPLATES_DIR / str(name_or_path)
-    if shipped.is_file():
-        return shipped
     raise TemplateError(
         f"prompt template {str(name_or_path)!r} is neither a file nor a shipped template; "
         f"shipped templates: {available_templates()}"
