@@ -94,6 +94,14 @@ def test_a_template_syntax_error_names_the_file_and_line(tiny_snapshot, tmp_path
         log_llm("mpt-instruct", snapshot=tiny_snapshot, template=template)
 
 
+@pytest.mark.parametrize("text", ["Just say hi.", "{% if prompt %}Answer.{% endif %}"])
+def test_a_template_that_drops_the_users_text_fails_at_log_time(tiny_snapshot, tmp_path, nothing_logged, text):
+    template = tmp_path / "fixed.jinja"
+    template.write_text(text)
+    with pytest.raises(TemplateError, match=r"never shows the user's text: it must use the variable \{\{ prompt"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot, template=template)
+
+
 def test_a_template_with_an_undefined_variable_fails_at_log_time(tiny_snapshot, tmp_path, nothing_logged):
     template = tmp_path / "undefined.jinja"
     template.write_text("{{ persona }}: {{ prompt }}")

@@ -75,6 +75,8 @@ print(model.unwrap_python_model().render(["Hi"])[0])
     ("Q: {% include 'other.jinja' %}", TemplateSecurityError, "'include' tag"),
     ("Q: {{ prompt }", TemplateError, "line 1"),
     ([{"role": "user", "content": "{{ prompt }}"}], TemplateError, "is a chat prompt"),
+    # Single braces are plain text in Jinja: every request would render the same prompt.
+    ("Q: {question}\nA:", TemplateError, "never shows the user's text"),
 ])
 def test_a_registry_prompt_is_checked_like_a_file_before_anything_is_logged(tiny_snapshot, template, error, message):
     name = f"bad-{abs(hash(str(template)))}"

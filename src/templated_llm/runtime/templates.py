@@ -104,6 +104,10 @@ def _check_sandbox(tree: nodes.Template, name: str) -> None:
             )
 
 
+# Digits only: a template may change the case of the user's text or trim it, and still show it.
+_USER_TEXT = "4729105836"
+
+
 def validate_template(path: str | os.PathLike[str], sample: dict[str, Any], name: str | None = None
                       ) -> PromptTemplate:
     """Load a template and render it once with ``sample`` variables, so it fails at log time.
@@ -115,10 +119,17 @@ def validate_template(path: str | os.PathLike[str], sample: dict[str, Any], name
     template = PromptTemplate(Path(path).read_text(encoding="utf-8"), name=name or str(path))
     try:
         template.render(**sample)
+        shown = _USER_TEXT in template.render(**{**sample, "prompt": _USER_TEXT})
     except TemplateError as exc:
         if isinstance(exc.__cause__, SecurityError):
             raise TemplateSecurityError(
                 f"prompt template {template.name} breaks the sandbox: {exc.__cause__}"
             ) from exc.__cause__
         raise
+    if not shown:
+        # Every request would render the same text: the user's input silently dropped.
+        raise TemplateError(
+            f"prompt template {template.name} never shows the user's text: it must use the "
+            "variable {{ prompt }} (or {{ messages }} for a chat template); single braces such "
+            "as {question} are plain text in Jinja")
     return template
