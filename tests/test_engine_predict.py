@@ -224,3 +224,22 @@ def test_top_k_0_samples_from_the_whole_vocabulary_off_the_engine(fallback_model
     assert built == []
     fallback_model.predict(["hi"], params={"temperature": 1.0, "top_k": 5, "max_tokens": 2, "seed": 1})
     assert built == [5]
+
+
+def test_a_dropped_model_frees_its_engine(logged_model):
+    # MLflow keeps the model that the logged code set in a module global: the last model loaded
+    # must not live on there (weights, KV cache and scheduler thread) once its user drops it.
+    import gc
+    import threading
+    import weakref
+
+    before = set(threading.enumerate())
+    model = mlflow.pyfunc.load_model(logged_model.model_uri)
+    model.predict(["Hi"], params={"max_tokens": 2})
+    python_model = weakref.ref(model.unwrap_python_model())
+    [thread] = [t for t in set(threading.enumerate()) - before if t.name == "templated-llm-engine"]
+    del model
+    gc.collect()
+    assert python_model() is None
+    thread.join(timeout=10)
+    assert not thread.is_alive()

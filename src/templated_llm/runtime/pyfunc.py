@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow.models.model
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -49,6 +50,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        # MLflow has read the model that model_code.py set from its module global by now; left
+        # there, the last model loaded (weights, KV cache, engine thread) outlives its last user.
+        if getattr(mlflow.models.model, "__mlflow_model__", None) is self:
+            mlflow.models.model.__mlflow_model__ = None
         self.config = LoggedConfig.model_validate(context.model_config)
         self.spec = get_model_spec(self.config.model, self.config.plugin_module)
         snapshot = Path(context.artifacts["snapshot"])
