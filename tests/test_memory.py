@@ -139,6 +139,25 @@ def test_without_a_budget_the_engine_is_counted_at_one_sequence(tiny_snapshot, m
         mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
 
 
+def test_without_a_budget_the_engine_sizes_its_cache_within_the_memory_limit(monkeypatch):
+    # The engine takes a share of the memory the check sees as available: a limit of the
+    # environment (or a cgroup's) bounds it, not the machine's MemAvailable alone.
+    from templated_llm.engine.config import resolve
+
+    per_token = 1024  # a slot of the 2048-token context: 2 MiB
+    assert resolve(EngineConfig(), 2048, per_token, "cpu").slots == 32  # this machine: the cap
+    rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(rss + 16 * 2**20))  # a quarter of it: 2 slots
+    assert 1 <= resolve(EngineConfig(), 2048, per_token, "cpu").slots <= 3
+
+
+def test_a_refusal_for_too_many_sequences_names_max_num_seqs(tiny_snapshot, monkeypatch):
+    uri = log_llm("mpt-instruct", snapshot=tiny_snapshot, engine=EngineConfig(max_num_seqs=100_000)).model_uri
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache for 204800000 tokens.*fewer max_num_seqs "
+                                                      r"\(100000 now, each holding the 2048-token context"):
+        mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+
+
 def test_whole_batches_get_a_cache_budget_from_the_memory_left(tiny_snapshot, monkeypatch):
     uri = log_llm("mpt-instruct", snapshot=tiny_snapshot, max_rows_per_request=40, engine=False).model_uri
     # Plenty: the budget is the largest batch the limits allow, here one request of 40 rows at

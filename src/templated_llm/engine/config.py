@@ -12,7 +12,9 @@ import torch
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_WAITING = 256
 # Without a budget, each slot holds the model's context up to this many tokens, and the slots
-# take at most this share of the memory free at load, and at most _DEFAULT_MAX_SEQS of them.
+# take at most this share of the memory available at load (as the memory check counts it: the
+# tightest of MemAvailable, the cgroup's limit and TEMPLATED_LLM_MEMORY_LIMIT), and at most
+# _DEFAULT_MAX_SEQS of them.
 _DEFAULT_SLOT_CAP = 4096
 _FREE_MEMORY_SHARE = 0.25
 _DEFAULT_MAX_SEQS = 32
@@ -67,13 +69,9 @@ def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, dev
 
 
 def _free_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30  # no /proc (macOS, Windows): assume 4 GiB
+    # The figure the memory check compares with, so a cgroup limit and TEMPLATED_LLM_MEMORY_LIMIT
+    # bound the cache too. Imported here: the check sizes the engine with this module.
+    from templated_llm.runtime.memory import available_memory
+
+    available = available_memory(device)
+    return max(available.bytes, 0) if available is not None else 4 * 2**30  # unknown: assume 4 GiB

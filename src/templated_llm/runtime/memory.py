@@ -264,12 +264,14 @@ def check_load(snapshot: Path, config: LoggedConfig, choice: DTypeChoice, device
     dtype = choice.torch_dtype
     per_token = cache_bytes_per_token(snapshot, dtype)
     context = snapshot_context_length(snapshot)
-    estimate = estimate_load_bytes(snapshot, dtype, _counted_cache_tokens(config, context, per_token, device))
+    counted = _counted_cache_tokens(config, context, per_token, device)
+    estimate = estimate_load_bytes(snapshot, dtype, counted)
     available = available_memory(device)
     if available is not None and estimate.total > available.bytes:
+        seqs = config.engine_config().max_num_seqs if config.engine else None
         raise InsufficientMemoryError(_refusal(
             f"model {config.model!r} in {choice.name} on {device}", estimate, available,
-            _changes(snapshot, choice, device, config.max_cache_tokens, context, per_token)))
+            _changes(snapshot, choice, device, config.max_cache_tokens, seqs, counted, context, per_token)))
     if config.max_cache_tokens is not None or per_token is None:
         return config.max_cache_tokens
     limits = [max(MAX_MERGED_TOKENS, config.max_rows_per_request * context)] if context else []
@@ -278,8 +280,8 @@ def check_load(snapshot: Path, config: LoggedConfig, choice: DTypeChoice, device
     return min(limits, default=None)
 
 
-def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int | None,
-             context: int | None, per_token: int | None) -> list[str]:
+def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int | None, seqs: int | None,
+             counted: int, context: int | None, per_token: int | None) -> list[str]:
     changes = []
     for smaller in ("bfloat16", "float16"):
         if choice.name == "float32" and dtype_unavailable(smaller, device) is None:
@@ -288,7 +290,11 @@ def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int
             changes.append(f"dtype='{smaller}' ({_gb(weights)} of weights"
                            f"{'; emulated on this CPU, slower' if emulated else ''})")
             break
-    if per_token:
+    if per_token and seqs and not cache_tokens:
+        # The sequences set the cache: each holds the whole context.
+        changes.append(f"fewer max_num_seqs ({seqs} now, each holding the {context}-token context: "
+                       f"{counted} tokens; each token takes {per_token / 1e6:.3g} MB) or a max_cache_tokens")
+    elif per_token:
         now = f"{cache_tokens} now" if cache_tokens else f"unset, so one sequence of the {context}-token context"
         changes.append(f"a smaller max_cache_tokens ({now}; each token takes {per_token / 1e6:.3g} MB)")
     return changes
