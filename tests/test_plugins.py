@@ -87,8 +87,32 @@ def test_two_plugins_claiming_one_model_name_is_an_error_naming_both(fresh_plugi
 
     register_plugin(Impostor(), name="impostor")
     with pytest.raises(PluginError, match="'mpt-instruct' is registered by two plugins") as caught:
-        model_specs()
+        get_model_spec("mpt-instruct")
     assert "'impostor'" in str(caught.value) and "'mpt-instruct'" in str(caught.value)
+    # Only that name is in doubt: every other model is still served.
+    assert "mpt-instruct" not in model_specs() and get_model_spec("llama2-chat").plugin_name == "llama2-chat"
+
+
+def test_a_plugin_failing_to_register_its_models_leaves_the_others_served(fresh_plugins) -> None:
+    class Broken:
+        @hookimpl
+        def register_models(self, register):
+            raise RuntimeError("boom in register_models")
+
+    class WrongType:
+        @hookimpl
+        def register_models(self, register):
+            register({"name": "dict-model"})
+
+    register_plugin(Broken(), name="broken")
+    register_plugin(WrongType(), name="wrong-type")
+    with pytest.warns(PluginLoadWarning, match="'broken' failed in hook 'register_models'"):
+        assert get_model_spec("mpt-instruct").plugin_name == "mpt-instruct"
+    errors = {e.name: e.error for e in plugin_load_errors()}
+    assert errors["broken"] == "RuntimeError: boom in register_models"
+    assert errors["wrong-type"] == "PluginError: register() takes a ModelSpec, received dict"
+    with pytest.raises(UnknownModelError, match="plugin 'broken' failed to load: RuntimeError: boom"):
+        get_model_spec("dict-model")
 
 
 def test_a_plugin_raising_inside_a_hook_is_named_with_the_hook(fresh_plugins) -> None:
@@ -205,4 +229,4 @@ def test_two_instances_of_one_plugin_class_are_told_apart(fresh_plugins, tmp_pat
     register_plugin(EchoPlugin(template), name="echo")
     register_plugin(EchoPlugin(template), name="echo-again")
     with pytest.raises(PluginError, match="registered by two plugins: 'echo-again' and 'echo'"):
-        model_specs()
+        get_model_spec("echo-chat")

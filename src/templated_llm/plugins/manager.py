@@ -55,6 +55,8 @@ class PluginInfo:
 _manager: pluggy.PluginManager | None = None
 _load_errors: list[PluginLoadError] = []
 _distributions: dict[str, importlib.metadata.Distribution] = {}
+# Model names more than one plugin registers: the plugins, in the order they registered it.
+_conflicts: dict[str, list[str]] = {}
 # Plugins registered from the running script (``__main__``): the line of the script's top-level
 # statement that registered each, which log_llm checks runs where the model loads.
 _main_registrations: dict[str, int | None] = {}
@@ -264,27 +266,45 @@ def _guards() -> SimpleNamespace:
 
 
 def model_specs() -> dict[str, ModelSpec]:
-    """Every model the registered plugins serve, by name."""
+    """Every model the registered plugins serve, by name.
+
+    Each plugin's ``register_models`` runs on its own: one that raises is skipped (with a
+    warning, and listed by :func:`plugin_load_errors`) and the others' models stay served; a
+    model name two plugins register is left out, and asking for it says which plugins."""
     specs: dict[str, ModelSpec] = {}
+    _conflicts.clear()
+    # In pluggy's calling order: the last registered first.
+    for impl in reversed(hooks().register_models.get_hookimpls()):
+        if impl.wrapper:  # the core's guard
+            continue
+        registered: list[ModelSpec] = []
 
-    def register(spec: ModelSpec) -> None:
-        if not isinstance(spec, ModelSpec):
-            raise TypeError(f"register() takes a ModelSpec, received {type(spec).__name__}")
-        impl = _running_impl("register_models", _stack_frames())  # the plugin calling
-        if impl is None:
-            raise PluginError("register() is for use inside a plugin's register_models hook")
-        spec = spec.model_copy(update={"plugin_name": impl.plugin_name,
-                                       "plugin_module": _module_name(impl.plugin)})
-        if spec.name in specs:
-            raise PluginError(
-                f"model name {spec.name!r} is registered by two plugins: "
-                f"{specs[spec.name].plugin_name!r} and {spec.plugin_name!r}. Uninstall one, or "
-                f"choose which plugins load with {PLUGINS_ENV_VAR}."
-            )
-        specs[spec.name] = spec
+        def register(spec: ModelSpec, impl: pluggy.HookImpl = impl, into: list = registered) -> None:
+            if not isinstance(spec, ModelSpec):
+                raise PluginError(f"register() takes a ModelSpec, received {type(spec).__name__}")
+            into.append(spec.model_copy(update={"plugin_name": impl.plugin_name,
+                                                "plugin_module": _module_name(impl.plugin)}))
 
-    hooks().register_models(register=register)
+        try:
+            impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+        except Exception as exc:  # a broken plugin must not take the others' models down
+            _skip_failed(impl.plugin_name, "register_models", exc)
+            continue
+        for spec in registered:
+            if spec.name in specs or spec.name in _conflicts:
+                _conflicts.setdefault(spec.name, [specs.pop(spec.name).plugin_name]
+                                      if spec.name in specs else []).append(spec.plugin_name)
+            else:
+                specs[spec.name] = spec
     return specs
+
+
+def _skip_failed(plugin: str, hook: str, exc: BaseException) -> None:
+    error = PluginLoadError(plugin, f"hook {hook}", f"{type(exc).__name__}: {exc}")
+    if error not in _load_errors:
+        _load_errors.append(error)
+        warnings.warn(f"templated-llm plugin {plugin!r} failed in hook {hook!r}, and its models "
+                      f"were skipped: {error.error}", PluginLoadWarning, stacklevel=3)
 
 
 def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
@@ -303,6 +323,12 @@ def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
         specs = model_specs()
     if name in specs:
         return specs[name]
+    if name in _conflicts:
+        raise PluginError(
+            f"model name {name!r} is registered by two plugins: "
+            f"{' and '.join(repr(p) for p in _conflicts[name])}. Uninstall one, or choose which "
+            f"plugins load with {PLUGINS_ENV_VAR}."
+        )
     failed = "".join(f"\n  plugin {e.name!r} failed to load: {e.error}" for e in _load_errors)
     raise UnknownModelError(
         f"no installed templated-llm plugin serves model {name!r}; available models: "
