@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import mlflow
@@ -77,6 +78,22 @@ def test_a_broken_plugin_is_skipped_reported_and_the_others_still_work(
     assert "RuntimeError: boom at import" in error.error
     with pytest.raises(UnknownModelError, match="'exploding' failed to load"):
         get_model_spec("exploding-model")
+
+
+def test_a_second_distribution_under_an_installed_plugins_name_is_named_in_a_warning(
+    tmp_path, monkeypatch, fresh_plugins
+) -> None:
+    (tmp_path / "my_mpt.py").write_text("")
+    info = tmp_path / "my_mpt-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-mpt\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[templated_llm]\nmpt-instruct = my_mpt\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])  # found after the shipped plugin
+    plugin_manager.reset_plugin_manager()
+    with pytest.warns(PluginLoadWarning, match=r"two installed distributions name a templated-llm plugin "
+                                               r"'mpt-instruct': templated-llm-mpt \(templated_llm_mpt\) was "
+                                               r"loaded and my-mpt \(my_mpt\) skipped"):
+        model_specs()
 
 
 def test_two_plugins_claiming_one_model_name_is_an_error_naming_both(fresh_plugins) -> None:

@@ -90,15 +90,25 @@ def _selected_entry_points() -> set[str] | None:
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
     selected = _selected_entry_points()
     found = set()
+    loaded: dict[str, importlib.metadata.EntryPoint] = {}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         found.add(entry_point.name)
         if selected is not None and entry_point.name not in selected:
             continue
         if manager.has_plugin(entry_point.name):
+            first = loaded.get(entry_point.name)
+            if first is not None and first.value != entry_point.value:
+                # Two distributions under one entry-point name: only the first found loads.
+                warnings.warn(
+                    f"two installed distributions name a templated-llm plugin {entry_point.name!r}: "
+                    f"{_dist_name(first)} ({first.value}) was loaded and {_dist_name(entry_point)} "
+                    f"({entry_point.value}) skipped. Uninstall one, or rename its entry point",
+                    PluginLoadWarning, stacklevel=2)
             continue
         try:
             _register(manager, entry_point.load(), entry_point.name)
             _distributions[entry_point.name] = entry_point.dist
+            loaded[entry_point.name] = entry_point
         except Exception as exc:  # a broken plugin must not take the others down
             error = PluginLoadError(entry_point.name, entry_point.value, f"{type(exc).__name__}: {exc}")
             _load_errors.append(error)
@@ -115,6 +125,10 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             PluginLoadWarning,
             stacklevel=2,
         )
+
+
+def _dist_name(entry_point: importlib.metadata.EntryPoint) -> str:
+    return getattr(entry_point.dist, "name", None) or "an unknown distribution"
 
 
 def _register(manager: pluggy.PluginManager, plugin: object, name: str | None) -> str:
