@@ -46,3 +46,20 @@ def test_spark_udf_returns_one_completion_per_row_with_params(spark, logged_mode
     got = {row["prompt"]: row["completion"] for row in rows}
     expected = loaded_model.predict(PROMPTS, params=PARAMS)["candidates"].tolist()
     assert got == dict(zip(PROMPTS, expected, strict=True))
+
+
+def test_spark_udf_with_its_default_result_type_and_a_row_s_own_params(spark, logged_model, loaded_model):
+    from pyspark.sql.functions import struct
+
+    prompts = spark.createDataFrame([(p, 2 + i) for i, p in enumerate(PROMPTS)], ["prompt", "max_tokens"])
+    # No result_type: MLflow derives it from the logged output schema.
+    complete = mlflow.pyfunc.spark_udf(spark, logged_model.model_uri, env_manager="local", params=PARAMS)
+    got = {row["prompt"]: row["completion"] for row in prompts.withColumn("completion", complete("prompt")).collect()}
+    assert got == dict(zip(PROMPTS, loaded_model.predict(PROMPTS, params=PARAMS)["candidates"], strict=True))
+    # A struct's fields named as params give each row its own, here its max_tokens; usage on request.
+    usage = mlflow.pyfunc.spark_udf(
+        spark, logged_model.model_uri, env_manager="local", params={**PARAMS, "return_usage": True},
+        result_type="candidates string, completion_tokens long, finish_reason string")
+    rows = prompts.withColumn("out", usage(struct("prompt", "max_tokens"))).collect()
+    assert {row["prompt"]: row["out"]["completion_tokens"] for row in rows} == {
+        p: 2 + i for i, p in enumerate(PROMPTS)}

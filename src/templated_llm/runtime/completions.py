@@ -16,8 +16,8 @@ from mlflow.types.schema import ColSpec, Schema
 OUTPUT_COLUMN = "candidates"
 #: ``finish_reason`` of a generation cancelled before it ended.
 CANCELLED = "cancelled"
-#: Columns added to ``candidates`` when a request sets ``return_usage``, with their MLflow types.
-USAGE_COLUMNS = {"prompt_tokens": "long", "completion_tokens": "long", "finish_reason": "string"}
+#: Columns added to ``candidates`` when a request sets ``return_usage``.
+USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "finish_reason")
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,10 @@ def _first_stop(text: str, stop: list[str]) -> tuple[int, bool]:
 
 
 def output_schema() -> Schema:
-    """The output schema of a logged model: ``candidates``, and the usage columns (optional)."""
-    return Schema([
-        ColSpec("string", OUTPUT_COLUMN),
-        *(ColSpec(kind, name, required=False) for name, kind in USAGE_COLUMNS.items()),
-    ])
+    """The output schema of a logged model: ``candidates``, what every call returns. The usage
+    columns that ``return_usage`` adds are left out: MLflow's ``spark_udf`` makes its default
+    result type of every column the schema lists, and reads each from every answer."""
+    return Schema([ColSpec("string", OUTPUT_COLUMN)])
 
 
 def to_frame(completions: list[Completion], usage: bool) -> pd.DataFrame:
