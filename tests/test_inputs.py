@@ -120,7 +120,7 @@ def test_conversations_arrive_whole_in_every_input_shape(conversations) -> None:
         ([], "non-empty list"),
         ("hi", "non-empty list"),
         ([{"role": "user"}], "keys 'role' and 'content'"),
-        ([{"role": "user", "content": "a", "name": "x"}], "keys 'role' and 'content'"),
+        ([{"role": "user", "content": "a", "name": "x"}], r"has fields \['name'\] that this model does not support"),
         ([{"role": "tool", "content": "a"}], "role 'tool'"),
         ([{"role": "user", "content": None}], "content must be a string"),
         ([{"role": "system", "content": "a"}], "roles are \\['system'\\]"),

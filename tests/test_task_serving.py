@@ -183,8 +183,13 @@ def test_openai_chat_messages_are_taken_as_mlflows_chat_schema_allows_them(chat_
                 *({**m, "name": "bob", "refusal": None, "tool_calls": None} for m in CHAT)]
     response = model.predict({"messages": messages, **GREEDY})
     assert response["choices"][0]["message"]["content"] == expected["system"]["candidates"]
-    with pytest.raises(mlflow.exceptions.MlflowException, match="must be a dict with keys 'role' and 'content'"):
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"message 0 has fields \['tool_call_id'\] that "
+                                                             "this model does not support"):
         model.predict({"messages": [{**CHAT[0], "tool_call_id": "call-1"}], **GREEDY})
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"message 1 has fields \['tool_calls'\]"):
+        model.predict({"messages": [CHAT[0], {"role": "assistant", "content": None, "tool_calls": calls},
+                                    CHAT[0]], **GREEDY})
     # An assistant turn as the API returns it: empty tool_calls, and no content but a refusal.
     turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [],
                                                  "refusal": "No."}, *CHAT]

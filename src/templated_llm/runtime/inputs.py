@@ -239,6 +239,10 @@ def _check_conversation(row: int, conversation: Any) -> None:
     if not isinstance(conversation, list) or not conversation:
         raise bad(f"expected a non-empty list of messages; received {conversation!r}")
     for index, message in enumerate(conversation):
+        if isinstance(message, dict) and {"role", "content"} < set(message):
+            extra = sorted(str(k) for k in set(message) - {"role", "content"})
+            raise bad(f"message {index} has fields {extra} that this model does not support "
+                      "(no tool calls or other message fields); send only 'role' and 'content'")
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise bad(f"message {index} must be a dict with keys 'role' and 'content'; received {message!r}")
         if message["role"] not in ROLES:
