@@ -90,16 +90,20 @@ def test_a_stream_closed_unread_ends_its_trace(loaded_model):
 
 
 @pytest.mark.parametrize("call", ["predict", "predict_stream"])
-def test_a_failing_request_leaves_an_error_trace(loaded_model, call):
+@pytest.mark.parametrize(("model_input", "params", "named"), [
+    (["Hi"], {"temperature": 9.0}, "temperature"),  # a bad param
+    ({"prompt": ["Hi"], "colour": "red"}, {}, "colour"),  # an input refused before its rows are read
+])
+def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input, params, named):
     before = mlflow.get_last_active_trace_id(thread_local=True)
     with pytest.raises(MlflowException):
         if call == "predict":
-            loaded_model.predict(["Hi"], params={"temperature": 9.0})
+            loaded_model.predict(model_input, params=params)
         else:
-            list(loaded_model.predict_stream("Hi", params={"temperature": 9.0}))
+            list(loaded_model.predict_stream(model_input, params=params))
     trace = _last_trace()
     assert trace.info.trace_id != before and trace.info.state == "ERROR"
-    assert "temperature" in json.dumps(trace.to_dict())
+    assert named in json.dumps(trace.to_dict())
 
 
 @pytest.fixture(scope="module")

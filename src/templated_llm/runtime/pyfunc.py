@@ -28,7 +28,7 @@ from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, read_requests, request_at
+from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, has_messages, read_requests, request_at
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
@@ -160,12 +160,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         """Yield the completion of one prompt (or one conversation) in chunks as it generates;
         for a model logged with an MLflow task, of one request body, with its params."""
         if self.config.task is not None:
-            requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
-                                          stream=True)
-            if len(requests) != 1 or len(requests[0].rows) != 1:
-                raise MlflowException.invalid_parameter_value(
-                    f"predict_stream takes one request of one prompt; received {len(requests)} "
-                    f"requests of {sum(len(r.rows) for r in requests)} prompts")
+            with self._refusal_traced(model_input):
+                requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
+                                              stream=True)
+                if len(requests) != 1 or len(requests[0].rows) != 1:
+                    raise MlflowException.invalid_parameter_value(
+                        f"predict_stream takes one request of one prompt; received {len(requests)} "
+                        f"requests of {sum(len(r.rows) for r in requests)} prompts")
             return _text_only(self._stream(requests[0].rows, {**(params or {}), **requests[0].params}))
         return _text_only(self.generate_stream(model_input, params))
 
@@ -177,14 +178,26 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
         the Completion only, for a caller who wants it whole but may cancel it (on the engine
         no text is then decoded at every step)."""
-        requests = self._requests(model_input, params)
-        if len(requests) != 1 or len(requests[0][0]) != 1:
-            raise MlflowException.invalid_parameter_value(
-                "predict_stream takes one prompt or conversation; received "
-                f"{sum(len(rows) for rows, _ in requests)}"
-            )
+        with self._refusal_traced(model_input):
+            requests = self._requests(model_input, params)
+            if len(requests) != 1 or len(requests[0][0]) != 1:
+                raise MlflowException.invalid_parameter_value(
+                    "predict_stream takes one prompt or conversation; received "
+                    f"{sum(len(rows) for rows, _ in requests)}"
+                )
         [(rows, params)] = requests
         return self._stream(rows, params, text)
+
+    @contextlib.contextmanager
+    def _refusal_traced(self, model_input: Any) -> Iterator[None]:
+        """A stream's input refused before it starts leaves an error trace of the body, as a
+        refused predict does."""
+        try:
+            yield
+        except Exception:
+            with self.tracer.request() as trace:
+                trace.body(model_input, chat=self.config.task == CHAT or has_messages(model_input))
+                raise
 
     def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True
                 ) -> Iterator[str | Completion]:
