@@ -173,8 +173,8 @@ def test_a_refused_body_mlflow_cannot_quote_is_still_a_400(server):
     response = _post(url, _encode(body), "application/json")
     assert response.status_code == 400, response.text
     answer = response.json()
-    assert (answer["error_code"], answer["message"]) == (
-        "INVALID_PARAMETER_VALUE", "prompt at row 0 must be a string; received 623633705695 (int)")
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"].startswith("input columns ['x'] are neither 'prompt', 'messages' nor a param")
     assert _post(url, _encode(VALID), "application/json").status_code == 200
 
 

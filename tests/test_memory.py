@@ -139,16 +139,16 @@ def test_without_a_budget_the_engine_is_counted_at_one_sequence(tiny_snapshot, m
         mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
 
 
-def test_without_a_budget_the_engine_sizes_its_cache_within_the_memory_limit(monkeypatch):
-    # The engine takes a share of the memory the check sees as available: a limit of the
-    # environment (or a cgroup's) bounds it, not the machine's MemAvailable alone.
-    from templated_llm.engine.config import resolve
+def test_without_a_budget_the_engine_sizes_its_cache_within_the_memory_limit(logged_model, monkeypatch):
+    # The engine takes a share of the memory the check sees as available (a cgroup's limit or
+    # the environment's included), not of the machine's MemAvailable alone.
+    from templated_llm.runtime import pyfunc
+    from templated_llm.runtime.memory import AvailableMemory
 
-    per_token = 1024  # a slot of the 2048-token context: 2 MiB
-    assert resolve(EngineConfig(), 2048, per_token, "cpu").slots == 32  # this machine: the cap
-    rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
-    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(rss + 16 * 2**20))  # a quarter of it: 2 slots
-    assert 1 <= resolve(EngineConfig(), 2048, per_token, "cpu").slots <= 3
+    assert mlflow.pyfunc.load_model(logged_model.model_uri).unwrap_python_model().engine.max_num_seqs == 32
+    monkeypatch.setattr(pyfunc, "available_memory", lambda device: AvailableMemory(16 * 2**20, "a test"))
+    engine = mlflow.pyfunc.load_model(logged_model.model_uri).unwrap_python_model().engine
+    assert engine.max_num_seqs == 2  # a quarter of 16 MiB, in slots of 2 MiB (2048 tokens)
 
 
 def test_a_refusal_for_too_many_sequences_names_max_num_seqs(tiny_snapshot, monkeypatch):

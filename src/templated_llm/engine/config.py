@@ -53,8 +53,10 @@ class CacheShape:
     slot_len: int
 
 
-def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, device: str) -> CacheShape:
-    """Slots and slot length from ``config``, the model's context and the memory free now."""
+def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, device: str,
+            free_memory: int | None = None) -> CacheShape:
+    """Slots and slot length from ``config``, the model's context and the memory free now:
+    ``free_memory``, the figure the caller's memory check used, else the system's."""
     longest = min(context or _DEFAULT_SLOT_CAP, _DEFAULT_SLOT_CAP)
     seqs, tokens = config.max_num_seqs, config.max_cache_tokens
     if seqs is not None and tokens is not None:
@@ -63,15 +65,19 @@ def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, dev
         slot_len = min(longest, tokens)
         return CacheShape(max(1, tokens // slot_len), slot_len)
     if seqs is None:
-        budget = _free_memory(device) * _FREE_MEMORY_SHARE
+        budget = (_free_memory(device) if free_memory is None else free_memory) * _FREE_MEMORY_SHARE
         seqs = int(max(1, min(_DEFAULT_MAX_SEQS, budget // (bytes_per_token * longest))))
     return CacheShape(seqs, longest)
 
 
 def _free_memory(device: str) -> int:
-    # The figure the memory check compares with, so a cgroup limit and TEMPLATED_LLM_MEMORY_LIMIT
-    # bound the cache too. Imported here: the check sizes the engine with this module.
-    from templated_llm.runtime.memory import available_memory
-
-    available = available_memory(device)
-    return max(available.bytes, 0) if available is not None else 4 * 2**30  # unknown: assume 4 GiB
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # no /proc (macOS, Windows): assume 4 GiB

@@ -52,8 +52,10 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter,
-                 config: EngineConfig | None = None) -> None:
-        self._scheduler = _Scheduler(model, tokenizer, adapter, config or EngineConfig())
+                 config: EngineConfig | None = None, free_memory: int | None = None) -> None:
+        """``free_memory``: the bytes an unbudgeted cache takes its share of (default: the
+        system's available memory)."""
+        self._scheduler = _Scheduler(model, tokenizer, adapter, config or EngineConfig(), free_memory)
         self.config = self._scheduler.config
         self._thread = threading.Thread(target=self._scheduler.run, name="templated-llm-engine",
                                         daemon=True)
@@ -87,7 +89,8 @@ class Engine:
 
 
 class _Scheduler:
-    def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter, config: EngineConfig) -> None:
+    def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter, config: EngineConfig,
+                 free_memory: int | None) -> None:
         # A copy of its own: request threads encode with the shared tokenizer, and a Rust
         # tokenizer used from two threads at once fails ("Already borrowed").
         self.tokenizer, self.adapter = copy.deepcopy(tokenizer), adapter
@@ -96,7 +99,7 @@ class _Scheduler:
         device = str(adapter.device)
         per_token = SlotCache.bytes_per_token(adapter.layers, adapter.kv_heads, adapter.head_dim,
                                               adapter.dtype)
-        shape = resolve(config, context_length(model), per_token, device)
+        shape = resolve(config, context_length(model), per_token, device, free_memory)
         self.config = EngineConfig(shape.slots, shape.slots * shape.slot_len, config.max_waiting,
                                    config.prefill_chunk)
         self.cache = SlotCache(adapter.layers, shape.slots, adapter.kv_heads, shape.slot_len,

@@ -29,6 +29,7 @@ from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
 from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, has_messages, read_requests, request_at
+from templated_llm.runtime.memory import available_memory
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
@@ -101,7 +102,10 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 self.attention,
             )
             return None
-        return Engine(self.model, self.tokenizer, adapter, self.config.engine_config())
+        # The cgroup's and TEMPLATED_LLM_MEMORY_LIMIT's bound too, as in the memory check.
+        available = available_memory(str(adapter.device))
+        return Engine(self.model, self.tokenizer, adapter, self.config.engine_config(),
+                      None if available is None else max(available.bytes, 0))
 
     def _prompt_tokens(self) -> PromptTokens:
         # Prompt plus max_tokens must fit the context, and on the engine one KV cache slot.
