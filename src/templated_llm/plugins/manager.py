@@ -305,9 +305,10 @@ def model_specs() -> dict[str, ModelSpec]:
             _skip_failed(impl.plugin_name, "register_models", exc)
             continue
         for spec in registered:
-            if spec.name in specs or spec.name in _conflicts:
-                _conflicts.setdefault(spec.name, [specs.pop(spec.name).plugin_name]
-                                      if spec.name in specs else []).append(spec.plugin_name)
+            if spec.name in specs:
+                _conflicts[spec.name] = [specs.pop(spec.name).plugin_name]
+            if spec.name in _conflicts:
+                _conflicts[spec.name].append(spec.plugin_name)
             else:
                 specs[spec.name] = spec
     return specs

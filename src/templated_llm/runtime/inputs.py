@@ -64,11 +64,7 @@ def read_requests(model_input: Any, param_names: Collection[str], max_rows: int
     # "0": a positional column, read as the prompts; without its prompts, read_rows says so.
     if not others or others == ["0"] or main not in model_input.columns:
         return [(read_rows(model_input, max_rows), {})]
-    unknown = sorted(set(others) - set(param_names))
-    if unknown:
-        raise MlflowException.invalid_parameter_value(
-            f"input columns {unknown} are neither {PROMPT_COLUMN!r}, {MESSAGES_COLUMN!r} nor a param "
-            f"of this model; params are {sorted(param_names)}")
+    refuse_unknown(others, param_names, "columns")
     check_row_limit(len(model_input), max_rows)
     frame = model_input.set_axis([str(c) for c in model_input.columns], axis=1)
     requests = []
@@ -79,6 +75,16 @@ def read_requests(model_input: Any, param_names: Collection[str], max_rows: int
         requests.append((rows, params))
     check_row_limit(sum(len(rows) for rows, _ in requests), max_rows)
     return requests
+
+
+def refuse_unknown(found: Collection[str], param_names: Collection[str], what: str) -> None:
+    """Refuse the input ``what`` (fields, columns) in ``found`` that are not params: a setting
+    sent under a wrong name would otherwise change nothing, silently."""
+    unknown = sorted(set(found) - set(param_names))
+    if unknown:
+        raise MlflowException.invalid_parameter_value(
+            f"input {what} {unknown} are neither {PROMPT_COLUMN!r}, {MESSAGES_COLUMN!r} nor a param "
+            f"of this model; params are {sorted(param_names)}")
 
 
 def cell_value(value: Any) -> Any:

@@ -28,7 +28,15 @@ from templated_llm.plugins.manager import get_model_spec, hooks
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
-from templated_llm.runtime.inputs import MESSAGES_COLUMN, PROMPT_COLUMN, Row, has_messages, read_requests, request_at
+from templated_llm.runtime.inputs import (
+    MESSAGES_COLUMN,
+    PROMPT_COLUMN,
+    Row,
+    has_messages,
+    read_requests,
+    refuse_unknown,
+    request_at,
+)
 from templated_llm.runtime.memory import available_memory
 from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
@@ -357,11 +365,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             return model_input, params
         names = self._param_names
         body = {k: v for k, v in model_input.items() if k in names}
-        unknown = sorted(str(k) for k in model_input if k not in names and k not in (PROMPT_COLUMN, MESSAGES_COLUMN))
-        if unknown:
-            raise MlflowException.invalid_parameter_value(
-                f"input fields {unknown} are neither {PROMPT_COLUMN!r}, {MESSAGES_COLUMN!r} nor a param of "
-                f"this model; params are {sorted(names)}")
+        refuse_unknown([str(k) for k in model_input if k not in (PROMPT_COLUMN, MESSAGES_COLUMN)], names, "fields")
         if not body:
             return model_input, params
         return {k: v for k, v in model_input.items() if k not in names}, {**(params or {}), **body}
