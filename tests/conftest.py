@@ -10,6 +10,10 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may wait on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The product's own settings (tracing, memory limit, API key) come from each test, never from
+# the shell that started the suite.
+for _name in [name for name in os.environ if name.startswith("TEMPLATED_LLM_")]:
+    del os.environ[_name]
 
 
 def _cpus() -> int:
@@ -96,6 +100,16 @@ def fresh_plugins():
     plugin_manager.reset_plugin_manager()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """This environment for a subprocess that runs the repository's modules (``python -m
+    benchmarks...``): the repository first on ``PYTHONPATH``, the caller's entries kept after it."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_python(code: str, env: dict[str, str] | None = None) -> object:
     """Run ``code`` in a fresh interpreter and return what it printed as JSON on its last line."""
     result = subprocess.run(
@@ -113,4 +127,5 @@ def run_python(code: str, env: dict[str, str] | None = None) -> object:
 def fallback_model(tiny_snapshot: Path):
     """The tiny MPT logged to generate whole batches (engine=False), as before the engine."""
     info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="whole-batch", engine=False)
-    return mlflow.pyfunc.load_model(info.model_uri)
+    # On the CPU, as loaded_model: tests compare the two token for token (a GPU picks bf16).
+    return mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})

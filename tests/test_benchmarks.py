@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -19,9 +18,9 @@ from benchmarks import decode_attention, linear, pages
 from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
 from benchmarks.measure import bf16_flags, interleaved_seconds
 from benchmarks.report import FIGURE_IDS
+from conftest import REPO, repo_env
 from templated_llm.runtime.packed_linear import packing_available
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _smoke_run(module: str, tmp_path: Path, result: str) -> dict:
@@ -29,7 +28,7 @@ def _smoke_run(module: str, tmp_path: Path, result: str) -> dict:
         [sys.executable, "-m", module, "--smoke", "--out", str(tmp_path / "results"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, check=True, timeout=900, capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=repo_env(),
     )
     return json.loads((tmp_path / "results" / result).read_text())
 
@@ -74,7 +73,7 @@ def test_the_serving_smoke_run_measures_every_contender_without_errors(tmp_path)
         [sys.executable, "-m", "benchmarks.serving", "--smoke", "--out", str(tmp_path / "results"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, timeout=1500, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=repo_env(),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "results" / "serving.json").read_text())
@@ -193,7 +192,7 @@ def test_the_full_size_harness_runs_at_smoke_size(tmp_path):
         [sys.executable, "-m", "benchmarks", "--size", "smoke", "--out", str(tmp_path / "results"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, check=True, timeout=1200, capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=repo_env(),
     )
     results = json.loads((tmp_path / "results" / "full-size-smoke.json").read_text())
     assert results["machine"]["cpu_model"] and results["memory_bandwidth"]["bytes_per_s"] > 0

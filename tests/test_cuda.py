@@ -16,7 +16,7 @@ from templated_llm import log_llm
 from templated_llm.devtools.tiny import build_tiny_mpt
 from templated_llm.engine import EngineConfig
 from templated_llm.errors import InsufficientMemoryError
-from templated_llm.runtime.memory import cache_bytes_per_token
+from templated_llm.runtime.memory import MEMORY_LIMIT_ENV, cache_bytes_per_token
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -72,3 +72,18 @@ def test_a_cache_budget_over_the_gpus_free_memory_is_refused_before_any_weight_i
     assert "model 'mpt-instruct' in bfloat16 on cuda needs about" in message
     assert f"is available (free memory of {torch.cuda.get_device_name()})" in message
     assert f"a smaller max_cache_tokens ({tokens} now" in message
+
+
+def test_an_unbudgeted_engine_cache_on_the_gpu_takes_its_share_of_gpu_memory_not_the_hosts(
+        tiny_snapshot, monkeypatch):
+    # A host limit below what the process already uses: had the engine sized its GPU cache from
+    # the host's figure, it would get one slot.
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1MB")
+    uri = log_llm("mpt-instruct", snapshot=tiny_snapshot).model_uri
+    model = mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})
+    engine = model.unwrap_python_model().engine
+    free, _ = torch.cuda.mem_get_info()
+    cache = engine._scheduler.cache
+    assert cache.k.device.type == "cuda"
+    assert engine.max_num_seqs > 1
+    assert 2 * cache.k.numel() * cache.k.element_size() <= free

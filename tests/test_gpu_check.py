@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.gpu import wheels
 from benchmarks.gpu.check import F32_REL_TOLERANCE
+from conftest import REPO, repo_env
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_cpu_smoke_run_checks_every_backend_that_can_run_here(tmp_path):
@@ -25,7 +23,7 @@ def test_the_cpu_smoke_run_checks_every_backend_that_can_run_here(tmp_path):
         [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--smoke", "--out", str(out),
          "--work", str(tmp_path / "work")],
         cwd=REPO, timeout=600, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=repo_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "gpu-check.json").read_text())

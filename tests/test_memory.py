@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 from transformers import MptForCausalLM
 
+from conftest import REPO, repo_env
 from local_server import free_port, running_server
 from templated_llm import log_llm
 from templated_llm.cli import serve_command
@@ -33,7 +34,6 @@ from templated_llm.runtime.memory import (
     weight_bytes,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 MB = 10**6
 
 
@@ -145,9 +145,11 @@ def test_without_a_budget_the_engine_sizes_its_cache_within_the_memory_limit(log
     from templated_llm.runtime import pyfunc
     from templated_llm.runtime.memory import AvailableMemory
 
-    assert mlflow.pyfunc.load_model(logged_model.model_uri).unwrap_python_model().engine.max_num_seqs == 32
+    on_cpu = {"device": "cpu"}  # float32: the slot arithmetic below
+    assert mlflow.pyfunc.load_model(logged_model.model_uri, model_config=on_cpu).unwrap_python_model() \
+        .engine.max_num_seqs == 32
     monkeypatch.setattr(pyfunc, "available_memory", lambda device: AvailableMemory(16 * 2**20, "a test"))
-    engine = mlflow.pyfunc.load_model(logged_model.model_uri).unwrap_python_model().engine
+    engine = mlflow.pyfunc.load_model(logged_model.model_uri, model_config=on_cpu).unwrap_python_model().engine
     assert engine.max_num_seqs == 2  # a quarter of 16 MiB, in slots of 2 MiB (2048 tokens)
 
 
@@ -191,7 +193,7 @@ def _load_rss(model_uri: str, snapshot: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.load_rss", model_uri, str(snapshot), json.dumps(request)],
         capture_output=True, text=True, cwd=REPO, timeout=600, check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=repo_env(CUDA_VISIBLE_DEVICES=""),  # host memory is what this measures: no GPU
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 

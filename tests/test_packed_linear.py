@@ -3,20 +3,19 @@ not kept twice in memory."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers import MptForCausalLM
 
+from conftest import REPO, repo_env
 from templated_llm.devtools.tiny import build_tiny_mpt
 from templated_llm.model_logging.log import log_llm
 from templated_llm.runtime import packed_linear
@@ -28,7 +27,6 @@ from templated_llm.runtime.packed_linear import (
     packing_available,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32), reason="torch built without oneDNN")
 
@@ -202,5 +200,5 @@ def test_packing_weights_in_anonymous_memory_holds_one_copy_at_a_time():
     # must be freed as soon as its packed copy exists, not when every layer is packed. In a
     # process of its own: this one's other threads (an engine's, say) would move its peak.
     result = subprocess.run([sys.executable, "-c", _PACK_ANONYMOUS], capture_output=True, text=True,
-                            check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            check=True, cwd=REPO, env=repo_env())
     assert int(result.stdout) < 12 * 1024 * 1024 * 4 / 3  # a third of the 48 MiB of weights
