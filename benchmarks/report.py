@@ -103,7 +103,7 @@ def _details(results: dict[str, Any]) -> list[str]:
                      "operators): " + _shares(end_to_end) + ".")
     if d.get("prefill_end_to_end_bf16"):
         bf16 = d["prefill_end_to_end_bf16"]
-        lines.append(f"- The same `predict` on the weights stored in bfloat16 (auto runs them in bfloat16 "
+        lines.append("- The same `predict` on the weights stored in bfloat16 (auto runs them in bfloat16 "
                      "here), medians: " + ", ".join(f"{b} {statistics.median(t):.3f} s"
                                                     for b, t in bf16["seconds"].items())
                      + "; its CPU time: " + _shares(bf16) + ".")

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 import requests
 from mlflow import MlflowClient

@@ -5,9 +5,10 @@ from templated_llm.engine.adapters import HuggingFaceAdapter, ModelAdapter
 from templated_llm.engine.cache import SlotCache, StepBatch
 from templated_llm.engine.config import EngineConfig
 from templated_llm.engine.scheduler import Engine
-from templated_llm.engine.sequence import CANCELLED, Sequence
+from templated_llm.engine.sequence import Sequence
 from templated_llm.engine.stats import EngineStats, LatencySummary
 from templated_llm.errors import EngineClosedError, EngineFullError, SequenceFailedError
+from templated_llm.runtime.completions import CANCELLED
 
 __all__ = [
     "CANCELLED",

@@ -30,9 +30,10 @@ from templated_llm.engine import sampling
 from templated_llm.engine.adapters import ModelAdapter
 from templated_llm.engine.cache import SlotCache, StepBatch
 from templated_llm.engine.config import EngineConfig, resolve
-from templated_llm.engine.sequence import CANCELLED, Sequence, SequenceState, step_failure
+from templated_llm.engine.sequence import Sequence, SequenceState, step_failure
 from templated_llm.engine.stats import EngineStats, StatsRecorder
 from templated_llm.errors import EngineClosedError, EngineFullError, SequenceFailedError
+from templated_llm.runtime.completions import CANCELLED
 from templated_llm.runtime.generation import end_ids
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import Grammar, mask_logits

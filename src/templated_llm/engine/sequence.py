@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from templated_llm.errors import SequenceFailedError
-from templated_llm.runtime.completions import CANCELLED, Completion, cut_at_stop, held_back_at_stop
+from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.structured import GrammarState
 from templated_llm.runtime.tokens import IncrementalText
