@@ -3,6 +3,7 @@ and packs only where the original weights can be handed back."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 
@@ -68,6 +69,26 @@ def test_a_packed_model_changes_dtype_as_a_plain_one_does(plain, packed, dtype, 
     torch.testing.assert_close(_logits(packed.to(dtype)), _logits(plain.to(dtype)),
                                rtol=tolerance, atol=tolerance)
     assert packed.state_dict()["transformer.blocks.0.ffn.up_proj.weight"].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_packed_model_cast_away_and_back_is_packed_again(plain, packed, dtype):
+    # float16 is not packed (a plain weight meanwhile); back in float32 the layer packs again.
+    packed.to(dtype).float()
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m._packed is not None and "weight" not in m._parameters for m in layers)
+    torch.testing.assert_close(_logits(packed), _logits(plain.to(dtype).float()), rtol=1e-5, atol=1e-5)
+    assert list(packed.state_dict()) == list(plain.state_dict())
+
+
+def test_a_deep_copy_of_a_packed_model_is_packed_and_independent(plain, packed):
+    copy_ = copy.deepcopy(packed)
+    layer, copied = packed.transformer.blocks[0].ffn.up_proj, copy_.transformer.blocks[0].ffn.up_proj
+    assert copied._packed is not None and copied._packed is not layer._packed
+    torch.testing.assert_close(_logits(copy_), _logits(plain), rtol=1e-5, atol=1e-5)
+    copy_.half()  # the copy's change leaves the original as it was
+    assert layer._packed.dtype == torch.float32
+    torch.testing.assert_close(_logits(packed), _logits(plain), rtol=1e-5, atol=1e-5)
 
 
 def test_a_packed_model_moves_to_another_device(plain, packed):

@@ -44,7 +44,9 @@ class PackedLinear(nn.Module):
     Its state is ``nn.Linear``'s: ``state_dict`` holds the plain ``weight`` (a saved model is an
     ordinary checkpoint) and ``load_state_dict`` packs the weight it is given. ``.to()``,
     ``.half()``, ``.cuda()``... convert the weight too: packed again where oneDNN can run it (a
-    CPU dtype it packs), else unpacked into a plain ``weight`` parameter run by ``F.linear``.
+    CPU dtype it packs), else unpacked into a plain ``weight`` parameter run by ``F.linear``,
+    until a later conversion brings it back where it packs. ``copy.deepcopy`` and pickling
+    carry the weight's values and pack them again.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -86,6 +88,11 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         super()._apply(fn, recurse)
         if self._packed is None:
+            # Unpacked by an earlier cast or move: packed again once back where oneDNN runs it
+            # (.half() then .float()), so the layer is fast again.
+            if self.weight.device.type == "cpu" and packing_available(self.weight.dtype):
+                self._packed = _pack(self.weight)
+                del self.weight
             return self
         probe = torch.empty(0, dtype=self._packed.dtype)
         changed = fn(probe)
@@ -98,6 +105,19 @@ class PackedLinear(nn.Module):
             self._packed = None
             self.weight = nn.Parameter(weight, requires_grad=False)
         return self
+
+    def __getstate__(self) -> dict:
+        # The packed tensor is opaque (no storage to copy or pickle): deepcopy and pickle carry
+        # its dense values, and __setstate__ packs them again.
+        state = super().__getstate__()
+        if self._packed is not None:
+            state["_packed"] = self._packed.to_dense()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self._packed is not None:
+            self._packed = _pack(self._packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
