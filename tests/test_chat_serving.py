@@ -161,3 +161,16 @@ def test_a_body_predicted_in_python_is_read_as_the_server_reads_it(logged, expec
     assert model.predict({"messages": [developer, *CHAT], **GREEDY})["candidates"][0] == expected["system"]
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"input fields \['n'\] are neither 'prompt'"):
         model.predict({"messages": CHAT, "n": 2, **GREEDY})
+
+
+def test_a_system_prompt_sent_twice_is_refused_as_the_openai_route_refuses_it(server, logged):
+    # A system message and the system param: neither wins silently, in Python or served.
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    twice = "the request sets the system prompt twice, as a system message and as the 'system' param; send one"
+    for body, params in (({"messages": [SYSTEM, *CHAT], "system": "Be long."}, GREEDY),
+                         ({"messages": [[SYSTEM, *CHAT]]}, {**GREEDY, "system": "Be long."})):
+        with pytest.raises(mlflow.exceptions.MlflowException, match=twice) as raised:
+            model.predict(body, params=params)
+        assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+    response = _post(server, {"inputs": {"messages": [SYSTEM, *CHAT]}, "params": {**GREEDY, "system": "Be long."}})
+    assert response.status_code == 400 and twice in response.json()["message"], response.text

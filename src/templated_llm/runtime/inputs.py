@@ -30,6 +30,15 @@ def openai_role(role: Any) -> Any:
     return "system" if role == "developer" else role
 
 
+def system_prompt_twice(row: Row, variables: Collection[str], variable: str) -> str | None:
+    """Why a request is refused that sets the system prompt both as a system message of ``row``
+    and as the ``system`` template variable (``variable``: how the request names it); ``None``
+    where it does not. Neither would win silently: the caller raises its own 400 with this."""
+    if "system" not in variables or isinstance(row, str) or not any(m["role"] == "system" for m in row):
+        return None
+    return f"the request sets the system prompt twice, as a system message and as {variable}; send one"
+
+
 def read_rows(model_input: Any, max_rows: int) -> list[Row]:
     """The rows of a request: its prompts, or its conversations when it sends ``messages``.
 

@@ -8,7 +8,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from templated_llm.errors import TemplateError
-from templated_llm.runtime.inputs import Message, Row
+from templated_llm.runtime.inputs import Message, Row, system_prompt_twice
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.spec import ModelSpec
 
@@ -34,7 +34,13 @@ class PromptRenderer:
 
     def render(self, row: Row, variables: dict[str, str] | None = None) -> str:
         """The text the model sees for ``row``; ``variables`` override the template variables'
-        defaults. Raises ``MlflowException`` (HTTP 400) for a conversation the model cannot take."""
+        defaults. Raises ``MlflowException`` (HTTP 400) for a conversation the model cannot take,
+        or one whose system message ``variables`` sets again."""
+        # MLflow fills each param a request leaves out with its default: only another value is
+        # known to be sent.
+        sent = [k for k, v in (variables or {}).items() if v != self.spec.template_variables.get(k)]
+        if problem := system_prompt_twice(row, sent, "the 'system' param"):
+            raise MlflowException.invalid_parameter_value(problem)
         values = {**self.spec.template_variables, **(variables or {})}
         if isinstance(row, str):
             turns: list[Message] = [{"role": "user", "content": row}]

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from templated_llm.errors import RequestError
-from templated_llm.runtime.inputs import Row, openai_role
+from templated_llm.runtime.inputs import Row, openai_role, system_prompt_twice
 from templated_llm.spec import ModelSpec
 
 # Fields that change nothing here: accepted and ignored.
@@ -283,9 +283,8 @@ def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]
     """
     turns = [{"role": openai_role(m.role), "content": m.text}
              for m in request.messages]
-    if "system" in (request.template_variables or {}) and any(t["role"] == "system" for t in turns):
-        raise RequestError("the request sets the system prompt twice, as a system message and as "
-                           "template_variables.system; send one", param="template_variables")
+    if problem := system_prompt_twice(turns, request.template_variables or {}, "template_variables.system"):
+        raise RequestError(problem, param="template_variables")
     if spec.chat:
         return turns, {}
     if not spec.chat_as_instruction:
