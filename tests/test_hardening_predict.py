@@ -44,6 +44,22 @@ def test_each_limit_is_a_400_before_generation(limited_model, no_generation, pro
     assert caught.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize(("model_input", "params", "message"), [
+    (["word " * 1900], {"max_tokens": 200}, r"^the prompt at row 2 is \d+ tokens after templating; with max_tokens=200"),
+    (["x" * 10**7], GREEDY, "^the prompt at row 2 is 10000.* characters after templating"),
+    (["bad \udcff"], GREEDY, "^prompt at row 2 is not valid Unicode"),
+    ({"messages": [[{"role": "bot", "content": "hi"}]]}, GREEDY, "^messages at row 2: message 0 has role 'bot'"),
+])
+def test_a_row_sent_alone_is_named_by_its_place_in_the_callers_request(limited_model, no_generation,
+                                                                      model_input, params, message):
+    # A server sends each prompt of a request as a call of its own, saying where it stands.
+    python_model = limited_model.unwrap_python_model()
+    for call in (python_model.complete, python_model.generate_stream):
+        with pytest.raises(MlflowException, match=message) as caught:
+            call(model_input, params, first_row=2)
+        assert caught.value.get_http_status_code() == 400
+
+
 def test_requests_within_the_limits_generate(limited_model):
     assert len(limited_model.predict(["a", "b", "c"], params=GREEDY)) == 3
 

@@ -256,10 +256,15 @@ def test_an_unknown_model_is_a_404(client):
     assert raised.value.code == "model_not_found" and NAME in raised.value.message
 
 
-def test_a_refused_prompt_of_a_list_is_named_by_its_place(client):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_refused_prompt_of_a_list_is_named_by_its_place(client, stream):
     with pytest.raises(openai.BadRequestError, match=r"prompt at row 1 is \d+ tokens after templating") as raised:
-        client.completions.create(model=NAME, prompt=["Hi", "river " * 3000], max_tokens=4)
+        client.completions.create(model=NAME, prompt=["Hi", "river " * 3000], max_tokens=4, stream=stream)
     assert raised.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match=r"the prompt at row 1 is \d+ tokens after templating; "
+                       r"with max_tokens=1000 that exceeds") as raised:
+        client.completions.create(model=NAME, prompt=["Hi", "river " * 1500], max_tokens=1000, stream=stream)
+    assert raised.value.param == "max_tokens"
 
 
 def test_null_template_variables_take_the_defaults(client):

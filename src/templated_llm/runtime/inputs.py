@@ -39,15 +39,17 @@ def system_prompt_twice(row: Row, variables: Collection[str], variable: str) -> 
     return f"the request sets the system prompt twice, as a system message and as {variable}; send one"
 
 
-def read_rows(model_input: Any, max_rows: int) -> list[Row]:
+def read_rows(model_input: Any, max_rows: int, first_row: int = 0) -> list[Row]:
     """The rows of a request: its prompts, or its conversations when it sends ``messages``.
 
     Raises ``MlflowException`` (HTTP 400 when served) for malformed input, more than
     ``max_rows`` rows (the limit logged with the model), or text that is not valid Unicode.
+    ``first_row``: the number a refusal gives the first row (its place in the caller's request).
     """
-    rows = to_conversations(model_input) if has_messages(model_input) else to_prompts(model_input)
+    rows = (to_conversations(model_input, first_row) if has_messages(model_input)
+            else to_prompts(model_input, first_row))
     check_row_limit(len(rows), max_rows)
-    for row, value in enumerate(rows):
+    for row, value in enumerate(rows, first_row):
         texts = [value] if isinstance(value, str) else [m["content"] for m in value]
         if found := next(filter(None, map(_LONE_SURROGATE.search, texts)), None):
             raise MlflowException.invalid_parameter_value(
@@ -57,7 +59,7 @@ def read_rows(model_input: Any, max_rows: int) -> list[Row]:
     return rows
 
 
-def read_requests(model_input: Any, param_names: Collection[str], max_rows: int
+def read_requests(model_input: Any, param_names: Collection[str], max_rows: int, first_row: int = 0
                   ) -> list[tuple[list[Row], dict[str, Any]]]:
     """The requests in ``model_input``, each its rows and its own params: one request, or, for a
     DataFrame with columns named as params (``max_tokens``, ``temperature``, a template
@@ -65,21 +67,22 @@ def read_requests(model_input: Any, param_names: Collection[str], max_rows: int
 
     A DataFrame column that is neither the prompts, the messages nor a param is refused rather
     than ignored: a setting sent under a wrong name would otherwise change nothing, silently.
+    Refusals number each request's rows from ``first_row``.
     """
     if not isinstance(model_input, pd.DataFrame):
-        return [(read_rows(model_input, max_rows), {})]
+        return [(read_rows(model_input, max_rows, first_row), {})]
     main = MESSAGES_COLUMN if has_messages(model_input) else PROMPT_COLUMN
     others = [str(c) for c in model_input.columns if str(c) != main]
     # "0": a positional column, read as the prompts; without its prompts, read_rows says so.
     if not others or others == ["0"] or main not in model_input.columns:
-        return [(read_rows(model_input, max_rows), {})]
+        return [(read_rows(model_input, max_rows, first_row), {})]
     refuse_unknown(others, param_names, "columns")
     check_row_limit(len(model_input), max_rows)
     frame = model_input.set_axis([str(c) for c in model_input.columns], axis=1)
     requests = []
     for index in range(len(frame)):
         with request_at(index, len(frame)):
-            rows = read_rows(frame[[main]].iloc[[index]], max_rows)
+            rows = read_rows(frame[[main]].iloc[[index]], max_rows, first_row)
         params = {name: value for name in others if (value := cell_value(frame[name].iloc[index])) is not None}
         requests.append((rows, params))
     check_row_limit(sum(len(rows) for rows, _ in requests), max_rows)
@@ -169,11 +172,11 @@ def _column(model_input: Any) -> list[Any]:
     )
 
 
-def to_prompts(model_input: Any) -> list[str]:
+def to_prompts(model_input: Any, first_row: int = 0) -> list[str]:
     prompts = _column(model_input)
     if not prompts:
         raise MlflowException.invalid_parameter_value("input has no prompts; send at least one")
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(prompts, first_row):
         if not isinstance(prompt, str):
             received = "null" if pd.isna(prompt) is True else f"{prompt!r} ({type(prompt).__name__})"
             raise MlflowException.invalid_parameter_value(
@@ -210,13 +213,14 @@ def _conversations(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def to_conversations(model_input: Any) -> list[list[Message]]:
+def to_conversations(model_input: Any, first_row: int = 0) -> list[list[Message]]:
     """The ``messages`` of every row: each a list of ``{"role", "content"}`` dicts.
 
     Accepted: a DataFrame with a ``messages`` column (a conversation per row, or, as MLflow
     turns ``{"inputs": {"messages": [...]}}`` into, one row holding them all), a list of
     ``{"messages": ...}`` records, or a dict with a ``messages`` key holding one conversation or
-    a list of them. OpenAI's `developer` role is the `system` one.
+    a list of them. OpenAI's `developer` role is the `system` one. Refusals number the rows from
+    ``first_row``.
     """
     if isinstance(model_input, pd.DataFrame):
         values = _plain(model_input[MESSAGES_COLUMN].tolist())
@@ -229,7 +233,7 @@ def to_conversations(model_input: Any) -> list[list[Message]]:
     if not values:
         raise MlflowException.invalid_parameter_value("input has no messages; send at least one conversation")
     values = [_with_openai_roles(conversation) for conversation in values]
-    for row, conversation in enumerate(values):
+    for row, conversation in enumerate(values, first_row):
         _check_conversation(row, conversation)
     return values
 

@@ -154,12 +154,14 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             trace.response(frame, completions)
             return frame
 
-    def complete(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Completion]:
+    def complete(self, model_input: Any, params: dict[str, Any] | None = None, *, first_row: int = 0
+                 ) -> list[Completion]:
         """Every row's :class:`Completion` (text, token counts, finish reason), whatever task the
         model was logged with; ``model_input`` and ``params`` as ``predict`` takes them without
-        a task. Traced as ``predict`` is."""
+        a task. Traced as ``predict`` is. ``first_row``: the number a refusal gives the first
+        row, for a caller that sends the rows of its own request a few at a time."""
         with self.tracer.request() as trace:
-            completions, _ = self._complete_input(model_input, params, trace)
+            completions, _ = self._complete_input(model_input, params, trace, first_row)
             trace.response([dataclasses.asdict(c) for c in completions], completions)
             return completions
 
@@ -183,22 +185,22 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return _text_only(self.generate_stream(model_input, params))
 
     def generate_stream(
-        self, model_input: Any, params: dict[str, Any] | None = None, *, text: bool = True
+        self, model_input: Any, params: dict[str, Any] | None = None, *, text: bool = True, first_row: int = 0
     ) -> Iterator[str | Completion]:
         """``predict_stream``'s text chunks, then the whole :class:`Completion` (text, token
         counts, finish reason). Input and params are checked before this returns; closing the
         iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
         the Completion only, for a caller who wants it whole but may cancel it (on the engine
-        no text is then decoded at every step)."""
+        no text is then decoded at every step). ``first_row`` as :meth:`complete` takes it."""
         with self._refusal_traced(model_input):
-            requests = self._requests(model_input, params)
+            requests = self._requests(model_input, params, first_row)
             if len(requests) != 1 or len(requests[0][0]) != 1:
                 raise MlflowException.invalid_parameter_value(
                     "predict_stream takes one prompt or conversation; received "
                     f"{sum(len(rows) for rows, _ in requests)}"
                 )
         [(rows, params)] = requests
-        return self._stream(rows, params, text)
+        return self._stream(rows, params, text, first_row)
 
     @contextlib.contextmanager
     def _refusal_traced(self, model_input: Any) -> Iterator[None]:
@@ -211,12 +213,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 trace.body(model_input, chat=self.config.task == CHAT or has_messages(model_input))
                 raise
 
-    def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True
+    def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True, first_row: int = 0
                 ) -> Iterator[str | Completion]:
         try:
             variables, generation = self._params(params)
             grammar = self._grammar(generation)
-            input_ids, generation, row_tokens = self._encode(self.render(rows, variables), generation, params)
+            input_ids, generation, row_tokens = self._encode(self.render(rows, variables), generation, params,
+                                                             first_row)
         except Exception:
             # Refused before it streams: an error trace, as a refused predict leaves.
             with self.tracer.request() as trace:
@@ -274,38 +277,38 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return response
 
     def _complete_input(
-        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
+        self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace, first_row: int = 0
     ) -> tuple[list[Completion], bool]:
         """Every row's completion, and whether token counts were asked for (by any row)."""
-        requests = self._requests(model_input, params)
+        requests = self._requests(model_input, params, first_row)
         trace.rows([row for rows, _ in requests for row in rows])
-        results = self._complete_all(requests, trace)
+        results = self._complete_all(requests, trace, first_row)
         return ([c for completions, _ in results for c in completions],
                 any(generation.return_usage for _, generation in results))
 
-    def _requests(self, model_input: Any, params: dict[str, Any] | None
+    def _requests(self, model_input: Any, params: dict[str, Any] | None, first_row: int = 0
                   ) -> list[tuple[list[Row], dict[str, Any] | None]]:
         """The input's requests, each with its params: those a dict body or a DataFrame row
         sets, over ``params``."""
         model_input, params = self._body_params(model_input, params)
         return [(rows, {**(params or {}), **own} if own else params) for rows, own
-                in read_requests(model_input, self._param_names, self.config.max_rows_per_request)]
+                in read_requests(model_input, self._param_names, self.config.max_rows_per_request, first_row)]
 
     def _complete_all(
-        self, requests: list[tuple[list[Row], dict[str, Any] | None]], trace: RequestTrace
+        self, requests: list[tuple[list[Row], dict[str, Any] | None]], trace: RequestTrace, first_row: int = 0
     ) -> list[tuple[list[Completion], GenerationParams]]:
         """Every request's completions, each with its own params: all are checked before any
         generates, then all generate at once (side by side on the engine)."""
         prepared = []
         for index, (rows, params) in enumerate(requests):
             with request_at(index, len(requests)):
-                prepared.append(self._prepare(rows, params, trace))
+                prepared.append(self._prepare(rows, params, trace, first_row))
         with trace.generation([ids for input_ids, *_ in prepared for ids in input_ids]) as stage:
             completions = self._generate_all(prepared)
             stage.generated([c for request in completions for c in request])
         return [(request, generation) for request, (_, generation, *_) in zip(completions, prepared)]
 
-    def _prepare(self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace
+    def _prepare(self, rows: list[Row], params: dict[str, Any] | None, trace: RequestTrace, first_row: int
                  ) -> tuple[list[list[int]], GenerationParams, Grammar | None, list[int]]:
         """A request's token ids, params, grammar and each row's ``max_tokens``; raises a 400
         for anything it cannot be."""
@@ -316,7 +319,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
             with trace.rendering(rows) as stage:
                 prompts = self.render(rows, variables)
                 stage.rendered(prompts)
-            input_ids, generation, row_tokens = self._encode(prompts, generation, params)
+            input_ids, generation, row_tokens = self._encode(prompts, generation, params, first_row)
         finally:
             trace.params(generation, variables, row_tokens)  # as generated, or as refused
         return input_ids, generation, grammar, row_tokens
@@ -378,13 +381,13 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return read_params(params, self.spec.template_variables, self.config.generation_defaults,
                            self.config.max_tokens_limit)
 
-    def _encode(self, prompts: list[str], generation: GenerationParams, params: dict[str, Any] | None
-                ) -> tuple[list[list[int]], GenerationParams, list[int]]:
+    def _encode(self, prompts: list[str], generation: GenerationParams, params: dict[str, Any] | None,
+                first_row: int) -> tuple[list[list[int]], GenerationParams, list[int]]:
         """The prompts' token ids, ``generation`` with the largest ``max_tokens`` they leave room
         for, and each row's: a caller who sent none gets the default, or less where the context
         is short."""
         fit = (params or {}).get("max_tokens") is None
-        input_ids, row_tokens = self.tokens.encode(prompts, generation.max_tokens, fit)
+        input_ids, row_tokens = self.tokens.encode(prompts, generation.max_tokens, fit, first_row)
         return input_ids, generation.model_copy(update={"max_tokens": max(row_tokens)}), row_tokens
 
     def _grammar(self, generation: GenerationParams) -> Grammar | None:

@@ -91,7 +91,7 @@ class PromptTokens:
         # fail ("Already borrowed"): tokenizing is serialised, and cheap next to generating.
         self._lock = threading.Lock()
 
-    def encode(self, prompts: list[str], max_tokens: int, fit: bool = False
+    def encode(self, prompts: list[str], max_tokens: int, fit: bool = False, first_row: int = 0
                ) -> tuple[list[list[int]], list[int]]:
         """Each prompt's token ids, and the ``max_tokens`` each generates with; raises
         ``MlflowException`` (HTTP 400) when a prompt plus its ``max_tokens`` cannot fit the
@@ -100,11 +100,14 @@ class PromptTokens:
         ``fit``: ``max_tokens`` is a default the caller did not choose, so it shrinks to what the
         context (and the whole-batch KV cache budget) leaves after the prompt, or after the
         longest prompt where rows are padded to it (OpenAI's meaning of an omitted ``max_tokens``).
+
+        ``first_row``: the number a refusal gives the first prompt (its place in the caller's
+        request, where the caller sends its prompts one at a time).
         """
-        self._check_chars(prompts)
+        self._check_chars(prompts, first_row)
         with self._lock:
             input_ids = tokenize(self.tokenizer, prompts, self.add_special_tokens)
-        self._check_prompts(input_ids)
+        self._check_prompts(input_ids, first_row)
         longest = max(len(ids) for ids in input_ids)
         lengths = [len(ids) if self.rows_alone else longest for ids in input_ids]
         limits = [limit for limit in (self.context_length, self._cache_share(len(input_ids))) if limit is not None]
@@ -113,16 +116,16 @@ class PromptTokens:
             # Where nothing is left (a cache budget too small for the rows), the check says so.
             rooms = [min((limit - length for limit in limits), default=max_tokens) for length in lengths]
             row_tokens = [min(max_tokens, room) if room >= 1 else max_tokens for room in rooms]
-        self._check_context(lengths, row_tokens)
+        self._check_context(lengths, row_tokens, first_row)
         return input_ids, row_tokens
 
     def pad(self, input_ids: list[list[int]], device: str) -> dict[str, torch.Tensor]:
         """One batch of token ids, left-padded, on ``device``."""
         return pad(self.tokenizer, input_ids, device)
 
-    def _check_chars(self, prompts: list[str]) -> None:
+    def _check_chars(self, prompts: list[str], first_row: int) -> None:
         # Rejects, without tokenizing it, text too long to fit the context whatever its tokens.
-        for row, text in enumerate(prompts):
+        for row, text in enumerate(prompts, first_row):
             if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
                 raise MlflowException.invalid_parameter_value(
                     f"the prompt at row {row} is {len(text)} characters after templating; no text "
@@ -130,8 +133,8 @@ class PromptTokens:
                     f"{self.context_length} tokens. Shorten the prompt."
                 )
 
-    def _check_prompts(self, input_ids: list[list[int]]) -> None:
-        for row, ids in enumerate(input_ids):
+    def _check_prompts(self, input_ids: list[list[int]], first_row: int) -> None:
+        for row, ids in enumerate(input_ids, first_row):
             # An empty prompt under a template of just {{ prompt }}, for a tokenizer with no
             # start token: a model must be given at least one token to continue.
             if not ids:
@@ -144,12 +147,14 @@ class PromptTokens:
                     "generate. Shorten the prompt."
                 )
 
-    def _check_context(self, lengths: list[int], row_tokens: list[int]) -> None:
+    def _check_context(self, lengths: list[int], row_tokens: list[int], first_row: int) -> None:
         """``lengths``: each row's tokens in its context (the longest prompt's where rows are padded)."""
         row = max(range(len(lengths)), key=lambda r: lengths[r] + row_tokens[r])
         length, max_tokens = lengths[row], row_tokens[row]
         if self.context_length is not None and length + max_tokens > self.context_length:
-            which = f"the prompt at row {row}" if self.rows_alone and len(lengths) > 1 else "the longest prompt"
+            # A row's own length is named by its place: where rows generate alone, or it is alone.
+            own = self.rows_alone or len(lengths) == 1
+            which = f"the prompt at row {first_row + row}" if own else "the longest prompt"
             raise MlflowException.invalid_parameter_value(
                 f"{which} is {length} tokens after templating; with max_tokens="
                 f"{max_tokens} that exceeds {self.context_name} of {self.context_length} tokens. "

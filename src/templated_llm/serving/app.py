@@ -232,14 +232,16 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
     for index in range(count):
         # Choice i samples with seed + i, in the model's seed range (0 to 2**63 - 1).
         choice = {**params, "seed": (params["seed"] + index % n) % 2**63} if "seed" in params else params
-        row = rows[index // n]
+        # Each prompt generates as a call of its own; a refusal names its place in the request.
+        place = index // n
         # On the engine a whole completion is read from a stream too, which a timeout, a client
         # gone or a shutdown cancels; whole batches merge concurrent completions instead.
         if parsed.stream or model.backend.streams_completions:
-            exchange.generations.start(index, partial(model.backend.stream, row, choice, text=parsed.stream),
-                                       cancellable=True)
+            exchange.generations.start(index, partial(model.backend.stream, rows[place], choice, place,
+                                                      text=parsed.stream), cancellable=True)
         else:
-            exchange.generations.start(index, partial(_complete, model.backend, row, choice), cancellable=False)
+            exchange.generations.start(index, partial(_complete, model.backend, rows[place], choice, place),
+                                       cancellable=False)
     reply = Reply(chat=chat, model=model.name, fingerprint=model.fingerprint,
                   include_usage=parsed.include_usage)
     if not parsed.stream:
@@ -265,8 +267,8 @@ async def _when_gone(request: Request, then: Callable[[], None]) -> None:
     then()
 
 
-def _complete(backend: Any, row: Row, params: dict[str, Any]) -> Iterator[Completion]:
-    return iter([backend.complete(row, params)])
+def _complete(backend: Any, row: Row, params: dict[str, Any], index: int) -> Iterator[Completion]:
+    return iter([backend.complete(row, params, index)])
 
 
 class _Stream(StreamingResponse):
@@ -302,9 +304,7 @@ class _Exchange:
         self._failed = False
 
     def _fail(self, index: int, item: BaseException) -> RequestError:
-        # Each prompt of a request generates as a call of its own: name it in the request.
-        row = index // self._n if index >= 0 and self._count > self._n else None
-        error = as_request_error(item, self._aliases, row)
+        error = as_request_error(item, self._aliases)
         self._record.outcome = error.code or error.type
         # Index -1: the request was interrupted (timeout, shutdown); else a sequence failed,
         # refused as input or in generation, and what did not finish was not cancelled.

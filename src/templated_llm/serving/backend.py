@@ -22,7 +22,8 @@ __all__ = ["Backend", "Completion", "LoadedModel", "TemplatedLLMBackend", "load"
 
 class Backend(Protocol):
     """Generation for one served model. ``params`` are ``predict``'s params (template variables
-    included); bad input raises ``MlflowException`` (HTTP 400) before anything generates."""
+    included); bad input raises ``MlflowException`` (HTTP 400) before anything generates, naming
+    the row by ``index``, its place in the request."""
 
     spec: ModelSpec
     #: Most sequences one request may ask for (prompts times ``n``).
@@ -31,9 +32,10 @@ class Backend(Protocol):
     #: than from :meth:`complete` (where concurrent completions may share a batch).
     streams_completions: bool
 
-    def complete(self, row: Row, params: dict[str, Any]) -> Completion: ...
+    def complete(self, row: Row, params: dict[str, Any], index: int) -> Completion: ...
 
-    def stream(self, row: Row, params: dict[str, Any], text: bool = True) -> Iterator[str | Completion]:
+    def stream(self, row: Row, params: dict[str, Any], index: int, text: bool = True
+               ) -> Iterator[str | Completion]:
         """Text deltas as they are generated (none with ``text=False``), then the
         :class:`Completion`; closing the iterator, or its ``cancel()``, cancels the generation."""
         ...
@@ -63,13 +65,14 @@ class TemplatedLLMBackend:
         # completions that come through predict.
         self.streams_completions: bool = getattr(model, "engine", None) is not None
 
-    def complete(self, row: Row, params: dict[str, Any]) -> Completion:
+    def complete(self, row: Row, params: dict[str, Any], index: int) -> Completion:
         # As predict (traced, on the engine), whatever MLflow task the model was logged with.
-        [completion] = self._model.complete(_model_input(row), params)
+        [completion] = self._model.complete(_model_input(row), params, first_row=index)
         return completion
 
-    def stream(self, row: Row, params: dict[str, Any], text: bool = True) -> Iterator[str | Completion]:
-        return self._model.generate_stream(_model_input(row), params, text=text)
+    def stream(self, row: Row, params: dict[str, Any], index: int, text: bool = True
+               ) -> Iterator[str | Completion]:
+        return self._model.generate_stream(_model_input(row), params, text=text, first_row=index)
 
     def stats(self) -> Any | None:
         engine = getattr(self._model, "engine", None)

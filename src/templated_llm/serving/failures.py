@@ -25,11 +25,9 @@ SHUTTING_DOWN = RequestError("the server is shutting down; the request was cance
                              status=503, type="server_error", code="shutting_down")
 
 
-def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None,
-                     row: int | None = None) -> RequestError:
+def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) -> RequestError:
     """``exc`` as the RequestError to answer; ``aliases`` rename a param the model names (its
-    ``max_tokens``) to the request field that set it (``max_completion_tokens``). ``row``: the
-    request's prompt that the model, given it alone (as its row 0), refused."""
+    ``max_tokens``) to the request field that set it (``max_completion_tokens``)."""
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, OverloadedError) or _OVERLOADED_NAMES & {c.__name__ for c in type(exc).__mro__} \
@@ -40,9 +38,6 @@ def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None,
         message = exc.message
         found = _PARAM.search(message)
         param = found and next(group for group in found.groups() if group)
-        if row is not None:
-            message = re.sub(r"\bat row 0\b", f"at row {row}", message).replace(
-                "the longest prompt is", f"the prompt at row {row} is")
         alias = (aliases or {}).get(param)
         if alias is None:
             return RequestError(message, param=param)
