@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from templated_llm.engine.sequence import SequenceState
-from templated_llm.runtime.generation import _Streamer
+from templated_llm.runtime.generation import _RowEnds, _Streamer
 from templated_llm.runtime.params import GenerationParams
 
 _CORPUS = ["Name three rivers: the Nile, the Rhône and the Yangtze (长江).",
@@ -41,10 +41,13 @@ def sentencepiece_like():
 
 
 def _streamed_whole_batch(tokenizer, ids: list[int]) -> str:
-    """What the whole-batch path's stream (transformers' generate with its streamer) sends."""
-    streamer = _Streamer(tokenizer)
+    """What the whole-batch path's stream (transformers' generate with its streamer) sends:
+    each token is decoded by the stopping criteria, then handed to the streamer."""
+    row_ends = _RowEnds(tokenizer, [], set(), rows=1, streamed=True)
+    streamer = _Streamer(tokenizer, row_ends.texts[0])
     streamer.put(torch.tensor([[1]]))  # the prompt, skipped
     for token in ids:
+        row_ends(torch.tensor([[token]]), None)
         streamer.put(torch.tensor([token]))
     streamer.end()
     return "".join(streamer)

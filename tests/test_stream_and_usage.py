@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from templated_llm import log_llm
 from templated_llm.runtime.completions import cut_at_stop, held_back_at_stop
+from templated_llm.runtime.tokens import IncrementalText
 
 PROMPT = "Name three rivers."
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -59,6 +60,23 @@ def test_generate_stream_ends_with_the_completion_predict_returns(loaded_model, 
     assert (completion.prompt_tokens, completion.completion_tokens, completion.finish_reason) == (
         expected["prompt_tokens"], expected["completion_tokens"], expected["finish_reason"])
     assert completion.finish_reason == ("stop" if stop else "length")
+
+
+def test_a_whole_batch_stream_with_a_stop_string_decodes_each_token_once(fallback_model, monkeypatch) -> None:
+    # The stop-string check and the text sent read one decode of each token.
+    params = {**GREEDY, "stop": ["no such text"]}
+    expected = fallback_model.predict([PROMPT], params=params)["candidates"][0]
+    read = []
+    update = IncrementalText.update
+
+    def counted(self, tokenizer, ids):
+        read.append(len(ids))
+        return update(self, tokenizer, ids)
+
+    monkeypatch.setattr(IncrementalText, "update", counted)
+    *chunks, completion = fallback_model.unwrap_python_model().generate_stream(PROMPT, params)
+    assert "".join(chunks) == completion.text == expected
+    assert read == list(range(1, completion.completion_tokens + 1))
 
 
 def test_closing_a_stream_early_frees_its_slot(loaded_model) -> None:

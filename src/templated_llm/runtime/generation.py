@@ -68,27 +68,28 @@ class _RowEnds(StoppingCriteria):
     or a stop string: transformers fills a finished row's later steps with the pad token, which
     may be a token the model also generates. (transformers' own ``stop_strings`` match the
     token ids prompt included: a stop string spanning the end of the prompt, such as "\n\n"
-    after a template ending in "\n", ended a row at its first token.)"""
+    after a template ending in "\n", ended a row at its first token.)
 
-    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int]) -> None:
+    ``streamed``: each row's text (``texts``) is decoded at every token, for a stream to send;
+    otherwise only where there are stop strings to look for in it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int], rows: int, streamed: bool = False) -> None:
         self._tokenizer, self._stop, self._ends = tokenizer, stop, ends
-        self._generated: list[list[int]] = []
-        self._texts: list[IncrementalText] = []
-        self.ended: list[int | None] = []  # per row: its token count when it ended, if it did
+        self._decode = bool(stop) or streamed
+        self._generated: list[list[int]] = [[] for _ in range(rows)]
+        self.texts = [IncrementalText() for _ in range(rows)]
+        self.ended: list[int | None] = [None] * rows  # per row: its token count when it ended, if it did
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         # Called once per generated token: each row's newest is the last column.
-        if not self._texts:
-            rows = input_ids.shape[0]
-            self._generated, self.ended = [[] for _ in range(rows)], [None] * rows
-            self._texts = [IncrementalText() for _ in range(rows)]
         for row, token in enumerate(input_ids[:, -1].tolist()):
             if self.ended[row] is not None:
                 continue
             ids = self._generated[row]
             ids.append(token)
-            if token in self._ends or self._stop and any(
-                    s in self._texts[row].update(self._tokenizer, ids) for s in self._stop):
+            text = self.texts[row].update(self._tokenizer, ids) if self._decode else ""
+            if token in self._ends or any(s in text for s in self._stop):
                 self.ended[row] = len(ids)
         return torch.tensor([n is not None for n in self.ended], device=input_ids.device)
 
@@ -133,7 +134,7 @@ def generate_completions(
     """
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
-    row_ends = _RowEnds(tokenizer, params.stop, ends)
+    row_ends = _RowEnds(tokenizer, params.stop, ends, batch["input_ids"].shape[0])
     with torch.inference_mode(), _seeded(params.seed, device):
         output = model.generate(**batch, generation_config=config, stopping_criteria=[row_ends],
                                 **_constrained(batch, grammar, ends))
@@ -141,7 +142,7 @@ def generate_completions(
     completions = []
     for row, tokens in enumerate(output[:, batch["input_ids"].shape[1] :].tolist()):
         # A row that ended before the others is followed by padding while they go on.
-        ended = row_ends.ended[row] if row_ends.ended else None
+        ended = row_ends.ended[row]
         tokens = tokens if ended is None else tokens[:ended]
         completions.append(Completion(
             text=cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), params.stop),
@@ -165,14 +166,16 @@ class _Streamer(TextIteratorStreamer):
 
     transformers' own holds text back to the last space, and decodes from a fresh start after
     each line (a SentencePiece tokenizer then drops the next line's leading space); this one
-    decodes as the engine does (IncrementalText).
+    sends ``decoded``, the row's text as the engine decodes it (IncrementalText), which the
+    stopping criteria decode once for the stop strings and this stream both: generate calls
+    them on each token before handing it here.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, decoded: IncrementalText) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.generated: list[int] = []
         self.text = ""  # everything sent
-        self._decoded = IncrementalText()
+        self._decoded = decoded
 
     @property
     def tokens(self) -> int:
@@ -182,9 +185,8 @@ class _Streamer(TextIteratorStreamer):
         if self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
-        ids = value.reshape(-1).tolist()
-        self.generated.extend(ids)
-        self._send(self._decoded.update(self.tokenizer, self.generated))
+        self.generated.extend(value.reshape(-1).tolist())
+        self._send(self._decoded.text)
 
     def end(self) -> None:
         # Whatever is still held back: an incomplete character at the very end.
@@ -225,8 +227,8 @@ def _stream(
 ) -> Iterator[str | Completion]:
     config = _generation_config(model, tokenizer, params)
     ends = end_ids(config, tokenizer)
-    streamer = _Streamer(tokenizer)
-    row_ends = _RowEnds(tokenizer, params.stop, ends)
+    row_ends = _RowEnds(tokenizer, params.stop, ends, rows=1, streamed=True)
+    streamer = _Streamer(tokenizer, row_ends.texts[0])
     constrained = _constrained(batch, grammar, ends)
     failure: list[BaseException] = []
 
@@ -254,6 +256,6 @@ def _stream(
         text=cut_at_stop(streamer.text, params.stop),
         prompt_tokens=int(batch["attention_mask"].sum()),
         completion_tokens=streamer.tokens,
-        finish_reason="stop" if row_ends.ended and row_ends.ended[0] is not None else
+        finish_reason="stop" if row_ends.ended[0] is not None else
         CANCELLED if cut_short else "length",
     )
