@@ -11,7 +11,7 @@ PACKAGE = Path(templated_llm.__file__).parent
 # The pipeline and the parts around it, in order: a module may import only modules listed before
 # it, so no stage imports a later one, and nothing imports the composition above it.
 ORDER = [
-    "errors", "spec",
+    "errors", "spec", "host_memory",
     "plugins.hookspecs", "plugins.attention",
     "runtime.device", "runtime.templates", "runtime.inputs", "runtime.structured", "runtime.params",
     "runtime.prompts",

@@ -19,11 +19,13 @@ from transformers import MptForCausalLM
 
 from conftest import REPO, repo_env
 from local_server import free_port, running_server
-from templated_llm import log_llm
+from templated_llm import host_memory, log_llm
 from templated_llm.cli import serve_command
 from templated_llm.devtools.tiny import build_tiny_mpt
 from templated_llm.engine import EngineConfig
+from templated_llm.engine.config import CacheShape, resolve
 from templated_llm.errors import InsufficientMemoryError
+from templated_llm.runtime import memory
 from templated_llm.runtime.batching import MAX_MERGED_TOKENS
 from templated_llm.runtime.memory import (
     MEMORY_LIMIT_ENV,
@@ -111,6 +113,20 @@ def test_a_cgroup_v1_limit_is_read_and_no_limit_is_none(tmp_path):
     assert _cgroup_available(tmp_path, membership).bytes == 2_000_000_000 - 800_000_000 + 100_000_000
     (tmp_path / "memory/job/memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert _cgroup_available(tmp_path, membership) is None
+
+
+def test_the_engine_and_the_memory_check_read_memavailable_alike(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        8000000 kB\nMemAvailable:      65536 kB\n")
+    monkeypatch.setattr(host_memory, "_MEMINFO", meminfo)
+    monkeypatch.setattr(memory, "_cgroup_available", lambda: None)
+    monkeypatch.delenv(MEMORY_LIMIT_ENV, raising=False)
+    assert memory.available_memory("cpu") == memory.AvailableMemory(64 * 2**20, "MemAvailable")
+    # An unbudgeted engine cache takes a quarter: 16 MiB, four 4096-token slots of 1 KiB a token.
+    assert resolve(EngineConfig(), 4096, 1024, "cpu") == CacheShape(4, 4096)
+    meminfo.write_text("MemTotal:        8000000 kB\n")  # a kernel that does not say
+    assert memory.available_memory("cpu") is None
+    assert resolve(EngineConfig(), 4096, 1024, "cpu") == CacheShape(32, 4096)  # 4 GiB assumed
 
 
 def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(tiny_snapshot, monkeypatch):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from templated_llm.host_memory import mem_available
+
 # Tokens of prompt read per scheduler step (over all sequences being prefilled). Larger reads
 # long prompts in fewer steps (lower time to first token); smaller keeps the running streams'
 # steps short (lower time per output token). EngineConfig(prefill_chunk=...) changes it.
@@ -73,11 +75,5 @@ def resolve(config: EngineConfig, context: int | None, bytes_per_token: int, dev
 def _free_memory(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30  # no /proc (macOS, Windows): assume 4 GiB
+    available = mem_available()
+    return 4 * 2**30 if available is None else available  # no /proc (macOS, Windows): assume 4 GiB

@@ -22,6 +22,7 @@ import torch
 
 from templated_llm.engine.config import resolve
 from templated_llm.errors import InsufficientMemoryError
+from templated_llm.host_memory import mem_available
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.model_logging.snapshot import weight_files
 from templated_llm.runtime.batching import MAX_MERGED_TOKENS
@@ -194,12 +195,8 @@ def _cgroup_available(root: Path = _CGROUP, membership: Path = Path("/proc/self/
 
 
 def _mem_available() -> AvailableMemory | None:
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
-    return AvailableMemory(int(match.group(1)) * 1024, "MemAvailable") if match else None
+    available = mem_available()
+    return None if available is None else AvailableMemory(available, "MemAvailable")
 
 
 def _env_available() -> AvailableMemory | None:
