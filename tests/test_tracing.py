@@ -90,11 +90,12 @@ def test_a_stream_closed_unread_ends_its_trace(loaded_model):
 
 
 @pytest.mark.parametrize("call", ["predict", "predict_stream"])
-@pytest.mark.parametrize(("model_input", "params", "named"), [
-    (["Hi"], {"temperature": 9.0}, "temperature"),  # a bad param
-    ({"prompt": ["Hi"], "colour": "red"}, {}, "colour"),  # an input refused before its rows are read
+@pytest.mark.parametrize(("model_input", "params", "named", "streamed_inputs"), [
+    (["Hi"], {"temperature": 9.0}, "temperature", {"prompts": ["Hi"]}),  # a bad param
+    # An input refused before its rows are read: the body as received.
+    ({"prompt": ["Hi"], "colour": "red"}, {}, "colour", {"body": {"prompt": ["Hi"], "colour": "red"}}),
 ])
-def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input, params, named):
+def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input, params, named, streamed_inputs):
     before = mlflow.get_last_active_trace_id(thread_local=True)
     with pytest.raises(MlflowException):
         if call == "predict":
@@ -104,6 +105,8 @@ def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input
     trace = _last_trace()
     assert trace.info.trace_id != before and trace.info.state == "ERROR"
     assert named in json.dumps(trace.to_dict())
+    if call == "predict_stream":
+        assert trace.data.spans[0].inputs == streamed_inputs
 
 
 @pytest.fixture(scope="module")

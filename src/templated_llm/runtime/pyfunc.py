@@ -174,7 +174,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         """Yield the completion of one prompt (or one conversation) in chunks as it generates;
         for a model logged with an MLflow task, of one request body, with its params."""
         if self.config.task is not None:
-            with self._refusal_traced(model_input):
+            with self._refusal_traced(body=model_input):
                 requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
                                               stream=True)
                 if len(requests) != 1 or len(requests[0].rows) != 1:
@@ -192,7 +192,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         iterator, or its ``cancel()`` from any thread, stops the generation. ``text=False``:
         the Completion only, for a caller who wants it whole but may cancel it (on the engine
         no text is then decoded at every step). ``first_row`` as :meth:`complete` takes it."""
-        with self._refusal_traced(model_input):
+        with self._refusal_traced(body=model_input):
             requests = self._requests(model_input, params, first_row)
             if len(requests) != 1 or len(requests[0][0]) != 1:
                 raise MlflowException.invalid_parameter_value(
@@ -203,28 +203,26 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         return self._stream(rows, params, text, first_row)
 
     @contextlib.contextmanager
-    def _refusal_traced(self, model_input: Any) -> Iterator[None]:
-        """A stream's input refused before it starts leaves an error trace of the body, as a
-        refused predict does."""
+    def _refusal_traced(self, *, body: Any = None, rows: list[Row] | None = None) -> Iterator[None]:
+        """A stream refused before it starts leaves an error trace, as a refused predict does,
+        of what it was sent: its ``rows`` once they are read, else its ``body`` as received."""
         try:
             yield
         except Exception:
             with self.tracer.request() as trace:
-                trace.body(model_input, chat=self.config.task == CHAT or has_messages(model_input))
+                if rows is not None:
+                    trace.rows(rows)
+                else:
+                    trace.body(body, chat=self.config.task == CHAT or has_messages(body))
                 raise
 
     def _stream(self, rows: list[Row], params: dict[str, Any] | None, text: bool = True, first_row: int = 0
                 ) -> Iterator[str | Completion]:
-        try:
+        with self._refusal_traced(rows=rows):
             variables, generation = self._params(params)
             grammar = self._grammar(generation)
             input_ids, generation, row_tokens = self._encode(self.render(rows, variables), generation, params,
                                                              first_row)
-        except Exception:
-            # Refused before it streams: an error trace, as a refused predict leaves.
-            with self.tracer.request() as trace:
-                trace.rows(rows)
-                raise
         if self._engine is not None:
             [sequence] = self._submit(input_ids, generation, grammar, row_tokens)
             chunks = Stream(_then_completion(sequence) if text else _completion_only(sequence),
