@@ -35,7 +35,7 @@ IMPORTS = "import sys\nfrom templated_llm import log_llm\n"
 
 def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+                          env=os.environ, timeout=300)  # the code under test
 
 
 def _logged_uri(result: subprocess.CompletedProcess) -> str:
