@@ -5,7 +5,8 @@ returns ``None`` for models that are not its own. The core calls each hook throu
 (``manager.hook.NAME(...)``), implementations last-registered first (``tryfirst`` and
 ``trylast`` respected), the core's generic Hugging Face implementations last.
 
-What the dispatcher does, for every hook: an implementation that raises a
+What the dispatcher does, for every hook but ``register_models`` (whose implementation, if it
+raises, leaves its plugin skipped with a ``PluginLoadWarning``): an implementation that raises a
 :class:`~templated_llm.errors.TemplatedLLMError` (such as ``AttentionUnavailableError``) stops
 the call, and the error reaches the caller unchanged; any other exception stops the call too and
 reaches the caller as a :class:`~templated_llm.errors.PluginError` naming the plugin and the

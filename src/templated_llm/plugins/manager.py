@@ -1,7 +1,8 @@
 """Discovers plugins (entry points and in-code registration) and dispatches hooks to them.
 
 Hooks are called through pluggy itself: ``hooks().load_model(spec=..., ...)``. The core
-registers one wrapper around every hook that turns a plugin's exception into a
+registers one wrapper around every hook (but ``register_models``, whose implementations
+:func:`model_specs` runs one by one) that turns a plugin's exception into a
 :class:`PluginError` naming the plugin and the hook (see :mod:`templated_llm.plugins.hookspecs`);
 it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
 refused at registration, so that wrapper is always the outermost.
@@ -146,6 +147,11 @@ def _register(manager: pluggy.PluginManager, plugin: object, name: str | None) -
     return registered
 
 
+def _hook_names() -> list[str]:
+    return [name for name in dir(hookspecs)
+            if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
+
+
 def reset_plugin_manager() -> None:
     """Forget every registered plugin; the next call rediscovers entry points."""
     global _manager
@@ -273,10 +279,10 @@ def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
 
 
 def _guards() -> SimpleNamespace:
-    """The core's wrapper around every hook: a plugin's exception becomes a PluginError."""
-    names = [name for name in dir(hookspecs)
-             if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
-    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in names})
+    """The core's wrapper around every hook a plugin's exception could escape from, as a
+    PluginError: ``register_models`` is not one, model_specs runs each implementation itself."""
+    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in _hook_names()
+                              if name != "register_models"})
 
 
 def model_specs() -> dict[str, ModelSpec]:
@@ -289,8 +295,6 @@ def model_specs() -> dict[str, ModelSpec]:
     _conflicts.clear()
     # In pluggy's calling order: the last registered first.
     for impl in reversed(hooks().register_models.get_hookimpls()):
-        if impl.wrapper:  # the core's guard
-            continue
         registered: list[ModelSpec] = []
 
         def register(spec: ModelSpec, impl: pluggy.HookImpl = impl, into: list = registered) -> None:
