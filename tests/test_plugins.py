@@ -54,14 +54,19 @@ def test_the_environment_variable_chooses_entry_point_plugins(fresh_plugins, mon
     assert set(specs) == {"mpt-instruct"}  # the other installed plugins stay out
 
 
+def _install(root: Path, entry_point: str, module: str, source: str) -> None:
+    """Make ``module`` (``source``) look installed under ``root``, declaring ``entry_point``."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[templated_llm]\n{entry_point} = {module}\n")
+
+
 @pytest.fixture
 def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An installed-looking distribution whose plugin module raises on import."""
-    (tmp_path / "exploding_plugin.py").write_text("raise RuntimeError('boom at import')\n")
-    info = tmp_path / "exploding_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exploding-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[templated_llm]\nexploding = exploding_plugin\n")
+    _install(tmp_path, "exploding", "exploding_plugin", "raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -247,3 +252,49 @@ def test_two_instances_of_one_plugin_class_are_told_apart(fresh_plugins, tmp_pat
     register_plugin(EchoPlugin(template), name="echo-again")
     with pytest.raises(PluginError, match="registered by two plugins: 'echo-again' and 'echo'"):
         get_model_spec("echo-chat")
+
+
+def test_an_installed_plugin_implementing_no_hook_of_ours_is_skipped_with_the_hook_it_meant(
+    tmp_path, monkeypatch, fresh_plugins
+) -> None:
+    _install(tmp_path, "misspelt", "misspelt_plugin",
+             "from templated_llm import hookimpl\n\n\n@hookimpl\ndef prompt_templat(spec):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin_manager.reset_plugin_manager()
+    with pytest.warns(PluginLoadWarning, match="'misspelt'.*failed to load"):
+        specs = model_specs()
+    assert "mpt-instruct" in specs and "misspelt" not in plugin_manager.plugin_names()
+    [error] = plugin_load_errors()
+    assert error.name == "misspelt"
+    assert ("PluginError: plugin 'misspelt' implements 'prompt_templat', which is not a "
+            "templated-llm hook (did you mean 'prompt_template'?); the hooks: ") in error.error
+    assert "register_models" in error.error and "engine_adapter" in error.error
+
+
+def test_a_plugin_registered_in_code_with_an_unknown_hook_or_argument_is_refused(fresh_plugins) -> None:
+    class Misspelt:
+        @hookimpl
+        def load_tokeniser(self, spec, snapshot):
+            return None
+
+    class ExtraArgument:
+        @hookimpl
+        def prompt_template(self, spec, model):
+            return None
+
+    with pytest.raises(PluginError, match=r"plugin 'misspelt' implements 'load_tokeniser', which is "
+                                          r"not a templated-llm hook \(did you mean 'load_tokenizer'\?\)"):
+        register_plugin(Misspelt(), name="misspelt")
+    with pytest.raises(PluginError, match=r"plugin 'extra' implements hook 'prompt_template' with "
+                                          r"arguments \['model'\] the hook does not pass; it passes "
+                                          r"\['spec'\]"):
+        register_plugin(ExtraArgument(), name="extra")
+    assert not {"misspelt", "extra"} & set(plugin_manager.plugin_names())
+
+
+def test_a_plugin_name_already_taken_is_refused_naming_it(fresh_plugins, tmp_path) -> None:
+    template = tmp_path / "echo.jinja"
+    template.write_text("{{ prompt }}")
+    register_plugin(EchoPlugin(template), name="echo")
+    with pytest.raises(PluginError, match="a plugin named 'echo' is already registered"):
+        register_plugin(EchoPlugin(template), name="echo")

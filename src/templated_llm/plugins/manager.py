@@ -5,11 +5,14 @@ registers one wrapper around every hook (but ``register_models``, whose implemen
 :func:`model_specs` runs one by one) that turns a plugin's exception into a
 :class:`PluginError` naming the plugin and the hook (see :mod:`templated_llm.plugins.hookspecs`);
 it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
-refused at registration, so that wrapper is always the outermost.
+refused at registration, so that wrapper is always the outermost; so are implementations of
+hooks that do not exist, or taking arguments their hook does not pass (misspellings pluggy
+would keep, and never call).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -133,23 +136,50 @@ def _dist_name(entry_point: importlib.metadata.EntryPoint) -> str:
 
 
 def _register(manager: pluggy.PluginManager, plugin: object, name: str | None) -> str:
-    registered = manager.register(plugin, name=name)
-    if registered is None:
-        raise PluginError(f"plugin {name or plugin!r} is already registered or blocked")
-    for caller in manager.get_hookcallers(plugin) or []:
-        if any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
-               for impl in caller.get_hookimpls()):
-            manager.unregister(plugin)
-            raise PluginError(
-                f"plugin {registered!r} implements hook {caller.name!r} as a wrapper; templated-llm "
-                "hooks take plain implementations (order them with tryfirst or trylast)"
-            )
-    return registered
+    name = name or manager.get_canonical_name(plugin)
+    if manager.is_registered(plugin):
+        raise PluginError(f"plugin {plugin!r} is already registered, as {manager.get_name(plugin)!r}")
+    if manager.has_plugin(name):
+        raise PluginError(f"a plugin named {name!r} is already registered ({manager.get_plugin(name)!r}); "
+                          "register this one under another name")
+    _check_implementations(manager, plugin, name)
+    manager.register(plugin, name=name)
+    return name
 
 
 def _hook_names() -> list[str]:
     return [name for name in dir(hookspecs)
             if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
+
+
+def _check_implementations(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Refuse ``plugin`` unless each of its implementations is a plain one of an existing hook,
+    taking only arguments that hook passes."""
+    for attribute in dir(plugin):
+        opts = manager.parse_hookimpl_opts(plugin, attribute)
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attribute
+        caller = getattr(manager.hook, hook, None)
+        if caller is None or not caller.has_spec():
+            if opts.get("optionalhook"):
+                continue  # a hook of another templated-llm version, by design never called here
+            known = _hook_names()
+            close = difflib.get_close_matches(hook, known, n=1)
+            meant = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginError(f"plugin {name!r} implements {hook!r}, which is not a templated-llm "
+                              f"hook{meant}; the hooks: {', '.join(known)}")
+        passed = caller.spec.argnames
+        unknown = [arg for arg in pluggy.HookImpl(plugin, name, getattr(plugin, attribute), opts).argnames
+                   if arg not in passed]
+        if unknown:
+            raise PluginError(f"plugin {name!r} implements hook {hook!r} with arguments {unknown} the "
+                              f"hook does not pass; it passes {list(passed)}")
+        if opts.get("wrapper") or opts.get("hookwrapper"):
+            raise PluginError(
+                f"plugin {name!r} implements hook {hook!r} as a wrapper; templated-llm hooks take "
+                "plain implementations (order them with tryfirst or trylast)"
+            )
 
 
 def reset_plugin_manager() -> None:
