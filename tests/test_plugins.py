@@ -217,7 +217,9 @@ def test_select_attention_must_answer_a_backend_of_the_table(fresh_plugins) -> N
     register_plugin(Undecided(), name="undecided")
     spec = get_model_spec("mpt-instruct")
     assert select_attention(spec, "sdpa", "cpu", None) == "sdpa"
-    with pytest.raises(PluginError, match="answered 'auto' for model 'mpt-instruct'"):
+    with pytest.raises(PluginError, match=r"plugin 'undecided' answered hook 'select_attention' for "
+                                          r"model 'mpt-instruct' with a str, 'auto'; it must answer a "
+                                          r"name of the attention table"):
         select_attention(spec, "auto", "cpu", None)
 
 
@@ -298,3 +300,37 @@ def test_a_plugin_name_already_taken_is_refused_naming_it(fresh_plugins, tmp_pat
     register_plugin(EchoPlugin(template), name="echo")
     with pytest.raises(PluginError, match="a plugin named 'echo' is already registered"):
         register_plugin(EchoPlugin(template), name="echo")
+
+
+def _answering(hook: str, answer: object) -> object:
+    """A plugin whose ``hook`` answers ``answer`` first, for every model."""
+    def implementation(self, spec):
+        return answer
+
+    return type("Answering", (), {hook: hookimpl(tryfirst=True)(implementation)})()
+
+
+@pytest.mark.parametrize(("hook", "answer", "allowed"), [
+    ("load_tokenizer", {"eos_token": "</s>"}, "a transformers tokenizer (PreTrainedTokenizerBase)"),
+    ("load_model", "model.safetensors", "a torch.nn.Module: the loaded causal LM"),
+    ("configure_attention", "flash_attention_2", "the attention backend now in use, a name of the "
+                                                 "attention table: ['eager', 'sdpa', 'triton', 'flash']"),
+    ("engine_adapter", object(), "a templated_llm.engine.ModelAdapter, or None"),
+])
+def test_a_load_hook_answering_the_wrong_type_is_named_with_what_it_must_answer(
+    logged_model, fresh_plugins, hook, answer, allowed
+) -> None:
+    register_plugin(_answering(hook, answer), name="wrong")
+    with pytest.raises(PluginError) as caught:
+        mlflow.pyfunc.load_model(logged_model.model_uri, model_config={"device": "cpu"})
+    assert str(caught.value) == (
+        f"plugin 'wrong' answered hook {hook!r} for model 'mpt-instruct' with a "
+        f"{type(answer).__name__}, {answer!r}; it must answer {allowed}")
+
+
+def test_a_prompt_template_answer_that_is_no_path_is_refused_at_log_time(fresh_plugins, tiny_snapshot) -> None:
+    register_plugin(_answering("prompt_template", ["mpt-instruct.jinja"]), name="wrong")
+    with pytest.raises(PluginError, match=r"plugin 'wrong' answered hook 'prompt_template' for model "
+                                          r"'mpt-instruct' with a list, \['mpt-instruct.jinja'\]; it must "
+                                          r"answer the path of a Jinja template file \(a str or a Path\)"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot)

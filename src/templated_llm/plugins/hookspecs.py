@@ -10,10 +10,11 @@ raises, leaves its plugin skipped with a ``PluginLoadWarning``): an implementati
 :class:`~templated_llm.errors.TemplatedLLMError` (such as ``AttentionUnavailableError``) stops
 the call, and the error reaches the caller unchanged; any other exception stops the call too and
 reaches the caller as a :class:`~templated_llm.errors.PluginError` naming the plugin and the
-hook, the original chained as its ``__cause__``. Hook wrappers, implementations of hooks not
-specified here and implementations taking arguments their hook does not pass are refused at
-registration (``optionalhook=True`` lets an implementation of a hook this version lacks through,
-uncalled).
+hook, the original chained as its ``__cause__``. An answer of the wrong kind (a ``load_model``
+answer that is no ``torch.nn.Module``, ...) is a ``PluginError`` naming the plugin, what it
+answered and what the hook must answer. Hook wrappers, implementations of hooks not specified
+here and implementations taking arguments their hook does not pass are refused at registration
+(``optionalhook=True`` lets an implementation of a hook this version lacks through, uncalled).
 """
 
 from __future__ import annotations

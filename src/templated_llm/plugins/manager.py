@@ -7,7 +7,9 @@ registers one wrapper around every hook (but ``register_models``, whose implemen
 it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
 refused at registration, so that wrapper is always the outermost; so are implementations of
 hooks that do not exist, or taking arguments their hook does not pass (misspellings pluggy
-would keep, and never call).
+would keep, and never call). :func:`first_answer` calls a first-result hook one implementation
+at a time, with the wrapper's error handling, so that the core can name the plugin whose answer
+it refuses.
 """
 
 from __future__ import annotations
@@ -289,6 +291,10 @@ def _stack_frames() -> Iterator[FrameType]:
         frame = frame.f_back
 
 
+def _failure(plugin: str, hook_name: str, exc: Exception) -> PluginError:
+    return PluginError(f"plugin {plugin!r} failed in hook {hook_name!r}: {type(exc).__name__}: {exc}")
+
+
 def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
     @hookspecs.hookimpl(wrapper=True, tryfirst=True, specname=hook_name)
     def guard() -> Generator[None, Any, Any]:
@@ -300,10 +306,7 @@ def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
             impl = _running_impl(hook_name, _traceback_frames(exc))
             if impl is None:  # raised by the dispatch itself (a missing argument), not a plugin
                 raise
-            raise PluginError(
-                f"plugin {impl.plugin_name!r} failed in hook {hook_name!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise _failure(impl.plugin_name, hook_name, exc) from exc
 
     return guard
 
@@ -313,6 +316,33 @@ def _guards() -> SimpleNamespace:
     PluginError: ``register_models`` is not one, model_specs runs each implementation itself."""
     return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in _hook_names()
                               if name != "register_models"})
+
+
+def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    # As pluggy calls an implementation: with the arguments it names.
+    return impl.function(*[kwargs[arg] for arg in impl.argnames])
+
+
+def first_answer(hook_name: str, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call first-result hook ``hook_name`` and say who answered: the first non-``None`` answer
+    and the plugin that gave it (``None, None`` when none did).
+
+    Implementations run one at a time in pluggy's order, with what the core's wrapper does: a
+    :class:`TemplatedLLMError` reaches the caller as is, any other exception as a
+    :class:`PluginError` naming the plugin and the hook.
+    """
+    for impl in reversed(getattr(hooks(), hook_name).get_hookimpls()):
+        if impl.wrapper:  # the core's guard: done here
+            continue
+        try:
+            answer = _call(impl, **kwargs)
+        except TemplatedLLMError:
+            raise
+        except Exception as exc:
+            raise _failure(impl.plugin_name, hook_name, exc) from exc
+        if answer is not None:
+            return answer, impl.plugin_name
+    return None, None
 
 
 def model_specs() -> dict[str, ModelSpec]:
@@ -334,7 +364,7 @@ def model_specs() -> dict[str, ModelSpec]:
                                                 "plugin_module": _module_name(impl.plugin)}))
 
         try:
-            impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            _call(impl, register=register)
         except Exception as exc:  # a broken plugin must not take the others' models down
             _skip_failed(impl.plugin_name, "register_models", exc)
             continue
