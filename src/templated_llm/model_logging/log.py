@@ -43,6 +43,7 @@ from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
+from templated_llm.runtime.prompts import check_chat_template
 from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
@@ -201,10 +202,11 @@ def _as_artifact(path: Path, staging: Path) -> str:
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
-    """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
+    """Files first (naming the broken one), then remote code, then the tokenizer really loads
+    (with a chat template, if the model renders with it)."""
     check_snapshot(snapshot, spec)
     check_remote_code(hooks().needs_remote_code(spec=spec, snapshot=snapshot), trust_remote_code)
-    load_tokenizer(spec, snapshot, trust_remote_code)
+    check_chat_template(spec, load_tokenizer(spec, snapshot, trust_remote_code), snapshot)
 
 
 def log_llm(
