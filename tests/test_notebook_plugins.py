@@ -106,3 +106,26 @@ def test_doing_what_the_refusal_says_serves_from_an_interactive_session(tiny_sna
     code = "import my_plugin\n" + IMPORTS + LOG
     uri = _logged_uri(_python(["-c", code, str(tiny_snapshot)], cwd=tmp_path))
     assert len(_served_candidates(uri, _elsewhere(tmp_path))) == 2
+
+
+def _loaded_in_one_process(uris: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Load ``uris`` in order in one fresh process, printing each one's rendering of 'hi'."""
+    load = ("import json, mlflow\n"
+            f"for uri in {uris!r}:\n"
+            "    print(json.dumps(mlflow.pyfunc.load_model(uri).unwrap_python_model().render(['hi'])))")
+    return _python(["-c", load], cwd=cwd)
+
+
+MPT_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+              "completes the request.\n### Instruction:\n{prompt}\n### Response:\n")
+
+
+def test_a_plugin_in_a_namespace_package_travels_with_the_model(tiny_snapshot, tmp_path):
+    package = tmp_path / "acme_plugins"  # no __init__.py: a namespace package
+    package.mkdir()
+    (package / "notebook.py").write_text(PLUGIN + REGISTER)
+    code = "import acme_plugins.notebook\n" + IMPORTS + LOG
+    uri = _logged_uri(_python(["-c", code, str(tiny_snapshot)], cwd=tmp_path))
+    loaded = _loaded_in_one_process([uri], _elsewhere(tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.splitlines()[-1]) == [MPT_PROMPT.format(prompt="hi")]

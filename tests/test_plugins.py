@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import textwrap
+import types
 from pathlib import Path
 
 import mlflow
@@ -334,3 +336,20 @@ def test_a_prompt_template_answer_that_is_no_path_is_refused_at_log_time(fresh_p
                                           r"'mpt-instruct' with a list, \['mpt-instruct.jinja'\]; it must "
                                           r"answer the path of a Jinja template file \(a str or a Path\)"):
         log_llm("mpt-instruct", snapshot=tiny_snapshot)
+
+
+def test_a_plugin_in_no_file_is_refused_at_log_time(fresh_plugins, tiny_snapshot, monkeypatch) -> None:
+    module = types.ModuleType("fileless_plugin")  # built in memory: no file to travel with a model
+    exec(textwrap.dedent("""
+        from templated_llm import ModelSpec, hookimpl
+
+        class Plugin:
+            @hookimpl
+            def register_models(self, register):
+                register(ModelSpec(name="fileless-model", repo_id="o/m", template="mpt-instruct.jinja"))
+    """), module.__dict__)
+    monkeypatch.setitem(sys.modules, "fileless_plugin", module)
+    register_plugin(module.Plugin(), name="fileless")
+    with pytest.raises(PluginError, match="plugin 'fileless' is defined in module 'fileless_plugin', "
+                                          "which is in no file that could travel with the model"):
+        log_llm("fileless-model", snapshot=tiny_snapshot)

@@ -68,13 +68,20 @@ def _runtime_requirements() -> tuple[str, ...]:
 
 
 def _package_dir(module_name: str) -> Path | None:
-    """The top-level package directory of a module, if it lives in files that can be shipped."""
-    top = sys.modules.get(module_name.split(".")[0])
-    file = getattr(top, "__file__", None)
+    """The top-level package directory of a module (its file, for a top-level module), if it
+    lives in files that can be shipped.
+
+    Found up from the module's own file, as many levels as its name has dots: a namespace
+    package (no ``__init__.py``) has no file of its own, and may span several directories, of
+    which this is the one holding the module.
+    """
+    file = getattr(sys.modules.get(module_name), "__file__", None)
     if not file:
         return None
     path = Path(file)
-    return path.parent if path.name == "__init__.py" else path
+    if path.name == "__init__.py":
+        path = path.parent
+    return path.parents[module_name.count(".") - 1] if "." in module_name else path
 
 
 def _code_paths(plugin_module: str, plugin_code: Path | None, staging: Path) -> list[str]:
@@ -95,7 +102,14 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
     ``if __name__ == "__main__":`` block does not. That must register the plugin and not log.
     """
     if spec.plugin_module != "__main__":
-        return spec.plugin_module, _package_dir(spec.plugin_module)
+        code = _package_dir(spec.plugin_module)
+        if code is None:
+            raise PluginError(
+                f"plugin {spec.plugin_name!r} is defined in module {spec.plugin_module!r}, which "
+                "is in no file that could travel with the model, so a server or Spark worker "
+                "loading the model would not find it. Define the plugin in a module file or package."
+            )
+        return spec.plugin_module, code
     plugin = get_plugin_manager().get_plugin(spec.plugin_name)
     script = _script_defining(plugin)
     if script is None:
