@@ -32,6 +32,7 @@ from templated_llm.model_logging.config import (
 from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
 from templated_llm.plugins.manager import (
+    SHIPPED_MODULE_PREFIX,
     get_model_spec,
     get_plugin_manager,
     hooks,
@@ -109,7 +110,7 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
                 "is in no file that could travel with the model, so a server or Spark worker "
                 "loading the model would not find it. Define the plugin in a module file or package."
             )
-        return spec.plugin_module, code
+        return (_shipped_name(code), code) if code.is_file() else (spec.plugin_module, code)
     plugin = get_plugin_manager().get_plugin(spec.plugin_name)
     script = _script_defining(plugin)
     if script is None:
@@ -138,8 +139,13 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
             "and that block does not run there, so the plugin would be missing. Register it at "
             "the top level of the script, outside that block."
         )
-    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
-    return f"templated_llm_script_{digest}", script
+    return _shipped_name(script), script
+
+
+def _shipped_name(module_file: Path) -> str:
+    """The name a one-file plugin module travels under: from its content, so that where models
+    load, two models' modules of one name (two notebooks' my_plugin.py) are two modules."""
+    return SHIPPED_MODULE_PREFIX + hashlib.sha256(module_file.read_bytes()).hexdigest()[:12]
 
 
 def _script_defining(plugin: object) -> Path | None:

@@ -21,6 +21,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import FrameType, ModuleType, SimpleNamespace
 from typing import Any
@@ -36,6 +37,9 @@ ENTRY_POINT_GROUP = "templated_llm"
 PLUGINS_ENV_VAR = "TEMPLATED_LLM_PLUGINS"
 _DEFAULTS_NAME = "templated_llm.plugins.hf_defaults"
 _GUARD_NAME = "templated_llm.plugins.manager.guard"
+# The name a plugin's one-file module travels under in a logged model, its content's digest
+# after it: two models' modules of one name, loaded in one process, cannot collide.
+SHIPPED_MODULE_PREFIX = "templated_llm_plugin_"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ _conflicts: dict[str, list[str]] = {}
 # Plugins registered from the running script (``__main__``): the line of the script's top-level
 # statement that registered each, which log_llm checks runs where the model loads.
 _main_registrations: dict[str, int | None] = {}
+# The logged model's plugin module being imported now, if one is: plugins registered meanwhile
+# are named after it, so two models' plugins of one name load side by side.
+_importing_shipped: ContextVar[str | None] = ContextVar("importing_shipped", default=None)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -202,8 +209,11 @@ def plugin_load_errors() -> list[PluginLoadError]:
 def register_plugin(plugin: object, name: str | None = None) -> str:
     """Register a plugin defined in code (a module, class or instance with ``@hookimpl`` functions).
 
-    Returns the name it was registered under.
+    Returns the name it was registered under: ``name``, or, for a plugin registered by the plugin
+    module a logged model carries while that model loads, ``name@module``.
     """
+    if shipped := _importing_shipped.get():
+        name = f"{name or get_plugin_manager().get_canonical_name(plugin)}@{shipped}"
     registered = _register(get_plugin_manager(), plugin, name)
     if _module_name(plugin) == "__main__":
         _main_registrations[registered] = main_statement_line()
@@ -378,6 +388,19 @@ def model_specs() -> dict[str, ModelSpec]:
     return specs
 
 
+def _import_shipped(module_name: str) -> None:
+    """Import and register the plugin module a logged model carries; the plugins it registers
+    are named after it (see :func:`register_plugin`)."""
+    manager = get_plugin_manager()
+    importing = _importing_shipped.set(module_name)
+    try:
+        module = importlib.import_module(module_name)
+        if not manager.is_registered(module):
+            _register(manager, module, module_name)
+    finally:
+        _importing_shipped.reset(importing)
+
+
 def _skip_failed(plugin: str, hook: str, exc: BaseException) -> None:
     error = PluginLoadError(plugin, f"hook {hook}", f"{type(exc).__name__}: {exc}")
     if error not in _load_errors:
@@ -391,16 +414,23 @@ def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
 
     When no registered plugin serves it and ``plugin_module`` is given (as recorded in a logged
     model), that module is imported and registered first: this is how a logged model loads where
-    its plugin travels in the model's ``code_paths`` instead of being installed.
+    its plugin travels in the model's ``code_paths`` instead of being installed. A model whose
+    name the plugin module another logged model carried serves here is refused: the hooks would
+    run that model's plugin code, not this one's.
     """
     specs = model_specs()
     if name not in specs and plugin_module:
-        manager = get_plugin_manager()
-        module = importlib.import_module(plugin_module)
-        if not manager.is_registered(module):
-            _register(manager, module, plugin_module)
+        _import_shipped(plugin_module)
         specs = model_specs()
     if name in specs:
+        served_by = specs[name].plugin_module
+        if plugin_module and served_by != plugin_module and served_by.startswith(SHIPPED_MODULE_PREFIX):
+            raise PluginError(
+                f"model {name!r} is served in this process by the plugin code another logged model "
+                f"carried ({served_by}); this model carries its own ({plugin_module}), and one "
+                "process serves a model name with one plugin. Load the two models in separate "
+                "processes, or log them under different model names."
+            )
         return specs[name]
     if name in _conflicts:
         raise PluginError(
