@@ -132,11 +132,13 @@ def test_hf_chat_serves_qwen_as_transformers_generates(tiny_model, architecture)
                          )["candidates"].tolist() == [expected, expected]
 
 
-def test_hf_chat_needs_a_tokenizer_with_a_chat_template(tiny_model) -> None:
-    info = log_llm("hf-chat", snapshot=tiny_model("mistral"), name="no-chat-template")
-    with pytest.raises(TemplateError, match="has none"):
-        mlflow.pyfunc.load_model(info.model_uri)
-
+def test_hf_chat_refuses_at_log_time_a_tokenizer_without_a_chat_template(tiny_model) -> None:
+    snapshot = tiny_model("mistral")
+    with pytest.raises(TemplateError) as caught:
+        log_llm("hf-chat", snapshot=snapshot, name="no-chat-template")
+    message = str(caught.value)
+    assert f"the tokenizer of snapshot {snapshot} has no chat_template" in message
+    assert "a plugin made for this model" in message and "chat_template.jinja" in message
 
 
 @pytest.mark.parametrize(

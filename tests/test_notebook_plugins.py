@@ -35,7 +35,7 @@ IMPORTS = "import sys\nfrom templated_llm import log_llm\n"
 
 def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+                          env=os.environ, timeout=300)  # the code under test
 
 
 def _logged_uri(result: subprocess.CompletedProcess) -> str:
@@ -106,3 +106,73 @@ def test_doing_what_the_refusal_says_serves_from_an_interactive_session(tiny_sna
     code = "import my_plugin\n" + IMPORTS + LOG
     uri = _logged_uri(_python(["-c", code, str(tiny_snapshot)], cwd=tmp_path))
     assert len(_served_candidates(uri, _elsewhere(tmp_path))) == 2
+
+
+def _loaded_in_one_process(uris: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Load ``uris`` in order in one fresh process, printing each one's rendering of 'hi'."""
+    load = ("import json, mlflow\n"
+            f"for uri in {uris!r}:\n"
+            "    print(json.dumps(mlflow.pyfunc.load_model(uri).unwrap_python_model().render(['hi'])))")
+    return _python(["-c", load], cwd=cwd)
+
+
+MPT_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+              "completes the request.\n### Instruction:\n{prompt}\n### Response:\n")
+
+
+def test_a_plugin_in_a_namespace_package_travels_with_the_model(tiny_snapshot, tmp_path):
+    package = tmp_path / "acme_plugins"  # no __init__.py: a namespace package
+    package.mkdir()
+    (package / "notebook.py").write_text(PLUGIN + REGISTER)
+    code = "import acme_plugins.notebook\n" + IMPORTS + LOG
+    uri = _logged_uri(_python(["-c", code, str(tiny_snapshot)], cwd=tmp_path))
+    loaded = _loaded_in_one_process([uri], _elsewhere(tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.splitlines()[-1]) == [MPT_PROMPT.format(prompt="hi")]
+
+
+# One module name, one class name, one plugin name: the code differs in its model's description.
+OWN_PLUGIN = '''
+from pathlib import Path
+
+from templated_llm import ModelSpec, hookimpl, register_plugin
+
+
+class NotebookPlugin:
+    @hookimpl
+    def register_models(self, register):
+        register(ModelSpec(name={model!r}, repo_id="example/notebook", description={folder!r},
+                           template=str(Path(__file__).with_name("own.jinja"))))
+
+
+register_plugin(NotebookPlugin(), name="notebook")
+'''
+
+
+def _logged_with_own_plugin(tmp_path: Path, folder: str, model: str, snapshot: Path) -> str:
+    """A model logged from ``folder``, by its own ``my_plugin.py`` rendering '<folder>: prompt'."""
+    where = tmp_path / folder
+    where.mkdir()
+    (where / "own.jinja").write_text(folder + ": {{ prompt }}")
+    (where / "my_plugin.py").write_text(OWN_PLUGIN.format(model=model, folder=folder))
+    log = f'info = log_llm({model!r}, snapshot=sys.argv[-1], name={folder!r})\nprint("URI", info.model_uri)\n'
+    return _logged_uri(_python(["-c", "import my_plugin\n" + IMPORTS + log, str(snapshot)], cwd=where))
+
+
+def test_models_whose_plugins_share_module_and_plugin_names_load_side_by_side(tiny_snapshot, tmp_path):
+    first = _logged_with_own_plugin(tmp_path, "first", "first-model", tiny_snapshot)
+    second = _logged_with_own_plugin(tmp_path, "second", "second-model", tiny_snapshot)
+    loaded = _loaded_in_one_process([first, second, first], _elsewhere(tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert [json.loads(line) for line in loaded.stdout.splitlines()[-3:]] == [
+        ["first: hi"], ["second: hi"], ["first: hi"]]
+
+
+def test_a_model_name_served_by_another_models_plugin_code_is_refused(tiny_snapshot, tmp_path):
+    first = _logged_with_own_plugin(tmp_path, "first", "same-model", tiny_snapshot)
+    second = _logged_with_own_plugin(tmp_path, "second", "same-model", tiny_snapshot)
+    loaded = _loaded_in_one_process([first, second], _elsewhere(tmp_path))
+    assert loaded.returncode != 0
+    message = loaded.stderr.replace("\n", " ")
+    assert "PluginError: model 'same-model' is served in this process by the plugin code another " \
+           "logged model carried" in message, loaded.stderr[-3000:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import textwrap
+import types
 from pathlib import Path
 
 import mlflow
@@ -54,14 +56,19 @@ def test_the_environment_variable_chooses_entry_point_plugins(fresh_plugins, mon
     assert set(specs) == {"mpt-instruct"}  # the other installed plugins stay out
 
 
+def _install(root: Path, entry_point: str, module: str, source: str) -> None:
+    """Make ``module`` (``source``) look installed under ``root``, declaring ``entry_point``."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[templated_llm]\n{entry_point} = {module}\n")
+
+
 @pytest.fixture
 def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An installed-looking distribution whose plugin module raises on import."""
-    (tmp_path / "exploding_plugin.py").write_text("raise RuntimeError('boom at import')\n")
-    info = tmp_path / "exploding_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exploding-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[templated_llm]\nexploding = exploding_plugin\n")
+    _install(tmp_path, "exploding", "exploding_plugin", "raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -212,7 +219,9 @@ def test_select_attention_must_answer_a_backend_of_the_table(fresh_plugins) -> N
     register_plugin(Undecided(), name="undecided")
     spec = get_model_spec("mpt-instruct")
     assert select_attention(spec, "sdpa", "cpu", None) == "sdpa"
-    with pytest.raises(PluginError, match="answered 'auto' for model 'mpt-instruct'"):
+    with pytest.raises(PluginError, match=r"plugin 'undecided' answered hook 'select_attention' for "
+                                          r"model 'mpt-instruct' with a str, 'auto'; it must answer a "
+                                          r"name of the attention table"):
         select_attention(spec, "auto", "cpu", None)
 
 
@@ -247,3 +256,100 @@ def test_two_instances_of_one_plugin_class_are_told_apart(fresh_plugins, tmp_pat
     register_plugin(EchoPlugin(template), name="echo-again")
     with pytest.raises(PluginError, match="registered by two plugins: 'echo-again' and 'echo'"):
         get_model_spec("echo-chat")
+
+
+def test_an_installed_plugin_implementing_no_hook_of_ours_is_skipped_with_the_hook_it_meant(
+    tmp_path, monkeypatch, fresh_plugins
+) -> None:
+    _install(tmp_path, "misspelt", "misspelt_plugin",
+             "from templated_llm import hookimpl\n\n\n@hookimpl\ndef prompt_templat(spec):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin_manager.reset_plugin_manager()
+    with pytest.warns(PluginLoadWarning, match="'misspelt'.*failed to load"):
+        specs = model_specs()
+    assert "mpt-instruct" in specs and "misspelt" not in plugin_manager.plugin_names()
+    [error] = plugin_load_errors()
+    assert error.name == "misspelt"
+    assert ("PluginError: plugin 'misspelt' implements 'prompt_templat', which is not a "
+            "templated-llm hook (did you mean 'prompt_template'?); the hooks: ") in error.error
+    assert "register_models" in error.error and "engine_adapter" in error.error
+
+
+def test_a_plugin_registered_in_code_with_an_unknown_hook_or_argument_is_refused(fresh_plugins) -> None:
+    class Misspelt:
+        @hookimpl
+        def load_tokeniser(self, spec, snapshot):
+            return None
+
+    class ExtraArgument:
+        @hookimpl
+        def prompt_template(self, spec, model):
+            return None
+
+    with pytest.raises(PluginError, match=r"plugin 'misspelt' implements 'load_tokeniser', which is "
+                                          r"not a templated-llm hook \(did you mean 'load_tokenizer'\?\)"):
+        register_plugin(Misspelt(), name="misspelt")
+    with pytest.raises(PluginError, match=r"plugin 'extra' implements hook 'prompt_template' with "
+                                          r"arguments \['model'\] the hook does not pass; it passes "
+                                          r"\['spec'\]"):
+        register_plugin(ExtraArgument(), name="extra")
+    assert not {"misspelt", "extra"} & set(plugin_manager.plugin_names())
+
+
+def test_a_plugin_name_already_taken_is_refused_naming_it(fresh_plugins, tmp_path) -> None:
+    template = tmp_path / "echo.jinja"
+    template.write_text("{{ prompt }}")
+    register_plugin(EchoPlugin(template), name="echo")
+    with pytest.raises(PluginError, match="a plugin named 'echo' is already registered"):
+        register_plugin(EchoPlugin(template), name="echo")
+
+
+def _answering(hook: str, answer: object) -> object:
+    """A plugin whose ``hook`` answers ``answer`` first, for every model."""
+    def implementation(self, spec):
+        return answer
+
+    return type("Answering", (), {hook: hookimpl(tryfirst=True)(implementation)})()
+
+
+@pytest.mark.parametrize(("hook", "answer", "allowed"), [
+    ("load_tokenizer", {"eos_token": "</s>"}, "a transformers tokenizer (PreTrainedTokenizerBase)"),
+    ("load_model", "model.safetensors", "a torch.nn.Module: the loaded causal LM"),
+    ("configure_attention", "flash_attention_2", "the attention backend now in use, a name of the "
+                                                 "attention table: ['eager', 'sdpa', 'triton', 'flash']"),
+    ("engine_adapter", object(), "a templated_llm.engine.ModelAdapter, or None"),
+])
+def test_a_load_hook_answering_the_wrong_type_is_named_with_what_it_must_answer(
+    logged_model, fresh_plugins, hook, answer, allowed
+) -> None:
+    register_plugin(_answering(hook, answer), name="wrong")
+    with pytest.raises(PluginError) as caught:
+        mlflow.pyfunc.load_model(logged_model.model_uri, model_config={"device": "cpu"})
+    assert str(caught.value) == (
+        f"plugin 'wrong' answered hook {hook!r} for model 'mpt-instruct' with a "
+        f"{type(answer).__name__}, {answer!r}; it must answer {allowed}")
+
+
+def test_a_prompt_template_answer_that_is_no_path_is_refused_at_log_time(fresh_plugins, tiny_snapshot) -> None:
+    register_plugin(_answering("prompt_template", ["mpt-instruct.jinja"]), name="wrong")
+    with pytest.raises(PluginError, match=r"plugin 'wrong' answered hook 'prompt_template' for model "
+                                          r"'mpt-instruct' with a list, \['mpt-instruct.jinja'\]; it must "
+                                          r"answer the path of a Jinja template file \(a str or a Path\)"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot)
+
+
+def test_a_plugin_in_no_file_is_refused_at_log_time(fresh_plugins, tiny_snapshot, monkeypatch) -> None:
+    module = types.ModuleType("fileless_plugin")  # built in memory: no file to travel with a model
+    exec(textwrap.dedent("""
+        from templated_llm import ModelSpec, hookimpl
+
+        class Plugin:
+            @hookimpl
+            def register_models(self, register):
+                register(ModelSpec(name="fileless-model", repo_id="o/m", template="mpt-instruct.jinja"))
+    """), module.__dict__)
+    monkeypatch.setitem(sys.modules, "fileless_plugin", module)
+    register_plugin(module.Plugin(), name="fileless")
+    with pytest.raises(PluginError, match="plugin 'fileless' is defined in module 'fileless_plugin', "
+                                          "which is in no file that could travel with the model"):
+        log_llm("fileless-model", snapshot=tiny_snapshot)

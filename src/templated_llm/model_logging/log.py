@@ -32,6 +32,7 @@ from templated_llm.model_logging.config import (
 from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
 from templated_llm.plugins.manager import (
+    SHIPPED_MODULE_PREFIX,
     get_model_spec,
     get_plugin_manager,
     hooks,
@@ -43,6 +44,7 @@ from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
 from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
+from templated_llm.runtime.prompts import check_chat_template
 from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
 from templated_llm.runtime.templates import validate_template
 from templated_llm.spec import ModelSpec
@@ -67,13 +69,20 @@ def _runtime_requirements() -> tuple[str, ...]:
 
 
 def _package_dir(module_name: str) -> Path | None:
-    """The top-level package directory of a module, if it lives in files that can be shipped."""
-    top = sys.modules.get(module_name.split(".")[0])
-    file = getattr(top, "__file__", None)
+    """The top-level package directory of a module (its file, for a top-level module), if it
+    lives in files that can be shipped.
+
+    Found up from the module's own file, as many levels as its name has dots: a namespace
+    package (no ``__init__.py``) has no file of its own, and may span several directories, of
+    which this is the one holding the module.
+    """
+    file = getattr(sys.modules.get(module_name), "__file__", None)
     if not file:
         return None
     path = Path(file)
-    return path.parent if path.name == "__init__.py" else path
+    if path.name == "__init__.py":
+        path = path.parent
+    return path.parents[module_name.count(".") - 1] if "." in module_name else path
 
 
 def _code_paths(plugin_module: str, plugin_code: Path | None, staging: Path) -> list[str]:
@@ -94,7 +103,14 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
     ``if __name__ == "__main__":`` block does not. That must register the plugin and not log.
     """
     if spec.plugin_module != "__main__":
-        return spec.plugin_module, _package_dir(spec.plugin_module)
+        code = _package_dir(spec.plugin_module)
+        if code is None:
+            raise PluginError(
+                f"plugin {spec.plugin_name!r} is defined in module {spec.plugin_module!r}, which "
+                "is in no file that could travel with the model, so a server or Spark worker "
+                "loading the model would not find it. Define the plugin in a module file or package."
+            )
+        return (_shipped_name(code), code) if code.is_file() else (spec.plugin_module, code)
     plugin = get_plugin_manager().get_plugin(spec.plugin_name)
     script = _script_defining(plugin)
     if script is None:
@@ -123,8 +139,13 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
             "and that block does not run there, so the plugin would be missing. Register it at "
             "the top level of the script, outside that block."
         )
-    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
-    return f"templated_llm_script_{digest}", script
+    return _shipped_name(script), script
+
+
+def _shipped_name(module_file: Path) -> str:
+    """The name a one-file plugin module travels under: from its content, so that where models
+    load, two models' modules of one name (two notebooks' my_plugin.py) are two modules."""
+    return SHIPPED_MODULE_PREFIX + hashlib.sha256(module_file.read_bytes()).hexdigest()[:12]
 
 
 def _script_defining(plugin: object) -> Path | None:
@@ -201,10 +222,11 @@ def _as_artifact(path: Path, staging: Path) -> str:
 
 
 def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> None:
-    """Files first (naming the broken one), then remote code, then the tokenizer really loads."""
+    """Files first (naming the broken one), then remote code, then the tokenizer really loads
+    (with a chat template, if the model renders with it)."""
     check_snapshot(snapshot, spec)
     check_remote_code(hooks().needs_remote_code(spec=spec, snapshot=snapshot), trust_remote_code)
-    load_tokenizer(spec, snapshot, trust_remote_code)
+    check_chat_template(spec, load_tokenizer(spec, snapshot, trust_remote_code), snapshot)
 
 
 def log_llm(

@@ -5,11 +5,16 @@ returns ``None`` for models that are not its own. The core calls each hook throu
 (``manager.hook.NAME(...)``), implementations last-registered first (``tryfirst`` and
 ``trylast`` respected), the core's generic Hugging Face implementations last.
 
-What the dispatcher does, for every hook: an implementation that raises a
+What the dispatcher does, for every hook but ``register_models`` (whose implementation, if it
+raises, leaves its plugin skipped with a ``PluginLoadWarning``): an implementation that raises a
 :class:`~templated_llm.errors.TemplatedLLMError` (such as ``AttentionUnavailableError``) stops
 the call, and the error reaches the caller unchanged; any other exception stops the call too and
 reaches the caller as a :class:`~templated_llm.errors.PluginError` naming the plugin and the
-hook, the original chained as its ``__cause__``. Hook wrappers are refused at registration.
+hook, the original chained as its ``__cause__``. An answer of the wrong kind (a ``load_model``
+answer that is no ``torch.nn.Module``, ...) is a ``PluginError`` naming the plugin, what it
+answered and what the hook must answer. Hook wrappers, implementations of hooks not specified
+here and implementations taking arguments their hook does not pass are refused at registration
+(``optionalhook=True`` lets an implementation of a hook this version lacks through, uncalled).
 """
 
 from __future__ import annotations

@@ -1,20 +1,27 @@
 """Discovers plugins (entry points and in-code registration) and dispatches hooks to them.
 
 Hooks are called through pluggy itself: ``hooks().load_model(spec=..., ...)``. The core
-registers one wrapper around every hook that turns a plugin's exception into a
+registers one wrapper around every hook (but ``register_models``, whose implementations
+:func:`model_specs` runs one by one) that turns a plugin's exception into a
 :class:`PluginError` naming the plugin and the hook (see :mod:`templated_llm.plugins.hookspecs`);
 it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
-refused at registration, so that wrapper is always the outermost.
+refused at registration, so that wrapper is always the outermost; so are implementations of
+hooks that do not exist, or taking arguments their hook does not pass (misspellings pluggy
+would keep, and never call). :func:`first_answer` calls a first-result hook one implementation
+at a time, with the wrapper's error handling, so that the core can name the plugin whose answer
+it refuses.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import FrameType, ModuleType, SimpleNamespace
 from typing import Any
@@ -30,6 +37,9 @@ ENTRY_POINT_GROUP = "templated_llm"
 PLUGINS_ENV_VAR = "TEMPLATED_LLM_PLUGINS"
 _DEFAULTS_NAME = "templated_llm.plugins.hf_defaults"
 _GUARD_NAME = "templated_llm.plugins.manager.guard"
+# The name a plugin's one-file module travels under in a logged model, its content's digest
+# after it: two models' modules of one name, loaded in one process, cannot collide.
+SHIPPED_MODULE_PREFIX = "templated_llm_plugin_"
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ _conflicts: dict[str, list[str]] = {}
 # Plugins registered from the running script (``__main__``): the line of the script's top-level
 # statement that registered each, which log_llm checks runs where the model loads.
 _main_registrations: dict[str, int | None] = {}
+# The logged model's plugin module being imported now, if one is: plugins registered meanwhile
+# are named after it, so two models' plugins of one name load side by side.
+_importing_shipped: ContextVar[str | None] = ContextVar("importing_shipped", default=None)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -132,18 +145,50 @@ def _dist_name(entry_point: importlib.metadata.EntryPoint) -> str:
 
 
 def _register(manager: pluggy.PluginManager, plugin: object, name: str | None) -> str:
-    registered = manager.register(plugin, name=name)
-    if registered is None:
-        raise PluginError(f"plugin {name or plugin!r} is already registered or blocked")
-    for caller in manager.get_hookcallers(plugin) or []:
-        if any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
-               for impl in caller.get_hookimpls()):
-            manager.unregister(plugin)
+    name = name or manager.get_canonical_name(plugin)
+    if manager.is_registered(plugin):
+        raise PluginError(f"plugin {plugin!r} is already registered, as {manager.get_name(plugin)!r}")
+    if manager.has_plugin(name):
+        raise PluginError(f"a plugin named {name!r} is already registered ({manager.get_plugin(name)!r}); "
+                          "register this one under another name")
+    _check_implementations(manager, plugin, name)
+    manager.register(plugin, name=name)
+    return name
+
+
+def _hook_names() -> list[str]:
+    return [name for name in dir(hookspecs)
+            if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
+
+
+def _check_implementations(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Refuse ``plugin`` unless each of its implementations is a plain one of an existing hook,
+    taking only arguments that hook passes."""
+    for attribute in dir(plugin):
+        opts = manager.parse_hookimpl_opts(plugin, attribute)
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attribute
+        caller = getattr(manager.hook, hook, None)
+        if caller is None or not caller.has_spec():
+            if opts.get("optionalhook"):
+                continue  # a hook of another templated-llm version, by design never called here
+            known = _hook_names()
+            close = difflib.get_close_matches(hook, known, n=1)
+            meant = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginError(f"plugin {name!r} implements {hook!r}, which is not a templated-llm "
+                              f"hook{meant}; the hooks: {', '.join(known)}")
+        passed = caller.spec.argnames
+        unknown = [arg for arg in pluggy.HookImpl(plugin, name, getattr(plugin, attribute), opts).argnames
+                   if arg not in passed]
+        if unknown:
+            raise PluginError(f"plugin {name!r} implements hook {hook!r} with arguments {unknown} the "
+                              f"hook does not pass; it passes {list(passed)}")
+        if opts.get("wrapper") or opts.get("hookwrapper"):
             raise PluginError(
-                f"plugin {registered!r} implements hook {caller.name!r} as a wrapper; templated-llm "
-                "hooks take plain implementations (order them with tryfirst or trylast)"
+                f"plugin {name!r} implements hook {hook!r} as a wrapper; templated-llm hooks take "
+                "plain implementations (order them with tryfirst or trylast)"
             )
-    return registered
 
 
 def reset_plugin_manager() -> None:
@@ -164,8 +209,11 @@ def plugin_load_errors() -> list[PluginLoadError]:
 def register_plugin(plugin: object, name: str | None = None) -> str:
     """Register a plugin defined in code (a module, class or instance with ``@hookimpl`` functions).
 
-    Returns the name it was registered under.
+    Returns the name it was registered under: ``name``, or, for a plugin registered by the plugin
+    module a logged model carries while that model loads, ``name@module``.
     """
+    if shipped := _importing_shipped.get():
+        name = f"{name or get_plugin_manager().get_canonical_name(plugin)}@{shipped}"
     registered = _register(get_plugin_manager(), plugin, name)
     if _module_name(plugin) == "__main__":
         _main_registrations[registered] = main_statement_line()
@@ -253,6 +301,10 @@ def _stack_frames() -> Iterator[FrameType]:
         frame = frame.f_back
 
 
+def _failure(plugin: str, hook_name: str, exc: Exception) -> PluginError:
+    return PluginError(f"plugin {plugin!r} failed in hook {hook_name!r}: {type(exc).__name__}: {exc}")
+
+
 def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
     @hookspecs.hookimpl(wrapper=True, tryfirst=True, specname=hook_name)
     def guard() -> Generator[None, Any, Any]:
@@ -264,19 +316,43 @@ def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
             impl = _running_impl(hook_name, _traceback_frames(exc))
             if impl is None:  # raised by the dispatch itself (a missing argument), not a plugin
                 raise
-            raise PluginError(
-                f"plugin {impl.plugin_name!r} failed in hook {hook_name!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise _failure(impl.plugin_name, hook_name, exc) from exc
 
     return guard
 
 
 def _guards() -> SimpleNamespace:
-    """The core's wrapper around every hook: a plugin's exception becomes a PluginError."""
-    names = [name for name in dir(hookspecs)
-             if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")]
-    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in names})
+    """The core's wrapper around every hook a plugin's exception could escape from, as a
+    PluginError: ``register_models`` is not one, model_specs runs each implementation itself."""
+    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in _hook_names()
+                              if name != "register_models"})
+
+
+def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    # As pluggy calls an implementation: with the arguments it names.
+    return impl.function(*[kwargs[arg] for arg in impl.argnames])
+
+
+def first_answer(hook_name: str, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call first-result hook ``hook_name`` and say who answered: the first non-``None`` answer
+    and the plugin that gave it (``None, None`` when none did).
+
+    Implementations run one at a time in pluggy's order, with what the core's wrapper does: a
+    :class:`TemplatedLLMError` reaches the caller as is, any other exception as a
+    :class:`PluginError` naming the plugin and the hook.
+    """
+    for impl in reversed(getattr(hooks(), hook_name).get_hookimpls()):
+        if impl.wrapper:  # the core's guard: done here
+            continue
+        try:
+            answer = _call(impl, **kwargs)
+        except TemplatedLLMError:
+            raise
+        except Exception as exc:
+            raise _failure(impl.plugin_name, hook_name, exc) from exc
+        if answer is not None:
+            return answer, impl.plugin_name
+    return None, None
 
 
 def model_specs() -> dict[str, ModelSpec]:
@@ -289,8 +365,6 @@ def model_specs() -> dict[str, ModelSpec]:
     _conflicts.clear()
     # In pluggy's calling order: the last registered first.
     for impl in reversed(hooks().register_models.get_hookimpls()):
-        if impl.wrapper:  # the core's guard
-            continue
         registered: list[ModelSpec] = []
 
         def register(spec: ModelSpec, impl: pluggy.HookImpl = impl, into: list = registered) -> None:
@@ -300,7 +374,7 @@ def model_specs() -> dict[str, ModelSpec]:
                                                 "plugin_module": _module_name(impl.plugin)}))
 
         try:
-            impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            _call(impl, register=register)
         except Exception as exc:  # a broken plugin must not take the others' models down
             _skip_failed(impl.plugin_name, "register_models", exc)
             continue
@@ -312,6 +386,19 @@ def model_specs() -> dict[str, ModelSpec]:
             else:
                 specs[spec.name] = spec
     return specs
+
+
+def _import_shipped(module_name: str) -> None:
+    """Import and register the plugin module a logged model carries; the plugins it registers
+    are named after it (see :func:`register_plugin`)."""
+    manager = get_plugin_manager()
+    importing = _importing_shipped.set(module_name)
+    try:
+        module = importlib.import_module(module_name)
+        if not manager.is_registered(module):
+            _register(manager, module, module_name)
+    finally:
+        _importing_shipped.reset(importing)
 
 
 def _skip_failed(plugin: str, hook: str, exc: BaseException) -> None:
@@ -327,16 +414,23 @@ def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
 
     When no registered plugin serves it and ``plugin_module`` is given (as recorded in a logged
     model), that module is imported and registered first: this is how a logged model loads where
-    its plugin travels in the model's ``code_paths`` instead of being installed.
+    its plugin travels in the model's ``code_paths`` instead of being installed. A model whose
+    name the plugin module another logged model carried serves here is refused: the hooks would
+    run that model's plugin code, not this one's.
     """
     specs = model_specs()
     if name not in specs and plugin_module:
-        manager = get_plugin_manager()
-        module = importlib.import_module(plugin_module)
-        if not manager.is_registered(module):
-            _register(manager, module, plugin_module)
+        _import_shipped(plugin_module)
         specs = model_specs()
     if name in specs:
+        served_by = specs[name].plugin_module
+        if plugin_module and served_by != plugin_module and served_by.startswith(SHIPPED_MODULE_PREFIX):
+            raise PluginError(
+                f"model {name!r} is served in this process by the plugin code another logged model "
+                f"carried ({served_by}); this model carries its own ({plugin_module}), and one "
+                "process serves a model name with one plugin. Load the two models in separate "
+                "processes, or log them under different model names."
+            )
         return specs[name]
     if name in _conflicts:
         raise PluginError(

@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from templated_llm.engine.adapters import ModelAdapter
 from templated_llm.errors import (
     AttentionUnavailableError,
     PluginError,
@@ -25,7 +27,7 @@ from templated_llm.errors import (
 )
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
-from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.plugins.manager import first_answer, get_model_spec, hooks
 from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, default_device
 from templated_llm.runtime.generation import keep_mechanics_only
 from templated_llm.runtime.inputs import Row
@@ -37,6 +39,25 @@ from templated_llm.runtime.tokens import add_special_tokens, prepare_tokenizer, 
 from templated_llm.spec import ModelSpec
 
 _logger = logging.getLogger(__name__)
+_SHOWN_CHARACTERS = 80  # of an answer refused, in the error
+
+
+def _answer(hook: str, spec: ModelSpec, accepts: Callable[[Any], bool], allowed: str, **kwargs: Any) -> Any:
+    """Call first-result ``hook`` for ``spec``; an answer ``accepts`` refuses is a PluginError
+    naming the plugin that gave it, what it gave and what is ``allowed``, here rather than as a
+    traceback from where the answer is first used."""
+    answer, plugin = first_answer(hook, spec=spec, **kwargs)
+    if not accepts(answer):
+        shown = repr(answer)
+        if len(shown) > _SHOWN_CHARACTERS:
+            shown = shown[:_SHOWN_CHARACTERS - 3] + "..."
+        raise PluginError(f"plugin {plugin!r} answered hook {hook!r} for model {spec.name!r} with a "
+                          f"{type(answer).__name__}, {shown}; it must answer {allowed}")
+    return answer
+
+
+def _attention_names() -> list[str]:
+    return [entry.name for entry in attention_table.backends()]
 
 
 def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Path | None) -> str:
@@ -45,19 +66,17 @@ def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Pat
     The name is validated by the attention table, then the plugins choose (``select_attention``).
     """
     attention_table.check_name(requested)
-    chosen = hooks().select_attention(spec=spec, requested=requested, device=device, snapshot=snapshot)
-    backends = [entry.name for entry in attention_table.backends()]
-    if chosen not in backends:
-        raise PluginError(
-            f"hook 'select_attention' answered {chosen!r} for model {spec.name!r}; it must answer "
-            f"a backend of the attention table: {backends}"
-        )
-    return chosen
+    return _answer("select_attention", spec, lambda chosen: chosen in _attention_names(),
+                   f"a name of the attention table: {_attention_names()}",
+                   requested=requested, device=device, snapshot=snapshot)
 
 
 def template_path(spec: ModelSpec, template: str | os.PathLike[str] | None = None) -> Path:
     """The Jinja template: ``template`` (a file or a shipped name) if given, else the plugin's."""
-    return find_template(template) if template is not None else Path(hooks().prompt_template(spec=spec))
+    if template is not None:
+        return find_template(template)
+    return Path(_answer("prompt_template", spec, lambda path: isinstance(path, (str, os.PathLike)),
+                        "the path of a Jinja template file (a str or a Path)"))
 
 
 def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> Any:
@@ -67,7 +86,11 @@ def load_tokenizer(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) -> 
     config (generation_config.json, else config.json) names it then. With none at all, batches
     cannot be padded: refused, naming what the snapshot lacks.
     """
-    tokenizer = hooks().load_tokenizer(spec=spec, snapshot=snapshot, trust_remote_code=trust_remote_code)
+    from transformers import PreTrainedTokenizerBase
+
+    tokenizer = _answer("load_tokenizer", spec, lambda answer: isinstance(answer, PreTrainedTokenizerBase),
+                        "a transformers tokenizer (PreTrainedTokenizerBase)",
+                        snapshot=snapshot, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token is None and (eos := _config_eos_id(snapshot)) is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     tokenizer = prepare_tokenizer(tokenizer)
@@ -116,7 +139,10 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     batch_cache_tokens = check_load(snapshot, config, choice, device)
     model = _load_weights(spec, snapshot, choice, device, attention, config.trust_remote_code)
     _keep_mechanics_only(model, "the snapshot's generation_config.json", logging.INFO)
-    in_use = hooks().configure_attention(spec=spec, model=model, attention=attention)
+    # A name outside the table is the plugin's mistake, not a backend to log the model with.
+    in_use = _answer("configure_attention", spec, lambda answer: answer in _attention_names(),
+                     f"the attention backend now in use, a name of the attention table: {_attention_names()}",
+                     model=model, attention=attention)
     if in_use != attention:
         raise AttentionUnavailableError(
             f"model {spec.name!r} was to run attention backend {attention!r}, but after loading "
@@ -128,6 +154,12 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     if config.pack_weights and device == "cpu":
         pack_linear_layers(model)
     return LoadedModel(model, device, attention, choice.name, batch_cache_tokens)
+
+
+def engine_adapter(spec: ModelSpec, model: Any, attention: str) -> ModelAdapter | None:
+    """The plugins' adapter that runs ``model`` on the continuous-batching engine, if one can."""
+    return _answer("engine_adapter", spec, lambda answer: answer is None or isinstance(answer, ModelAdapter),
+                   "a templated_llm.engine.ModelAdapter, or None", model=model, attention=attention)
 
 
 def _keep_mechanics_only(model: Any, source: str, level: int) -> None:
@@ -148,8 +180,10 @@ def _load_weights(spec: ModelSpec, snapshot: Path, choice: DTypeChoice, device: 
     """
     stored = checkpoint_dtype(snapshot)
     convert = device == "cpu" and stored is not None and stored != choice.name
-    model = hooks().load_model(
-        spec=spec, snapshot=snapshot, dtype=getattr(torch, stored) if convert else choice.torch_dtype,
+    model = _answer(
+        "load_model", spec, lambda answer: isinstance(answer, torch.nn.Module),
+        "a torch.nn.Module: the loaded causal LM",
+        snapshot=snapshot, dtype=getattr(torch, stored) if convert else choice.torch_dtype,
         device=device, attention=attention, trust_remote_code=trust_remote_code,
     )
     if convert:

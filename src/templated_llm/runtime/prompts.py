@@ -3,6 +3,7 @@ sees, through the model's Jinja template or its tokenizer's chat template."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -11,6 +12,21 @@ from templated_llm.errors import TemplateError
 from templated_llm.runtime.inputs import Message, Row, system_prompt_twice
 from templated_llm.runtime.templates import PromptTemplate
 from templated_llm.spec import ModelSpec
+
+
+def check_chat_template(spec: ModelSpec, tokenizer: Any, snapshot: Path | None = None) -> None:
+    """Refuse a tokenizer without a chat template for a model rendered by its tokenizer's
+    (``spec.tokenizer_chat_template``); ``snapshot``, if given, is where it was loaded from."""
+    if spec.tokenizer_chat_template and not getattr(tokenizer, "chat_template", None):
+        source = f"snapshot {snapshot}" if snapshot is not None else "this snapshot"
+        raise TemplateError(
+            f"model {spec.name!r} renders prompts with the tokenizer's own chat template, but the "
+            f"tokenizer of {source} has no chat_template (none in tokenizer_config.json, no "
+            "chat_template.jinja), so there is no format to render conversations in. Log it with a "
+            "plugin made for this model, whose prompt template writes its format (`templated-llm "
+            "new-plugin` writes one), or add the model's chat template to the snapshot as "
+            "chat_template.jinja"
+        )
 
 
 class PromptRenderer:
@@ -22,12 +38,7 @@ class PromptRenderer:
     """
 
     def __init__(self, spec: ModelSpec, template: PromptTemplate, tokenizer: Any) -> None:
-        if spec.tokenizer_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise TemplateError(
-                f"model {spec.name!r} renders prompts with the tokenizer's chat template, but "
-                "this snapshot's tokenizer has none (no chat_template in tokenizer_config.json "
-                "or chat_template.jinja); use a chat model's snapshot or another plugin"
-            )
+        check_chat_template(spec, tokenizer)
         self.spec = spec
         self.template = template
         self.tokenizer = tokenizer

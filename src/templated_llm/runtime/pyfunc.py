@@ -24,7 +24,7 @@ from templated_llm.engine import Engine, EngineFullError, Sequence
 from templated_llm.engine.adapters import picks_rope_per_pass
 
 from templated_llm.model_logging.config import LoggedConfig
-from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.plugins.manager import get_model_spec
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
@@ -38,7 +38,7 @@ from templated_llm.runtime.inputs import (
     request_at,
 )
 from templated_llm.runtime.memory import available_memory
-from templated_llm.runtime.loading import load_model, load_tokenizer, warn_if_remote_code
+from templated_llm.runtime.loading import engine_adapter, load_model, load_tokenizer, warn_if_remote_code
 from templated_llm.runtime.params import GenerationParams, read_params
 from templated_llm.runtime.prompts import PromptRenderer
 from templated_llm.runtime.structured import Grammar, StructuredOutput
@@ -102,7 +102,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _start_engine(self) -> Engine | None:
         if not self.config.engine:
             return None
-        adapter = hooks().engine_adapter(spec=self.spec, model=self.model, attention=self.attention)
+        adapter = engine_adapter(self.spec, self.model, self.attention)
         if adapter is None:
             _logger.info(
                 "%s (%s, %s attention) has no continuous-batching adapter: it generates whole "
