@@ -90,12 +90,12 @@ def test_a_stream_closed_unread_ends_its_trace(loaded_model):
 
 
 @pytest.mark.parametrize("call", ["predict", "predict_stream"])
-@pytest.mark.parametrize(("model_input", "params", "named", "streamed_inputs"), [
+@pytest.mark.parametrize(("model_input", "params", "named", "recorded_inputs"), [
     (["Hi"], {"temperature": 9.0}, "temperature", {"prompts": ["Hi"]}),  # a bad param
     # An input refused before its rows are read: the body as received.
     ({"prompt": ["Hi"], "colour": "red"}, {}, "colour", {"body": {"prompt": ["Hi"], "colour": "red"}}),
 ])
-def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input, params, named, streamed_inputs):
+def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input, params, named, recorded_inputs):
     before = mlflow.get_last_active_trace_id(thread_local=True)
     with pytest.raises(MlflowException):
         if call == "predict":
@@ -105,8 +105,22 @@ def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input
     trace = _last_trace()
     assert trace.info.trace_id != before and trace.info.state == "ERROR"
     assert named in json.dumps(trace.to_dict())
-    if call == "predict_stream":
-        assert trace.data.spans[0].inputs == streamed_inputs
+    assert trace.data.spans[0].inputs == recorded_inputs
+
+
+@pytest.mark.parametrize("call", ["predict", "predict_stream"])
+@pytest.mark.parametrize("model_input", [["Lone \udcff surrogate"], {"prompt": ["Lone \udcff surrogate"]}])
+def test_a_request_refused_for_a_lone_surrogate_is_traced_with_its_escape(loaded_model, call, model_input):
+    # UTF-8 cannot encode a lone surrogate: a trace recording it as sent was never exported.
+    before = mlflow.get_last_active_trace_id(thread_local=True)
+    with pytest.raises(MlflowException, match="lone surrogate"):
+        if call == "predict":
+            loaded_model.predict(model_input, params=GREEDY)
+        else:
+            list(loaded_model.predict_stream(model_input, params=GREEDY))
+    trace = _last_trace()
+    assert trace is not None and trace.info.trace_id != before and trace.info.state == "ERROR"
+    assert json.dumps("Lone \\udcff surrogate")[1:-1] in json.dumps(trace.data.spans[0].inputs)
 
 
 @pytest.fixture(scope="module")

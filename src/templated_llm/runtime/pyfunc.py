@@ -261,11 +261,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     def _predict_task(
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        try:
+        with trace.body_if_refused(model_input, chat=self.config.task == CHAT):
             requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request)
-        except Exception:
-            trace.body(model_input, chat=self.config.task == CHAT)  # the refused request's trace
-            raise
         trace.rows([row for r in requests for row in r.rows], requests[0].params if len(requests) == 1 else None)
         # Each request (row) has its own params: its body's over the request's params.
         results = self._complete_all([(r.rows, {**(params or {}), **r.params}) for r in requests], trace)
@@ -278,7 +275,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         self, model_input: Any, params: dict[str, Any] | None, trace: RequestTrace, first_row: int = 0
     ) -> tuple[list[Completion], bool]:
         """Every row's completion, and whether token counts were asked for (by any row)."""
-        requests = self._requests(model_input, params, first_row)
+        with trace.body_if_refused(model_input, chat=has_messages(model_input)):
+            requests = self._requests(model_input, params, first_row)
         trace.rows([row for rows, _ in requests for row in rows])
         results = self._complete_all(requests, trace, first_row)
         return ([c for completions, _ in results for c in completions],

@@ -165,6 +165,23 @@ def _usage(completions: Sequence[Completion]) -> dict[str, int]:
             TokenUsageKey.TOTAL_TOKENS: prompt + generated}
 
 
+def _encodable(value: Any) -> Any:
+    """``value`` with each lone surrogate in its strings written as its escape (``\\udcff``). A
+    request refused for holding one is traced with what it sent, and MLflow cannot export a trace
+    holding one (UTF-8 has no encoding for it): the trace was lost, with a traceback in the log."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
 class RequestTrace:
     """What ``predict`` records on its trace; every method does nothing when ``span`` is None."""
 
@@ -184,6 +201,16 @@ class RequestTrace:
         shown = {"messages": rows[0]} if chat and len(rows) == 1 else {
             "conversations" if chat else "prompts": rows}
         self._span.set_inputs(self._shown({**shown, **(fields or {})}, {"rows": len(rows)}))
+
+    @contextlib.contextmanager
+    def body_if_refused(self, model_input: Any, chat: bool) -> Iterator[None]:
+        """Records ``model_input`` as the request's inputs when the block (reading its rows)
+        raises: a refused request's trace shows what it was sent."""
+        try:
+            yield
+        except Exception:
+            self.body(model_input, chat)
+            raise
 
     def body(self, model_input: Any, chat: bool) -> None:
         """A request refused before its rows were read: its body as received."""
@@ -231,7 +258,7 @@ class RequestTrace:
         self._span.set_outputs(self._shown(response, {"finish_reasons": [c.finish_reason for c in completions]}))
 
     def _shown(self, value: Any, without_content: Any) -> Any:
-        return value if self._content else without_content
+        return _encodable(value) if self._content else without_content
 
     @contextlib.contextmanager
     def _stage(self, name: str, span_type: str, inputs: dict[str, Any]) -> Iterator[_Stage]:
