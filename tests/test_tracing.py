@@ -8,6 +8,7 @@ import time
 
 import mlflow
 import mlflow.tracing.provider
+import pandas as pd
 import pytest
 import requests
 from mlflow.entities import SpanType
@@ -109,7 +110,11 @@ def test_a_failing_request_leaves_an_error_trace(loaded_model, call, model_input
 
 
 @pytest.mark.parametrize("call", ["predict", "predict_stream"])
-@pytest.mark.parametrize("model_input", [["Lone \udcff surrogate"], {"prompt": ["Lone \udcff surrogate"]}])
+@pytest.mark.parametrize("model_input", [
+    ["Lone \udcff surrogate"], {"prompt": ["Lone \udcff surrogate"]},
+    pd.DataFrame({"prompt": ["Lone \udcff surrogate"]}, dtype=object),
+    pd.DataFrame({"messages": [[{"role": "user", "content": "Lone \udcff surrogate"}]]}),
+], ids=["list", "dict", "frame", "messages-frame"])
 def test_a_request_refused_for_a_lone_surrogate_is_traced_with_its_escape(loaded_model, call, model_input):
     # UTF-8 cannot encode a lone surrogate: a trace recording it as sent was never exported.
     before = mlflow.get_last_active_trace_id(thread_local=True)

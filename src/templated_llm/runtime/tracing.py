@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,8 @@ from templated_llm.runtime.completions import CANCELLED, Completion
 from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.streams import Stream
+
+_logger = logging.getLogger(__name__)
 
 TRACING_ENV = "TEMPLATED_LLM_TRACING"
 TRACE_CONTENT_ENV = "TEMPLATED_LLM_TRACE_CONTENT"
@@ -218,9 +221,13 @@ class RequestTrace:
             return
         if chat:
             self._span.set_span_type(SpanType.CHAT_MODEL)
-        if isinstance(model_input, pd.DataFrame):
-            model_input = json.loads(model_input.to_json(orient="records"))
-        self._span.set_inputs(self._shown({"body": model_input}, {"body": "<not traced>"}))
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                # Escaped first: pandas cannot write a lone surrogate as JSON either.
+                model_input = json.loads(model_input.map(_encodable).to_json(orient="records"))
+            self._span.set_inputs(self._shown({"body": model_input}, {"body": "<not traced>"}))
+        except Exception:  # the caller is raising the request's refusal: that must reach the client
+            _logger.warning("could not record a refused request's body on its trace", exc_info=True)
 
     def params(self, generation: GenerationParams, variables: dict[str, str],
                row_tokens: list[int] | None = None) -> None:
