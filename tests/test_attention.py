@@ -14,7 +14,8 @@ from transformers import MptForCausalLM, StaticCache
 from templated_llm import AttentionUnavailableError
 from templated_llm.model_logging.log import log_llm
 from templated_llm.plugins.attention import unavailable as attention_unavailable
-from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.plugins.manager import get_model_spec
+from templated_llm.runtime.loading import select_attention
 from templated_llm_mpt import kernels
 from templated_llm_mpt.attention import install_attention
 
@@ -170,7 +171,7 @@ def test_greedy_predictions_through_templated_llm_match_eager(tiny_snapshot):
 def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
     spec = get_model_spec("mpt-instruct")
     with caplog.at_level("INFO"):
-        chosen = hooks().select_attention(spec=spec, requested="auto", device="cpu", snapshot=None)
+        chosen = select_attention(spec, "auto", "cpu", None)
     assert chosen == "sdpa"
     assert "attention 'auto' chose 'sdpa'" in caplog.text
 

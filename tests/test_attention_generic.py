@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from templated_llm import AttentionUnavailableError, ModelSpec, hookimpl, register_plugin
 from templated_llm.engine.adapters import ENGINE_SDPA
 from templated_llm.model_logging.log import log_llm
-from templated_llm.plugins.manager import get_model_spec, hooks
+from templated_llm.plugins.manager import get_model_spec
+from templated_llm.runtime.loading import select_attention
 
 
 class TinyLlamaPlugin:
@@ -65,5 +66,4 @@ def test_a_backend_the_model_class_lacks_fails_at_log_time(fresh_plugins, tiny_s
 def test_flash_is_refused_on_cpu_naming_what_it_needs(tiny_llama, tiny_snapshot, llama_snapshot, model):
     snapshot = tiny_snapshot if model == "mpt-instruct" else llama_snapshot
     with pytest.raises(AttentionUnavailableError, match="'flash' needs a CUDA GPU; this process runs on 'cpu'"):
-        hooks().select_attention(spec=get_model_spec(model), requested="flash", device="cpu",
-                                 snapshot=snapshot)
+        select_attention(get_model_spec(model), "flash", "cpu", snapshot)

@@ -19,11 +19,11 @@ from templated_llm.plugins.manager import (
     PLUGINS_ENV_VAR,
     PluginLoadWarning,
     get_model_spec,
-    hooks,
     model_specs,
     plugin_load_errors,
     register_plugin,
 )
+from templated_llm.runtime.loading import load_tokenizer, select_attention
 
 
 def test_the_mpt_plugin_is_found_through_its_installed_entry_point() -> None:
@@ -148,7 +148,7 @@ def test_a_plugin_raising_inside_a_hook_is_named_with_the_hook(fresh_plugins) ->
     register_plugin(Faulty(), name="faulty")
     spec = get_model_spec("mpt-instruct")
     with pytest.raises(PluginError, match="plugin 'faulty' failed in hook 'load_tokenizer'.*disk on fire"):
-        hooks().load_tokenizer(spec=spec, snapshot=Path("."), trust_remote_code=False)
+        load_tokenizer(spec, Path("."), trust_remote_code=False)
 
 
 class EchoPlugin:
@@ -209,8 +209,6 @@ def test_a_hook_wrapper_is_refused_when_its_plugin_registers(fresh_plugins) -> N
 
 
 def test_select_attention_must_answer_a_backend_of_the_table(fresh_plugins) -> None:
-    from templated_llm.runtime.loading import select_attention
-
     class Undecided:
         @hookimpl(tryfirst=True)
         def select_attention(self, spec, requested):
@@ -330,12 +328,19 @@ def test_a_load_hook_answering_the_wrong_type_is_named_with_what_it_must_answer(
         f"{type(answer).__name__}, {answer!r}; it must answer {allowed}")
 
 
-def test_a_prompt_template_answer_that_is_no_path_is_refused_at_log_time(fresh_plugins, tiny_snapshot) -> None:
-    register_plugin(_answering("prompt_template", ["mpt-instruct.jinja"]), name="wrong")
-    with pytest.raises(PluginError, match=r"plugin 'wrong' answered hook 'prompt_template' for model "
-                                          r"'mpt-instruct' with a list, \['mpt-instruct.jinja'\]; it must "
-                                          r"answer the path of a Jinja template file \(a str or a Path\)"):
+@pytest.mark.parametrize(("hook", "answer", "allowed"), [
+    ("prompt_template", ["mpt-instruct.jinja"], "the path of a Jinja template file (a str or a Path)"),
+    ("needs_remote_code", True, "a str saying why, or None"),
+])
+def test_a_log_hook_answering_the_wrong_type_is_refused_at_log_time(
+    fresh_plugins, tiny_snapshot, hook, answer, allowed
+) -> None:
+    register_plugin(_answering(hook, answer), name="wrong")
+    with pytest.raises(PluginError) as caught:
         log_llm("mpt-instruct", snapshot=tiny_snapshot)
+    assert str(caught.value) == (
+        f"plugin 'wrong' answered hook {hook!r} for model 'mpt-instruct' with a "
+        f"{type(answer).__name__}, {answer!r}; it must answer {allowed}")
 
 
 def test_a_plugin_in_no_file_is_refused_at_log_time(fresh_plugins, tiny_snapshot, monkeypatch) -> None:
@@ -353,3 +358,29 @@ def test_a_plugin_in_no_file_is_refused_at_log_time(fresh_plugins, tiny_snapshot
     with pytest.raises(PluginError, match="plugin 'fileless' is defined in module 'fileless_plugin', "
                                           "which is in no file that could travel with the model"):
         log_llm("fileless-model", snapshot=tiny_snapshot)
+
+
+@pytest.mark.parametrize("names", [("my_plugin_a", "my_plugin_b"),  # as models logged before content naming
+                                   ("templated_llm_plugin_aaa", "templated_llm_script_bbb")])
+def test_a_model_name_another_shipped_module_serves_is_refused_whatever_the_modules_names(
+        fresh_plugins, tmp_path, monkeypatch, names):
+    # Each module is a logged model's plugin code; the second would silently run the first's hooks.
+    for name in names:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+            from templated_llm import ModelSpec, hookimpl, register_plugin
+
+            class Plugin:
+                @hookimpl
+                def register_models(self, register):
+                    register(ModelSpec(name="shared-model", repo_id="x/{name}", template="mpt-instruct.jinja"))
+
+            register_plugin(Plugin(), name="notebook")
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first, second = names
+    assert get_model_spec("shared-model", first).repo_id == f"x/{first}"
+    with pytest.raises(PluginError, match=rf"served in this process by the plugin code another logged "
+                                          rf"model carried \({first}\); this model carries its own \({second}\)"):
+        get_model_spec("shared-model", second)
+    for name in names:
+        sys.modules.pop(name, None)

@@ -32,17 +32,15 @@ from templated_llm.model_logging.config import (
 from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
 from templated_llm.plugins.manager import (
-    SHIPPED_MODULE_PREFIX,
     get_model_spec,
     get_plugin_manager,
-    hooks,
     main_registration_line,
     main_statement_line,
 )
 from templated_llm.runtime.completions import output_schema
 from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
-from templated_llm.runtime.loading import load_tokenizer, select_attention, template_path
+from templated_llm.runtime.loading import load_tokenizer, needs_remote_code, select_attention, template_path
 from templated_llm.runtime.params import GenerationParams, param_schema
 from templated_llm.runtime.prompts import check_chat_template
 from templated_llm.runtime.tasks import INPUT_EXAMPLES, Task, check_task, task_signature
@@ -57,6 +55,8 @@ _RUNTIME_PACKAGES = (
 # MLflow runs this file to build the model where it loads (the code travels in code_paths too).
 _MODEL_CODE = Path(__file__).with_name("model_code.py")
 _INPUT_EXAMPLE = ["What is machine learning?", "Name three rivers."]
+# A one-file plugin module travels in a logged model under this prefix and its content's digest.
+_SHIPPED_PREFIX = "templated_llm_plugin_"
 
 
 @functools.cache
@@ -145,7 +145,7 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
 def _shipped_name(module_file: Path) -> str:
     """The name a one-file plugin module travels under: from its content, so that where models
     load, two models' modules of one name (two notebooks' my_plugin.py) are two modules."""
-    return SHIPPED_MODULE_PREFIX + hashlib.sha256(module_file.read_bytes()).hexdigest()[:12]
+    return _SHIPPED_PREFIX + hashlib.sha256(module_file.read_bytes()).hexdigest()[:12]
 
 
 def _script_defining(plugin: object) -> Path | None:
@@ -225,7 +225,7 @@ def _check_snapshot(spec: ModelSpec, snapshot: Path, trust_remote_code: bool) ->
     """Files first (naming the broken one), then remote code, then the tokenizer really loads
     (with a chat template, if the model renders with it)."""
     check_snapshot(snapshot, spec)
-    check_remote_code(hooks().needs_remote_code(spec=spec, snapshot=snapshot), trust_remote_code)
+    check_remote_code(needs_remote_code(spec, snapshot), trust_remote_code)
     check_chat_template(spec, load_tokenizer(spec, snapshot, trust_remote_code), snapshot)
 
 

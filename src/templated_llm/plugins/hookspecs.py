@@ -1,8 +1,8 @@
 """The hooks a templated-llm plugin can implement.
 
 Every hook that concerns one model receives its :class:`~templated_llm.spec.ModelSpec`; a plugin
-returns ``None`` for models that are not its own. The core calls each hook through pluggy
-(``manager.hook.NAME(...)``), implementations last-registered first (``tryfirst`` and
+returns ``None`` for models that are not its own. The core calls each hook's implementations one
+at a time in pluggy's order (``manager.answers``): last-registered first (``tryfirst`` and
 ``trylast`` respected), the core's generic Hugging Face implementations last.
 
 What the dispatcher does, for every hook but ``register_models`` (whose implementation, if it
@@ -12,9 +12,10 @@ the call, and the error reaches the caller unchanged; any other exception stops 
 reaches the caller as a :class:`~templated_llm.errors.PluginError` naming the plugin and the
 hook, the original chained as its ``__cause__``. An answer of the wrong kind (a ``load_model``
 answer that is no ``torch.nn.Module``, ...) is a ``PluginError`` naming the plugin, what it
-answered and what the hook must answer. Hook wrappers, implementations of hooks not specified
-here and implementations taking arguments their hook does not pass are refused at registration
-(``optionalhook=True`` lets an implementation of a hook this version lacks through, uncalled).
+answered and what the hook must answer. Hook wrappers (which the core would not run),
+implementations of hooks not specified here and implementations taking arguments their hook
+does not pass are refused at registration (``optionalhook=True`` lets an implementation of a
+hook this version lacks through, uncalled).
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """Discovers plugins (entry points and in-code registration) and dispatches hooks to them.
 
-Hooks are called through pluggy itself: ``hooks().load_model(spec=..., ...)``. The core
-registers one wrapper around every hook (but ``register_models``, whose implementations
-:func:`model_specs` runs one by one) that turns a plugin's exception into a
-:class:`PluginError` naming the plugin and the hook (see :mod:`templated_llm.plugins.hookspecs`);
-it finds the plugin among the frames of the exception's traceback. Plugins' own wrappers are
-refused at registration, so that wrapper is always the outermost; so are implementations of
-hooks that do not exist, or taking arguments their hook does not pass (misspellings pluggy
-would keep, and never call). :func:`first_answer` calls a first-result hook one implementation
-at a time, with the wrapper's error handling, so that the core can name the plugin whose answer
-it refuses.
+pluggy holds the plugins and orders each hook's implementations; the core calls them one at a
+time through :func:`answers` (or :func:`first_answer`), so that a plugin's exception becomes a
+:class:`PluginError` naming the plugin and the hook, and the core can name the plugin whose
+answer it refuses (see :mod:`templated_llm.plugins.hookspecs`). Hook wrappers are refused at
+registration (the core would not run them), and so are implementations of hooks that do not
+exist, or taking arguments their hook does not pass (misspellings pluggy would keep, and never
+call).
 """
 
 from __future__ import annotations
@@ -20,10 +17,10 @@ import importlib.metadata
 import os
 import sys
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from types import FrameType, ModuleType, SimpleNamespace
+from types import FrameType, ModuleType
 from typing import Any
 
 import pluggy
@@ -36,10 +33,6 @@ ENTRY_POINT_GROUP = "templated_llm"
 # Comma-separated entry-point names to load; unset loads all of them, an empty value loads none.
 PLUGINS_ENV_VAR = "TEMPLATED_LLM_PLUGINS"
 _DEFAULTS_NAME = "templated_llm.plugins.hf_defaults"
-_GUARD_NAME = "templated_llm.plugins.manager.guard"
-# The name a plugin's one-file module travels under in a logged model, its content's digest
-# after it: two models' modules of one name, loaded in one process, cannot collide.
-SHIPPED_MODULE_PREFIX = "templated_llm_plugin_"
 
 
 @dataclass(frozen=True)
@@ -73,6 +66,8 @@ _main_registrations: dict[str, int | None] = {}
 # The logged model's plugin module being imported now, if one is: plugins registered meanwhile
 # are named after it, so two models' plugins of one name load side by side.
 _importing_shipped: ContextVar[str | None] = ContextVar("importing_shipped", default=None)
+# The plugin modules logged models carried, imported in this process (whatever their naming).
+_shipped: set[str] = set()
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -81,7 +76,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _manager is None:
         manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         manager.add_hookspecs(hookspecs)
-        manager.register(_guards(), name=_GUARD_NAME)
         manager.register(hf_defaults, name=_DEFAULTS_NAME)
         _manager = manager
         _load_entry_points(manager)
@@ -198,6 +192,7 @@ def reset_plugin_manager() -> None:
     _load_errors.clear()
     _distributions.clear()
     _main_registrations.clear()
+    _shipped.clear()
 
 
 def plugin_load_errors() -> list[PluginLoadError]:
@@ -242,7 +237,7 @@ def main_statement_line() -> int | None:
 def plugin_names() -> list[str]:
     """Names of the registered plugins, the core's own excluded."""
     return [name for name, _ in get_plugin_manager().list_name_plugin()
-            if name not in (_DEFAULTS_NAME, _GUARD_NAME)]
+            if name != _DEFAULTS_NAME]
 
 
 def plugin_info() -> list[PluginInfo]:
@@ -269,30 +264,6 @@ def _module_name(plugin: object) -> str:
     return getattr(plugin, "__module__", None) or type(plugin).__module__
 
 
-def _runs(impl: pluggy.HookImpl, frame: FrameType) -> bool:
-    """Whether ``frame`` runs ``impl``: its code, and for a method its own instance."""
-    function = impl.function
-    owner = getattr(function, "__self__", None)
-    if frame.f_code is not getattr(getattr(function, "__func__", function), "__code__", None):
-        return False
-    return owner is None or frame.f_locals.get("self") is owner
-
-
-def _running_impl(hook_name: str, frames: Iterable[FrameType]) -> pluggy.HookImpl | None:
-    """The first of ``frames`` that runs an implementation of ``hook_name``: its ``HookImpl``."""
-    impls = [impl for impl in getattr(hooks(), hook_name).get_hookimpls()
-             if not impl.wrapper]  # the core's guard, the only wrapper
-    return next((impl for frame in frames for impl in impls if _runs(impl, frame)), None)
-
-
-def _traceback_frames(exc: BaseException) -> Iterator[FrameType]:
-    # Outermost first: the implementation pluggy called comes before anything it called.
-    tb = exc.__traceback__
-    while tb is not None:
-        yield tb.tb_frame
-        tb = tb.tb_next
-
-
 def _stack_frames() -> Iterator[FrameType]:
     # Innermost first, from the caller of the caller on.
     frame = sys._getframe(2)
@@ -301,58 +272,35 @@ def _stack_frames() -> Iterator[FrameType]:
         frame = frame.f_back
 
 
-def _failure(plugin: str, hook_name: str, exc: Exception) -> PluginError:
-    return PluginError(f"plugin {plugin!r} failed in hook {hook_name!r}: {type(exc).__name__}: {exc}")
-
-
-def _guard(hook_name: str) -> Callable[[], Generator[None, Any, Any]]:
-    @hookspecs.hookimpl(wrapper=True, tryfirst=True, specname=hook_name)
-    def guard() -> Generator[None, Any, Any]:
-        try:
-            return (yield)
-        except TemplatedLLMError:
-            raise
-        except Exception as exc:
-            impl = _running_impl(hook_name, _traceback_frames(exc))
-            if impl is None:  # raised by the dispatch itself (a missing argument), not a plugin
-                raise
-            raise _failure(impl.plugin_name, hook_name, exc) from exc
-
-    return guard
-
-
-def _guards() -> SimpleNamespace:
-    """The core's wrapper around every hook a plugin's exception could escape from, as a
-    PluginError: ``register_models`` is not one, model_specs runs each implementation itself."""
-    return SimpleNamespace(**{f"guard_{name}": _guard(name) for name in _hook_names()
-                              if name != "register_models"})
-
-
 def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
     # As pluggy calls an implementation: with the arguments it names.
     return impl.function(*[kwargs[arg] for arg in impl.argnames])
 
 
-def first_answer(hook_name: str, **kwargs: Any) -> tuple[Any, str | None]:
-    """Call first-result hook ``hook_name`` and say who answered: the first non-``None`` answer
-    and the plugin that gave it (``None, None`` when none did).
+def answers(hook_name: str, **kwargs: Any) -> Iterator[tuple[Any, str]]:
+    """Call hook ``hook_name``'s implementations one at a time, in pluggy's order (``tryfirst``,
+    then the last registered first, then ``trylast``; the core's Hugging Face defaults last),
+    yielding each answer and the plugin that gave it.
 
-    Implementations run one at a time in pluggy's order, with what the core's wrapper does: a
-    :class:`TemplatedLLMError` reaches the caller as is, any other exception as a
-    :class:`PluginError` naming the plugin and the hook.
+    A :class:`TemplatedLLMError` an implementation raises reaches the caller as is; any other
+    exception as a :class:`PluginError` naming the plugin and the hook, the original chained.
     """
     for impl in reversed(getattr(hooks(), hook_name).get_hookimpls()):
-        if impl.wrapper:  # the core's guard: done here
-            continue
         try:
             answer = _call(impl, **kwargs)
         except TemplatedLLMError:
             raise
         except Exception as exc:
-            raise _failure(impl.plugin_name, hook_name, exc) from exc
-        if answer is not None:
-            return answer, impl.plugin_name
-    return None, None
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in hook {hook_name!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        yield answer, impl.plugin_name
+
+
+def first_answer(hook_name: str, **kwargs: Any) -> tuple[Any, str | None]:
+    """The first non-``None`` answer of first-result hook ``hook_name`` and the plugin that gave
+    it (``None, None`` when none did); the later implementations are not called."""
+    return next(((answer, plugin) for answer, plugin in answers(hook_name, **kwargs) if answer is not None),
+                (None, None))
 
 
 def model_specs() -> dict[str, ModelSpec]:
@@ -395,6 +343,7 @@ def _import_shipped(module_name: str) -> None:
     importing = _importing_shipped.set(module_name)
     try:
         module = importlib.import_module(module_name)
+        _shipped.add(module_name)
         if not manager.is_registered(module):
             _register(manager, module, module_name)
     finally:
@@ -424,7 +373,7 @@ def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
         specs = model_specs()
     if name in specs:
         served_by = specs[name].plugin_module
-        if plugin_module and served_by != plugin_module and served_by.startswith(SHIPPED_MODULE_PREFIX):
+        if plugin_module and served_by != plugin_module and served_by in _shipped:
             raise PluginError(
                 f"model {name!r} is served in this process by the plugin code another logged model "
                 f"carried ({served_by}); this model carries its own ({plugin_module}), and one "

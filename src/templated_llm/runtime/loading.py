@@ -27,7 +27,7 @@ from templated_llm.errors import (
 )
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
-from templated_llm.plugins.manager import first_answer, get_model_spec, hooks
+from templated_llm.plugins.manager import answers, first_answer, get_model_spec
 from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, default_device
 from templated_llm.runtime.generation import keep_mechanics_only
 from templated_llm.runtime.inputs import Row
@@ -69,6 +69,13 @@ def select_attention(spec: ModelSpec, requested: str, device: str, snapshot: Pat
     return _answer("select_attention", spec, lambda chosen: chosen in _attention_names(),
                    f"a name of the attention table: {_attention_names()}",
                    requested=requested, device=device, snapshot=snapshot)
+
+
+def needs_remote_code(spec: ModelSpec, snapshot: Path) -> str | None:
+    """Why loading ``snapshot`` would run Python code shipped with it, as the plugins say
+    (``None``: it would not)."""
+    return _answer("needs_remote_code", spec, lambda answer: answer is None or isinstance(answer, str),
+                   "a str saying why, or None", snapshot=snapshot)
 
 
 def template_path(spec: ModelSpec, template: str | os.PathLike[str] | None = None) -> Path:
@@ -148,7 +155,8 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
             f"model {spec.name!r} was to run attention backend {attention!r}, but after loading "
             f"it runs {in_use!r}; log it with attention={in_use!r} or 'eager'"
         )
-    hooks().prepare_model(spec=spec, model=model, tokenizer=tokenizer)
+    for _ in answers("prepare_model", spec=spec, model=model, tokenizer=tokenizer):
+        pass  # every plugin's, in turn
     # The engine reads only the token ids: what else a plugin sets would apply off it only.
     _keep_mechanics_only(model, "a plugin's prepare_model", logging.WARNING)
     if config.pack_weights and device == "cpu":
