@@ -26,6 +26,7 @@ from templated_llm.engine import (
     HuggingFaceAdapter,
     SequenceFailedError,
 )
+from templated_llm.engine import sampling
 from templated_llm.engine.adapters import ENGINE_SDPA
 from templated_llm.runtime.generation import generate_completions
 from templated_llm.runtime.params import GenerationParams
@@ -266,6 +267,57 @@ def test_seeded_sample_is_independent_of_its_neighbours(mpt):
         # An unseeded neighbour draws from torch's RNG; the seeded one did not move it.
         different = engine.submit(ids, seeded.model_copy(update={"seed": 8})).result(timeout=60)
         assert different.text != alone.text
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("extreme", [{"top_p": 1e-300}, {"repetition_penalty": 1e-40},
+                                     {"repetition_penalty": 1e-40, "top_p": 1e-300}])
+def test_extreme_sampling_values_in_range_generate_and_fail_nobody(mpt, extreme):
+    # Both once overflowed float32 (no token left to draw, or inf logits): the step failed, and
+    # with it every request that shared it.
+    params = GenerationParams(temperature=0.7, max_tokens=6, seed=3, **extreme)
+    plain = GenerationParams(max_tokens=6)
+    ids = [_ids(mpt, p) for p in PROMPTS[:3]]
+    engine = _engine(mpt)
+    try:
+        futures = [engine.submit(ids[0], params), *(engine.submit(i, plain) for i in ids[1:])]
+        results = [f.result(timeout=60) for f in futures]
+        assert results[0].completion_tokens > 0
+        assert results[1:] == [_alone(mpt, i, plain) for i in ids[1:]]
+        assert engine.stats().sequences_failed == 0
+    finally:
+        engine.close()
+
+
+def test_a_top_p_below_float32s_smallest_number_keeps_the_likeliest_token():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    params = GenerationParams(temperature=1.0, top_p=1e-300, seed=0)
+    tokens, failed = sampling.next_tokens(logits, [params], [[]], [sampling.generator(params, torch.device("cpu"))])
+    assert (tokens, failed) == ([1], {})
+
+
+def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbours_draw_as_without_it(mpt, monkeypatch):
+    seeded = GenerationParams(temperature=0.9, seed=7, max_tokens=8)
+    doomed = GenerationParams(temperature=0.9, seed=13, max_tokens=8)
+    original = sampling._sample
+
+    def sample(scores, p, gen):
+        if p.seed == 13:
+            raise RuntimeError("injected: sampling failed")
+        return original(scores, p, gen)
+
+    monkeypatch.setattr(sampling, "_sample", sample)
+    ids = _ids(mpt, PROMPTS[0])
+    engine = _engine(mpt, prefill_chunk=64)
+    try:
+        alone = engine.submit(ids, seeded).result(timeout=60)
+        # One prompt, submitted together: the two finish their prefill in one step and sample there.
+        futures = [engine.submit(ids, doomed), engine.submit(ids, seeded)]
+        with pytest.raises(SequenceFailedError, match="injected: sampling failed"):
+            futures[0].result(timeout=60)
+        assert futures[1].result(timeout=60) == alone
+        assert engine.stats().sequences_failed == 1
     finally:
         engine.close()
 

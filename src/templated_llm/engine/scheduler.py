@@ -261,8 +261,10 @@ class _Scheduler:
         for row, state in enumerate(states):
             if state.grammar is not None:  # structured output: only the tokens it allows
                 mask_logits(logits[row], state.grammar, self.end_list)
-        tokens = sampling.next_tokens(logits, [s.params for s in states], [s.seen for s in states],
-                                      [s.generator for s in states])
+        tokens, failed = sampling.next_tokens(logits, [s.params for s in states], [s.seen for s in states],
+                                              [s.generator for s in states])
+        if failed:
+            states, tokens = self._fail_rows(states, tokens, failed)
         now = time.perf_counter()
         self.recorder.tokens_generated += len(states)
         ended = []
@@ -283,6 +285,17 @@ class _Scheduler:
             self._leave(state)
             self.recorder.finished_sequence(len(state.generated), now - state.first_token_at)
             state.finish(reason, self.tokenizer)
+
+    def _fail_rows(self, states: list[SequenceState], tokens: list[int], failed: dict[int, Exception]
+                   ) -> tuple[list[SequenceState], list[int]]:
+        """Fail the sequences whose sampling raised; the others go on with their tokens."""
+        for row, exc in failed.items():
+            _logger.error("sampling failed for one sequence; failing it alone", exc_info=exc)
+            self._leave(states[row])
+            self.recorder.failed += 1
+            states[row].fail(step_failure(exc))
+        kept = [row for row in range(len(states)) if row not in failed]
+        return [states[row] for row in kept], [tokens[row] for row in kept]
 
     def _drop_non_finite(self, states: list[SequenceState], logits: torch.Tensor
                          ) -> tuple[list[SequenceState], torch.Tensor]:

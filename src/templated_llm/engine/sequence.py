@@ -157,7 +157,7 @@ def step_failure(error: BaseException) -> SequenceFailedError:
     """The error a sequence gets when a step it was in raised ``error``."""
     failure = SequenceFailedError(
         f"generation failed in an engine step this sequence was part of: "
-        f"{type(error).__name__}: {error}; other sequences were not affected, retry the request"
+        f"{type(error).__name__}: {error}; retry the request"
     )
     failure.__cause__ = error
     return failure
