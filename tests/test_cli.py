@@ -65,11 +65,23 @@ def test_serve_refuses_options_that_do_not_fit(options, says) -> None:
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {says}")
 
 
+@pytest.mark.parametrize(("options", "says"), [
+    (["--port", "99999"], "port must be 1-65535; received 99999"),
+    (["--port", "0", "--mlflow-only"], "port must be 1-65535; received 0"),
+    (["--port", "http"], "not a port number: 'http'"),
+])
+def test_serve_refuses_a_port_no_server_can_listen_on(options, says) -> None:
+    result = _cli("serve", "models:/m/1", *options)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"templated-llm serve: error: argument --port: {says}"
+
+
 @pytest.mark.slow
 def test_serve_exits_1_when_the_model_does_not_load() -> None:
     result = _cli("serve", "models:/no-such-model/1", "--port", str(free_port()))
-    assert result.returncode == 1
-    assert "loading models:/no-such-model/1 failed" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: loading models:/no-such-model/1 failed: Registered Model with name=no-such-model not found")
 
 
 @pytest.mark.slow

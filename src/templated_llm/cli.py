@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from templated_llm.devtools.tiny import ARCHITECTURES  # noqa: E402 - after the OpenMP setting
 from templated_llm.model_logging.config import DType
-from templated_llm.serving.config import API_KEY_ENV, ServerConfig
+from templated_llm.serving.config import API_KEY_ENV, ServerConfig, check_port
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -136,6 +136,13 @@ def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_man
         sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
         "--env-manager", env_manager, "-h", host, "-p", str(port), "-w", str(workers),
     ]
+
+
+def _port(value: str) -> int:
+    try:
+        return check_port(int(value))
+    except ValueError as exc:  # not a number, or out of range
+        raise argparse.ArgumentTypeError(str(exc) if "port" in str(exc) else f"not a port number: {value!r}") from None
 
 
 # The server's defaults, read without building a config (which reads the API key's variable).
@@ -258,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve a logged model: OpenAI's API under /v1 and MLflow's /invocations")
     serve.add_argument("model_uri", help="models:/<id>, models:/<name>/<version>, models:/<name>@<alias>, runs:/...")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.add_argument("--port", type=_port, default=5001, help="port (default 5001)")
     d = _SERVER_DEFAULTS
     serve.add_argument("--served-model-name",
                        help="the name clients pass as 'model' (default: the registered model's "
@@ -297,19 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = args.func(args)
     except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump traces
-        from mlflow.exceptions import MlflowException
-        from pydantic import ValidationError
+        from templated_llm.errors import user_message
 
-        from templated_llm.errors import TemplatedLLMError
-
-        if isinstance(exc, MlflowException):
-            exc = exc.message
-        elif isinstance(exc, ValidationError):  # an option's value out of range, in one line
-            exc = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}; received {e['input']!r}"
-                            for e in exc.errors())
-        elif not isinstance(exc, TemplatedLLMError | argparse.ArgumentTypeError):
+        message = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else user_message(exc)
+        if message is None:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return status or 0
 

@@ -88,3 +88,20 @@ class SequenceFailedError(EngineError):
 
 class EmulatedDTypeWarning(UserWarning):
     """The requested dtype runs on this CPU without native instructions: slower than float32."""
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message of an error its user can act on (a bad value, a missing model, a plugin's
+    refusal), in one line where it is a pydantic error; ``None`` for anything else, a bug whose
+    traceback is what helps."""
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    if isinstance(exc, MlflowException):
+        return exc.message
+    if isinstance(exc, ValidationError):  # an option's value out of range
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}; received {e['input']!r}"
+                         for e in exc.errors())
+    if isinstance(exc, TemplatedLLMError):
+        return str(exc)
+    return None

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from templated_llm.errors import RequestError
+from templated_llm.errors import RequestError, user_message
 from templated_llm.runtime.completions import Completion
 from templated_llm.runtime.inputs import Row
 from templated_llm.serving import openai_requests as oai
@@ -78,7 +78,10 @@ class ServerState:
             model = load(self.config.model_uri, self.config.served_model_name)
             mlflow_app = KeepRefusals(scoring_server.init(model.pyfunc))
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
-            _logger.exception("loading %s failed", self.config.model_uri)
+            if (message := user_message(exc)) is not None:  # the user's to fix: no traceback
+                _logger.error("loading %s failed: %s", self.config.model_uri, message)
+            else:
+                _logger.exception("loading %s failed", self.config.model_uri)
             self._loop.call_soon_threadsafe(self._failed, exc)
             return
         self._loop.call_soon_threadsafe(self._ready, model, mlflow_app)

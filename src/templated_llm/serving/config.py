@@ -10,6 +10,13 @@ from dataclasses import dataclass
 API_KEY_ENV = "TEMPLATED_LLM_API_KEY"
 
 
+def check_port(port: int) -> int:
+    """``port`` if a server can listen on it, else a ValueError saying what is allowed."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535; received {port}")
+    return port
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model_uri: str
@@ -41,6 +48,7 @@ class ServerConfig:
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
             raise ValueError(f"{source} is {'empty' if not self.api_key.strip() else 'padded with spaces'}; "
                              "set a key without spaces around it, or leave it unset for no auth")
+        check_port(self.port)
         for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_n", "max_pending"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -9,6 +9,7 @@ from types import FrameType
 
 import uvicorn
 
+from templated_llm.errors import user_message
 from templated_llm.serving.app import ServerState, create_app
 from templated_llm.serving.config import ServerConfig
 
@@ -49,4 +50,9 @@ def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda sig, frame: None)
     server.run()
-    return 1 if state.load_error is not None else 0
+    if state.load_error is None:
+        return 0
+    # The last line, after uvicorn's: what went wrong, as the command line's other errors say it.
+    message = user_message(state.load_error) or f"{type(state.load_error).__name__}: {state.load_error}"
+    print(f"error: loading {config.model_uri} failed: {message}", file=sys.stderr)
+    return 1
