@@ -221,17 +221,17 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
         raise RequestError(
             f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this model takes at "
             f"most {model.backend.max_rows} per request (max_rows_per_request, set when it was logged)",
-            param="n" if n > 1 else "prompt")
+            param="n" if n > 1 else "messages" if chat else "prompt")
     if count > state.in_flight.limit:
         raise RequestError(
             f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this server generates "
-            f"at most {state.in_flight.limit} sequences at once (--max-pending)", param="n" if n > 1 else "prompt")
+            f"at most {state.in_flight.limit} sequences at once (--max-pending)", param="n" if n > 1 else "messages" if chat else "prompt")
     if not state.in_flight.try_acquire(count):
         raise RequestError(f"the server is at capacity: {state.in_flight.limit} sequences generating "
                            "or waiting (--max-pending). Retry later", status=429,
                            type="rate_limit_error", code="queue_full")
     aliases = {"max_tokens": "max_completion_tokens"} if getattr(parsed, "max_completion_tokens", None) else {}
-    exchange = _Exchange(state, request.scope[RECORD], count, n, aliases)
+    exchange = _Exchange(state, request.scope[RECORD], count, n, aliases, chat)
     for index in range(count):
         # Choice i samples with seed + i, in the model's seed range (0 to 2**63 - 1).
         choice = {**params, "seed": (params["seed"] + index % n) % 2**63} if "seed" in params else params
@@ -293,21 +293,21 @@ class _Exchange:
     """One request's sequences: reading their events, and the metrics and log they make."""
 
     def __init__(self, state: ServerState, record: Record, count: int, n: int,
-                 aliases: dict[str, str]) -> None:
+                 aliases: dict[str, str], chat: bool) -> None:
         self.generations = Generations(state.in_flight)
         self._unwatch = state.watch(self.generations)
         self._metrics = state.metrics
         self._record = record
         self._count = count
         self._n = n
-        self._aliases = aliases
+        self._aliases, self._chat = aliases, chat
         self._start = time.perf_counter()
         self._completions: list[Completion | None] = [None] * count
         self._first_text: list[float | None] = [None] * count
         self._failed = False
 
     def _fail(self, index: int, item: BaseException) -> RequestError:
-        error = as_request_error(item, self._aliases)
+        error = as_request_error(item, self._aliases, self._chat)
         self._record.outcome = error.code or error.type
         # Index -1: the request was interrupted (timeout, shutdown); else a sequence failed,
         # refused as input or in generation, and what did not finish was not cancelled.

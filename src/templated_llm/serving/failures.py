@@ -10,9 +10,10 @@ from mlflow.exceptions import MlflowException
 from templated_llm.errors import OverloadedError, RequestError
 
 _logger = logging.getLogger("templated_llm.serving")
-# Where a model's message names the request field at fault: "param 'top_p': ...", "messages at
-# row 0: ...", "... with max_tokens=300 that exceeds ...".
-_PARAM = re.compile(r"param '(\w+)'|^(messages|prompt) at row|\b(max_tokens)=")
+# Where a model's message names the request field at fault, the first that matches: "param
+# 'top_p': ...", "... with max_tokens=300 that exceeds ...", "messages at row 0: ...", "the prompt
+# at row 0 is ... characters" (the row's text is at fault only where no setting is named).
+_PARAMS = [re.compile(p) for p in (r"param '(\w+)'", r"\b(max_tokens)=", r"^(?:the )?(messages|prompt) at row")]
 # The engine's queue-full error by name too, whatever base it is given.
 _OVERLOADED_NAMES = {"EngineFullError"}
 
@@ -25,9 +26,10 @@ SHUTTING_DOWN = RequestError("the server is shutting down; the request was cance
                              status=503, type="server_error", code="shutting_down")
 
 
-def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) -> RequestError:
+def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None, chat: bool = False) -> RequestError:
     """``exc`` as the RequestError to answer; ``aliases`` rename a param the model names (its
-    ``max_tokens``) to the request field that set it (``max_completion_tokens``)."""
+    ``max_tokens``) to the request field that set it (``max_completion_tokens``). In a chat
+    request the prompt the model refuses is the templated conversation: its field is ``messages``."""
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, OverloadedError) or _OVERLOADED_NAMES & {c.__name__ for c in type(exc).__mro__} \
@@ -36,8 +38,9 @@ def as_request_error(exc: BaseException, aliases: dict[str, str] | None = None) 
                             type="rate_limit_error", code="queue_full")
     if isinstance(exc, MlflowException) and exc.get_http_status_code() == 400:
         message = exc.message
-        found = _PARAM.search(message)
-        param = found and next(group for group in found.groups() if group)
+        param = next((found.group(1) for pattern in _PARAMS if (found := pattern.search(message))), None)
+        if chat and param == "prompt":
+            param = "messages"
         alias = (aliases or {}).get(param)
         if alias is None:
             return RequestError(message, param=param)
