@@ -223,6 +223,15 @@ def test_a_message_with_a_lone_surrogate_is_a_400_naming_messages(server):
     assert response.status_code == 400 and error["param"] == "messages" and "not valid Unicode" in error["message"]
 
 
+def test_invocations_without_a_content_type_is_mlflows_415_not_a_500(server):
+    # MLflow's scoring app fails on a missing Content-Type with an AttributeError (a 500).
+    response = requests.post(f"{server}/invocations", data=b'{"inputs": ["hi"]}', timeout=60,
+                             headers={"Authorization": f"Bearer {KEY}"})  # bytes: no Content-Type sent
+    assert "content-type" not in {k.lower() for k in response.request.headers}
+    assert response.status_code == 415 and "only supports the following content types" in response.text
+    assert "application/json" in response.text
+
+
 def test_null_fields_take_their_defaults_and_any_int64_seed_repeats(client):
     # The openai client sends null for an optional field a caller set to None.
     response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],

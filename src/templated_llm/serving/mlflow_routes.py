@@ -1,5 +1,6 @@
-"""MLflow's scoring app as this server mounts it, with one repair: a request the model refused
-stays a 4xx when MLflow fails to quote its input.
+"""MLflow's scoring app as this server mounts it, with two repairs: a request the model refused
+stays a 4xx when MLflow fails to quote its input, and a body sent without a Content-Type is
+MLflow's 415 for a content type it does not take (MLflow itself fails on it with a 500).
 
 MLflow's ``/invocations`` prefixes the message of an ``MlflowException`` raised by the model with
 the input DataFrame (``f"Failed to predict data '{data}'"``). On pandas 3.0 that repr itself raises
@@ -18,6 +19,7 @@ from typing import Any
 
 from fastapi.responses import Response
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc.scoring_server import CONTENT_TYPES
 
 from templated_llm.serving.gate import ASGIApp, Receive, Scope, Send
 
@@ -33,6 +35,12 @@ class KeepRefusals:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and scope["path"] == "/invocations" and \
+                not any(name == b"content-type" for name, _ in scope["headers"]):
+            await Response(f"This predictor only supports the following content types: Types: {CONTENT_TYPES}. "
+                           "Got no Content-Type header.", status_code=415, media_type="text/plain"
+                           )(scope, receive, send)
             return
         held: list[dict[str, Any]] = []
 
