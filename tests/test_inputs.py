@@ -85,6 +85,27 @@ def test_a_frame_with_param_columns_refuses_what_it_cannot_read(frame, message) 
         read_requests(frame, PARAMS, 2)
 
 
+def test_prompt_records_read_as_mlflows_scoring_server_reads_them() -> None:
+    assert read_requests([{"prompt": "a"}, {"prompt": "b", "max_tokens": 2}], PARAMS, 8) == [
+        (["a"], {}), (["b"], {"max_tokens": 2})]
+    assert read_requests([{"prompt": "a"}, {"prompt": "b"}], PARAMS, 8) == [(["a", "b"], {})]
+
+
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("model_input", [
+    {"prompt": ["x"], "messages": [CHAT]},
+    pd.DataFrame({"prompt": ["x"], "messages": [CHAT]}),
+    [{"prompt": "x"}, {"messages": CHAT}],
+], ids=["dict", "frame", "records"])
+def test_prompts_and_messages_together_are_refused(model_input) -> None:
+    # The dict's prompts were dropped without a word: only its messages were answered.
+    with pytest.raises(MlflowException, match="holds both 'prompt' and 'messages'; send one of them") as caught:
+        read_requests(model_input, PARAMS, 8)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
 def _message(role: str):
     return st.builds(lambda content: {"role": role, "content": content}, st.text(max_size=20))
 

@@ -69,6 +69,15 @@ def read_requests(model_input: Any, param_names: Collection[str], max_rows: int,
     than ignored: a setting sent under a wrong name would otherwise change nothing, silently.
     Refusals number each request's rows from ``first_row``.
     """
+    if isinstance(model_input, list) and model_input and all(
+            isinstance(r, dict) and (PROMPT_COLUMN in r or MESSAGES_COLUMN in r) for r in model_input):
+        model_input = pd.DataFrame(model_input)  # records, as MLflow's scoring server reads them
+    fields = model_input.columns if isinstance(model_input, pd.DataFrame) else \
+        model_input if isinstance(model_input, dict) else ()
+    if PROMPT_COLUMN in fields and MESSAGES_COLUMN in fields:
+        raise MlflowException.invalid_parameter_value(
+            f"the input holds both {PROMPT_COLUMN!r} and {MESSAGES_COLUMN!r}; send one of them: prompts "
+            "to template, or conversations for a chat model")
     if not isinstance(model_input, pd.DataFrame):
         return [(read_rows(model_input, max_rows, first_row), {})]
     main = MESSAGES_COLUMN if has_messages(model_input) else PROMPT_COLUMN
