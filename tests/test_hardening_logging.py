@@ -4,6 +4,7 @@ nothing in the store when it does."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -352,3 +353,60 @@ def test_a_tokenizer_without_its_config_takes_the_models_end_token_or_is_refused
         (snapshot / name).write_text(json.dumps(config))
     with pytest.raises(SnapshotError, match="no end-of-text or padding token"):
         log_llm("llama2-chat", snapshot=snapshot, name="no-end-token")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+BAD_SETTINGS = {
+    "no rows": ({"max_rows_per_request": 0}, "max_rows_per_request: Input should be greater than or equal to 1; received 0"),
+    "a limit in words": ({"max_tokens_limit": "ten"}, "max_tokens_limit: Input should be a valid integer"),
+    "an engine switch in words": ({"engine": "maybe"}, "engine: Input should be a valid boolean"),
+    "an empty registry name": ({"registered_model_name": ""},
+                               "registered_model_name '' is not a registry name: Missing value"),
+    "a registry name with a slash": ({"registered_model_name": "team/model"},
+                                     "registered_model_name 'team/model' is not a registry name: Invalid model name"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_a_bad_setting_is_a_config_error_naming_it_before_anything_is_logged(tiny_snapshot, nothing_logged, case):
+    # The registry name was checked only after the model and its weights were written; the
+    # others surfaced as pydantic's multi-line error or a TypeError.
+    from templated_llm.errors import ConfigError
+
+    settings, says = BAD_SETTINGS[case]
+    with pytest.raises(ConfigError, match=f"^log_llm: {re.escape(says)}"):
+        log_llm("mpt-instruct", snapshot=tiny_snapshot, **settings)
+
+
+def test_switches_and_limits_given_as_strings_read_as_pydantic_reads_them(tiny_snapshot):
+    # engine="no" was logged as True (bool("no")); the other switches read it as False.
+    info = log_llm("mpt-instruct", snapshot=tiny_snapshot, engine="no", pack_weights="no", max_tokens_limit="10")
+    config = mlflow.models.Model.load(info.model_uri).flavors["python_function"]["config"]
+    assert (config["engine"], config["pack_weights"], config["max_tokens_limit"]) == (False, False, 10)
+    assert config["generation_defaults"]["max_tokens"] == 10  # the plugin's 256, brought down to the limit
+
+
+def test_a_model_config_at_load_is_checked_like_log_llms_and_a_lower_limit_lowers_the_default(tiny_snapshot):
+    from templated_llm.errors import ConfigError
+
+    uri = log_llm("mpt-instruct", snapshot=tiny_snapshot).model_uri
+    with pytest.raises(ConfigError, match=r"^model_config: max_num_seqs: Input should be greater than or equal to 1; received 0$"):
+        mlflow.pyfunc.load_model(uri, model_config={"max_num_seqs": 0})
+    loaded = mlflow.pyfunc.load_model(uri, model_config={"max_tokens_limit": 5, "engine": False})
+    assert loaded.unwrap_python_model().config.generation_defaults["max_tokens"] == 5
+    answer = loaded.predict(["hi"], params={"temperature": 0.0, "return_usage": True})
+    assert 1 <= answer.loc[0, "completion_tokens"] <= 5
+
+
+def test_a_plugins_invalid_generation_defaults_are_a_plugin_error_naming_it(tiny_snapshot, fresh_plugins, nothing_logged):
+    class Hot:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelSpec(name="hot-mpt", repo_id="mosaicml/mpt-7b-instruct", template="mpt-instruct.jinja",
+                               generation_defaults={"temperature": 9}))
+
+    register_plugin(Hot(), name="hot")
+    with pytest.raises(PluginError, match=r"plugin 'hot' gives model 'hot-mpt' generation_defaults that are not "
+                                          r"valid params: temperature: Input should be less than or equal to 2; received 9"):
+        log_llm("hot-mpt", snapshot=tiny_snapshot)

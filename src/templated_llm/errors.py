@@ -1,5 +1,9 @@
 """Exceptions raised by templated-llm, all deriving from :class:`TemplatedLLMError`, and its warnings."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class TemplatedLLMError(Exception):
     """Base class of every templated-llm error."""
@@ -43,6 +47,11 @@ class DTypeUnavailableError(TemplatedLLMError, ValueError):
 
 class InsufficientMemoryError(TemplatedLLMError, MemoryError):
     """The model would not fit the memory available, so it is not loaded."""
+
+
+class ConfigError(TemplatedLLMError, ValueError):
+    """A setting given to ``log_llm``, or in a ``model_config`` at load, is of the wrong type or
+    out of range."""
 
 
 class PluginLoadWarning(UserWarning):
@@ -100,8 +109,13 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, MlflowException):
         return exc.message
     if isinstance(exc, ValidationError):  # an option's value out of range
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}; received {e['input']!r}"
-                         for e in exc.errors())
+        return validation_summary(exc)
     if isinstance(exc, TemplatedLLMError):
         return str(exc)
     return None
+
+
+def validation_summary(exc: Any) -> str:
+    """A pydantic ``ValidationError`` in one line: each field, what is wrong, the value received."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}; received {e['input']!r}"
+                     for e in exc.errors(include_url=False))

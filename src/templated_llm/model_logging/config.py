@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig
+from templated_llm.errors import ConfigError, validation_summary
 from templated_llm.runtime.tasks import Task
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -60,11 +61,19 @@ class LoggedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_max_tokens_within_limit(self) -> LoggedConfig:
+        # A limit below the default max_tokens (the plugin's, or the logged one under a lower
+        # limit given at load) brings the default down with it.
         default = self.generation_defaults.get("max_tokens")
         if isinstance(default, int) and default > self.max_tokens_limit:
-            raise ValueError(
-                f"the model's default max_tokens ({default}) exceeds max_tokens_limit "
-                f"({self.max_tokens_limit}); raise max_tokens_limit to at least {default}"
-            )
+            self.generation_defaults = {**self.generation_defaults, "max_tokens": self.max_tokens_limit}
         return self
+
+
+def read_config(fields: dict[str, Any], where: str) -> LoggedConfig:
+    """``fields`` as a LoggedConfig, or a ConfigError naming each bad setting, what is wrong with
+    it and the value received; ``where`` says who gave them (``log_llm``, ``model_config``)."""
+    try:
+        return LoggedConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_summary(exc)}") from exc
 

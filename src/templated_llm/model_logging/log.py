@@ -20,14 +20,16 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import Model, ModelSignature
+from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
+from pydantic import ValidationError
 
 from templated_llm.engine.config import EngineConfig
-from templated_llm.errors import PluginError
+from templated_llm.errors import ConfigError, PluginError, validation_summary
 from templated_llm.model_logging.config import (
     DEFAULT_MAX_ROWS_PER_REQUEST,
     DEFAULT_MAX_TOKENS_LIMIT,
-    LoggedConfig,
+    read_config,
 )
 from templated_llm.model_logging.prompt_registry import TemplateSource, fetch_prompt_template, is_prompt_uri
 from templated_llm.model_logging.snapshot import check_remote_code, check_snapshot, resolve_snapshot
@@ -294,6 +296,7 @@ def log_llm(
     failing check raises before anything is written to the store.
     """
     _check_mlflow_arguments(kwargs)
+    _check_registered_name(registered_model_name)
     spec = get_model_spec(model)
     plugin_module, plugin_code = _plugin_code(spec)
     # A dtype that cannot run here fails now, as an attention backend does.
@@ -306,16 +309,13 @@ def log_llm(
         # Fail before logging: sandbox checks, and one render with the spec's template variables.
         # A registry prompt is named by its URI, not the staging file it was written to.
         validate_template(source.path, {"prompt": _INPUT_EXAMPLE[0], **spec.template_variables}, source.uri)
-        defaults = GenerationParams(**spec.generation_defaults).model_dump()
-        # A limit below the plugin's default max_tokens brings the default down with it.
-        defaults["max_tokens"] = min(defaults["max_tokens"], max(max_tokens_limit, 1))
-        config = LoggedConfig(
+        config = read_config(dict(
             model=spec.name,
             plugin=spec.plugin_name,
             plugin_module=plugin_module,
             attention=attention,
             dtype=dtype,
-            generation_defaults=defaults,
+            generation_defaults=_generation_defaults(spec),
             templated_llm_version=importlib.metadata.version("templated-llm"),
             trust_remote_code=trust_remote_code,
             max_rows_per_request=max_rows_per_request,
@@ -328,7 +328,7 @@ def log_llm(
             template_name=source.name,
             template_version=source.version,
             template_uri=source.uri,
-        )
+        ), "log_llm")
         snapshot_dir = resolve_snapshot(spec, snapshot)
         _check_snapshot(spec, snapshot_dir, trust_remote_code)
         # Here, not at the top: a plugin script imports this module where its model loads,
@@ -352,7 +352,7 @@ def log_llm(
             artifacts={"snapshot": staging_uri(snapshot_dir),
                        "template": _as_artifact(source.path, Path(staging))},
             model_config=config.model_dump(),
-            signature=_signature(task, defaults, spec.template_variables),
+            signature=_signature(task, config.generation_defaults, spec.template_variables),
             input_example=INPUT_EXAMPLES[task] if task else pd.DataFrame({PROMPT_COLUMN: _INPUT_EXAMPLE}),
             pip_requirements=requirements,
             code_paths=_code_paths(plugin_module, plugin_code, Path(staging)),
@@ -379,4 +379,25 @@ def _check_mlflow_arguments(kwargs: dict[str, Any]) -> None:
 def _engine_fields(engine: bool | EngineConfig) -> dict[str, Any]:
     if isinstance(engine, EngineConfig):
         return {"engine": True, **dataclasses.asdict(engine)}
-    return {"engine": bool(engine)}
+    return {"engine": engine}  # validated as the other switches are ("no" is False)
+
+
+def _generation_defaults(spec: ModelSpec) -> dict[str, Any]:
+    try:
+        return GenerationParams(**spec.generation_defaults).model_dump()
+    except ValidationError as exc:
+        raise PluginError(f"plugin {spec.plugin_name!r} gives model {spec.name!r} generation_defaults "
+                          f"that are not valid params: {validation_summary(exc)}") from exc
+
+
+def _check_registered_name(name: str | None) -> None:
+    """The Model Registry's own check of a name, before anything is logged (MLflow makes it only
+    after the model and its weights are written)."""
+    if name is None:
+        return
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ConfigError(f"log_llm: registered_model_name {name!r} is not a registry name: {exc.message}") from exc

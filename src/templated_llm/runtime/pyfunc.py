@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED, ErrorCode
 from templated_llm.engine import Engine, EngineFullError, Sequence
 from templated_llm.engine.adapters import picks_rope_per_pass
 
-from templated_llm.model_logging.config import LoggedConfig
+from templated_llm.model_logging.config import read_config
 from templated_llm.plugins.manager import get_model_spec
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
 from templated_llm.runtime.completions import Completion, to_frame
@@ -63,7 +63,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         # there, the last model loaded (weights, KV cache, engine thread) outlives its last user.
         if getattr(mlflow.models.model, "__mlflow_model__", None) is self:
             mlflow.models.model.__mlflow_model__ = None
-        self.config = LoggedConfig.model_validate(context.model_config)
+        self.config = read_config(context.model_config, "model_config")
         self.spec = get_model_spec(self.config.model, self.config.plugin_module)
         snapshot = Path(context.artifacts["snapshot"])
         warn_if_remote_code(self.config, snapshot)
