@@ -4,6 +4,7 @@ import importlib
 
 from templated_llm.errors import (
     AttentionUnavailableError,
+    ConfigError,
     PluginError,
     PluginLoadWarning,
     RemoteCodeError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionUnavailableError",
+    "ConfigError",
     "ModelSpec",
     "PluginError",
     "PluginLoadWarning",
