@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import mlflow
@@ -13,8 +14,8 @@ from transformers import MptForCausalLM
 
 from templated_llm import log_llm
 from templated_llm.devtools.tiny import build_tiny_mpt
-from templated_llm.errors import DTypeUnavailableError, EmulatedDTypeWarning
-from templated_llm.runtime.device import choose_dtype
+from templated_llm.errors import ConfigError, DTypeUnavailableError, EmulatedDTypeWarning
+from templated_llm.runtime.device import choose_dtype, load_device
 
 # Greedy decoding of 4 prompts, as the parity tests run it.
 PROMPTS = ["What is machine learning?", "Name three rivers.", "Explain attention", "Write a list"]
@@ -77,6 +78,7 @@ def test_an_explicit_dtype_wins_and_an_emulated_one_warns(monkeypatch, tmp_path)
 
 def _gpu_without_bf16(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
 
@@ -158,3 +160,31 @@ def test_bfloat16_logits_stray_from_float32_no_more_than_plain_transformers_bflo
         plain_error = (plain(ids).logits.float() - want).abs().max()
         our_error = (ours.model(ids).logits.float() - want).abs().max()
     assert our_error <= 2 * plain_error + 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize(("requested", "loads_on"), [(None, "cpu"), ("cpu", "cpu"), ("cpu:0", "cpu")])
+def test_a_cpu_device_is_named_cpu_whatever_the_spelling(requested, loads_on, monkeypatch):
+    # "cpu:0" skipped the CPU paths (weight packing, conversion), which compare with "cpu".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_device(requested) == loads_on
+
+
+@pytest.mark.parametrize(("requested", "says"), [
+    ("cuda", "device 'cuda' needs a CUDA GPU; this process sees none"),
+    ("cuda:3", "device 'cuda:3' needs a CUDA GPU; this process sees none"),
+    ("meta", "device 'meta' cannot run a model here"),
+    ("gpu", "device 'gpu' is not a device torch knows"),
+])
+def test_a_device_this_process_cannot_run_on_is_a_config_error(requested, says, monkeypatch):
+    # cuda on a CPU-only machine was torch's bare AssertionError; meta loaded, then failed every request.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=f"^model_config: {re.escape(says)}"):
+        load_device(requested)
+
+
+def test_a_gpu_index_past_the_gpus_present_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert load_device("cuda:1") == "cuda:1"
+    with pytest.raises(ConfigError, match="device 'cuda:2' needs a CUDA GPU; this process sees 2"):
+        load_device("cuda:2")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from templated_llm.errors import DTypeUnavailableError, EmulatedDTypeWarning
+from templated_llm.errors import ConfigError, DTypeUnavailableError, EmulatedDTypeWarning
 
 AUTO = "auto"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -36,6 +36,31 @@ _CPU_NATIVE_FLAGS = {
 def default_device() -> str:
     """CUDA when this process sees a GPU, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_device(requested: str | None) -> str:
+    """The device a model loads on: ``requested`` (a ``model_config``'s ``device``) as torch
+    names it, checked to be present here, or :func:`default_device`. ``cpu:0`` is ``cpu``: the
+    CPU paths (weight packing, dtype conversion) then apply to it as well."""
+    if requested is None:
+        return default_device()
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"model_config: device {requested!r} is not a device torch knows ({exc}); "
+                          "use 'cpu', 'cuda' or 'cuda:N', or leave it unset") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"model_config: device {requested!r} needs a CUDA GPU; this process sees "
+                              f"{count or 'none'}. Use device='cpu', or leave it unset to use a GPU when there is one")
+        return str(device)
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return str(device)
+    raise ConfigError(f"model_config: device {requested!r} cannot run a model here; use 'cpu', 'cuda' or "
+                      "'cuda:N' (or 'mps' on Apple silicon), or leave it unset")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from templated_llm.errors import (
 from templated_llm.model_logging.config import LoggedConfig
 from templated_llm.plugins import attention as attention_table
 from templated_llm.plugins.manager import answers, first_answer, get_model_spec
-from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, default_device
+from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, load_device
 from templated_llm.runtime.generation import keep_mechanics_only
 from templated_llm.runtime.inputs import Row
 from templated_llm.runtime.memory import check_load
@@ -138,7 +138,7 @@ def load_model(spec: ModelSpec, config: LoggedConfig, snapshot: Path, tokenizer:
     """Load the logged model's weights through the hooks, in the dtype chosen for the device,
     once the memory check has passed; its attention backend installed and the plugins'
     adjustments (``prepare_model``) made; on CPU, its linear layers packed."""
-    device = config.device or default_device()
+    device = load_device(config.device)
     attention = select_attention(spec, config.attention, device, snapshot)
     choice = choose_dtype(config.dtype, device, snapshot)
     _logger.info("dtype %s on %s: %s", choice.name, device, choice.reason)
