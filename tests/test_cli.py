@@ -179,3 +179,12 @@ def test_new_plugin_passes_its_own_tests_on_every_architecture_it_offers(tmp_pat
     )
     assert tests.returncode == 0, tests.stdout[-4000:]
     assert f"{2 * len(roots)} passed" in tests.stdout
+
+
+def test_a_path_the_command_cannot_write_is_one_error_line(tmp_path) -> None:
+    # A FileNotFoundError or NotADirectoryError was a traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = _cli("build-tiny-model", str(blocker / "snapshot"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Not a directory: ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import shutil
@@ -79,9 +81,12 @@ def test_sizes_read_with_their_units(number, unit):
     assert parse_bytes(f"{number}{unit[0]}") == number * unit[1]
 
 
-def test_a_size_that_is_not_one_says_what_is_accepted():
-    with pytest.raises(ValueError, match="'lots' is not a size.*20GB"):
-        parse_bytes("lots")
+@pytest.mark.parametrize("text", ["lots", "1.2.3GB", ".", "1..5GB"])
+def test_a_size_that_is_not_one_says_what_is_accepted(text):
+    # "1.2.3GB" passed the pattern and failed in float() without naming the variable.
+    with pytest.raises(ValueError, match=f"TEMPLATED_LLM_MEMORY_LIMIT='{re.escape(text)}' is not a size.*20GB"):
+        parse_bytes(text)
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(".5 GiB") == 2**29
 
 
 def _cgroup(tmp_path: Path, membership: str, files: dict[str, str]) -> Path:

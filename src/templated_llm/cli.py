@@ -307,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from templated_llm.errors import user_message
 
         message = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else user_message(exc)
+        if message is None and isinstance(exc, OSError) and exc.filename is not None:
+            message = f"{exc.strerror}: {exc.filename}"  # a path the command cannot write or read
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

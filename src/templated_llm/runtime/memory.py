@@ -137,7 +137,7 @@ def estimate_load_bytes(snapshot: Path, dtype: torch.dtype, cache_tokens: int) -
 
 def parse_bytes(text: str) -> int:
     """``"20GB"``, ``"512 MiB"`` or ``"1000000"`` as a number of bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
         raise ValueError(f"{MEMORY_LIMIT_ENV}={text!r} is not a size; write bytes, or a number "
                          f"with a unit such as 20GB or 512MiB ({', '.join(sorted(_UNITS)[1:])})")
