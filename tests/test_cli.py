@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from local_server import free_port, running_server
 from templated_llm.cli import _parser
 from templated_llm.devtools.scaffold import write_plugin
 from templated_llm.devtools.tiny import ARCHITECTURES, ZEPHYR_CHAT_TEMPLATE
+from templated_llm.errors import TemplatedLLMError
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -161,6 +163,17 @@ def test_new_plugin_refuses_bad_names_and_non_empty_directories(tmp_path) -> Non
     (tmp_path / "taken" / "file").write_text("x")
     result = _cli("new-plugin", "ok", "--directory", str(tmp_path / "taken"))
     assert result.returncode == 1 and "not empty" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "options", "says"), [
+    ("mpt-instruct", {}, "an installed plugin already has the name 'mpt-instruct' (templated_llm_mpt)"),
+    ("vicuna", {"repo_id": "bad repo id!!"}, "--repo-id 'bad repo id!!' is not a Hugging Face repo id"),
+])
+def test_new_plugin_refuses_an_installed_plugins_name_and_a_bad_repo_id(tmp_path, name, options, says) -> None:
+    # Installed, a second 'mpt-instruct' displaced the shipped plugin with only a warning.
+    with pytest.raises(TemplatedLLMError, match=re.escape(says)):
+        write_plugin(name, tmp_path / name, **options)
+    assert not (tmp_path / name).exists()
 
 
 @pytest.mark.slow

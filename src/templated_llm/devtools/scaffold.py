@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 from pathlib import Path
 from string import Template
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from templated_llm.devtools.tiny import ARCHITECTURES
 from templated_llm.errors import TemplatedLLMError
+from templated_llm.plugins.manager import ENTRY_POINT_GROUP, model_specs
 from templated_llm.runtime.templates import PromptTemplate
 
 _KIT = Path(__file__).parent / "plugin_kit"
 _NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 # What the generated test renders, and so what its EXPECTED holds.
 _SAMPLE = {"prompt": "Name three rivers.", "system": "Be brief."}
+
+
+def _check_unused(name: str) -> None:
+    """Refuse a name an installed plugin already has: installed, the new one would displace it
+    (or be skipped) with only a warning."""
+    taken = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if name in taken:
+        raise TemplatedLLMError(f"an installed plugin already has the name {name!r} ({taken[name]}); "
+                                "choose another name")
+    if name in model_specs():
+        raise TemplatedLLMError(f"model {name!r} is already served by an installed plugin; choose another name")
 
 
 def write_plugin(
@@ -37,6 +53,13 @@ def write_plugin(
         )
     if architecture not in ARCHITECTURES:
         raise TemplatedLLMError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+    _check_unused(name)
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise TemplatedLLMError(f"--repo-id {repo_id!r} is not a Hugging Face repo id "
+                                    f"('namespace/name'): {exc}") from None
     package = "templated_llm_" + name.replace("-", "_")
     distribution = f"templated-llm-{name}"
     root = Path(directory if directory is not None else distribution)
