@@ -145,6 +145,15 @@ def test_build_tiny_model_builds_other_architectures_with_a_chat_template(tmp_pa
     assert "<|assistant|>" in (tmp_path / "m" / "chat_template.jinja").read_text()
 
 
+@pytest.mark.parametrize("size", ["n_layers", "vocab_size", "max_seq_len"])
+def test_a_tiny_model_of_zero_size_is_refused_before_anything_is_written(tmp_path, size) -> None:
+    from templated_llm.devtools.tiny import build_tiny_model
+
+    with pytest.raises(ValueError, match=f"sizes must be positive; received {{'{size}': 0}}"):
+        build_tiny_model("mpt", tmp_path / "m", **{size: 0})
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["build-tiny-model", "m", "--n-heads", "3"], "n_heads must divide hidden_size"),
     (["build-tiny-model", "m", "--chat-template", "no-such.jinja"], "--chat-template 'no-such.jinja' is not a file"),

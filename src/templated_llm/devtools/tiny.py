@@ -207,6 +207,10 @@ def build_tiny_model(
     """
     if architecture not in _VOCABULARIES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
+    sizes = {"hidden_size": hidden_size, "n_layers": n_layers, "n_heads": n_heads, "vocab_size": vocab_size,
+             "max_seq_len": max_seq_len}
+    if not_positive := {name: value for name, value in sizes.items() if value < 1}:
+        raise ValueError(f"sizes must be positive; received {not_positive}")
     if hidden_size % n_heads or n_heads % 2 and architecture in _WINDOWED:
         raise ValueError(f"n_heads must divide hidden_size (and be even for {', '.join(_WINDOWED)}, "
                          f"whose key heads are half the query heads); received hidden_size={hidden_size}, "
