@@ -135,6 +135,15 @@ def test_render_errors_are_one_line(args, message) -> None:
     assert message in result.stderr
 
 
+def test_render_with_a_snapshot_that_is_not_a_directory_says_so(tmp_path) -> None:
+    # It tried the name as a Hub repository: a connection error offline, a download online.
+    from templated_llm.errors import SnapshotError
+    from templated_llm.runtime.loading import render_prompt
+
+    with pytest.raises(SnapshotError, match=r"snapshot '.*nope' is not a directory"):
+        render_prompt("llama2-chat", "hi", snapshot=tmp_path / "nope")
+
+
 def test_build_tiny_model_builds_other_architectures_with_a_chat_template(tmp_path) -> None:
     template = tmp_path / "chat.jinja"
     template.write_text(ZEPHYR_CHAT_TEMPLATE)

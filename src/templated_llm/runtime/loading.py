@@ -26,6 +26,7 @@ from templated_llm.errors import (
     TemplateError,
 )
 from templated_llm.model_logging.config import LoggedConfig
+from templated_llm.model_logging.snapshot import resolve_snapshot
 from templated_llm.plugins import attention as attention_table
 from templated_llm.plugins.manager import answers, first_answer, get_model_spec
 from templated_llm.runtime.device import DTypeChoice, checkpoint_dtype, choose_dtype, load_device
@@ -234,7 +235,7 @@ def render_prompt(
         )
     tokenizer = None
     if snapshot is not None:
-        tokenizer = load_tokenizer(spec, Path(snapshot), trust_remote_code=False)
+        tokenizer = load_tokenizer(spec, resolve_snapshot(spec, snapshot), trust_remote_code=False)
     elif spec.tokenizer_chat_template:
         raise TemplateError(
             f"model {model!r} renders prompts with its tokenizer's chat template; pass the "
