@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from templated_llm import TemplateError
@@ -44,5 +46,8 @@ def test_a_draft_in_the_working_directory_never_replaces_a_plugins_template(tmp_
     with pytest.raises(TemplateError, match="both a shipped template and a different file"):
         template_path(get_model_spec("mpt-instruct"), "mpt-instruct.jinja")
     assert template_path(get_model_spec("mpt-instruct"), "./mpt-instruct.jinja").read_text() == "MY DRAFT {{ prompt }}"
+    # A Path names a file, as the refusal says: Path("./x") is Path("x"), which was refused again.
+    draft = template_path(get_model_spec("mpt-instruct"), Path("./mpt-instruct.jinja"))
+    assert draft.read_text() == "MY DRAFT {{ prompt }}"
     (tmp_path / "mpt-instruct.jinja").write_bytes(shipped.read_bytes())  # the same file: no doubt
     assert template_path(get_model_spec("mpt-instruct"), "mpt-instruct.jinja") == shipped

@@ -37,12 +37,15 @@ def find_template(name_or_path: str | os.PathLike[str], *, shipped_first: bool =
     path = Path(name_or_path).expanduser()
     bare = str(name_or_path) == path.name
     shipped = TEMPLATES_DIR / str(name_or_path)
+    if bare and isinstance(name_or_path, os.PathLike) and path.is_file():
+        return path  # a Path names a file: Path('./x.jinja') is Path('x.jinja')
     if bare and shipped.is_file():
         if shipped_first or not path.is_file() or path.read_bytes() == shipped.read_bytes():
             return shipped
         raise TemplateError(
             f"prompt template {path.name!r} is both a shipped template and a different file in the "
-            f"working directory ({path.resolve()}); pass './{path.name}' for the file, or rename it")
+            f"working directory ({path.resolve()}); pass './{path.name}' or Path('{path.name}') for the file, "
+            "or rename it")
     if path.is_file():
         return path
     raise TemplateError(
