@@ -268,7 +268,8 @@ def check_load(snapshot: Path, config: LoggedConfig, choice: DTypeChoice, device
         seqs = config.engine_config().max_num_seqs if config.engine else None
         raise InsufficientMemoryError(_refusal(
             f"model {config.model!r} in {choice.name} on {device}", estimate, available,
-            _changes(snapshot, choice, device, config.max_cache_tokens, seqs, counted, context, per_token)))
+            _changes(snapshot, choice, device, config.max_cache_tokens, seqs, counted, context, per_token,
+                     available.bytes)))
     if config.max_cache_tokens is not None or per_token is None:
         return config.max_cache_tokens
     limits = [max(MAX_MERGED_TOKENS, config.max_rows_per_request * context)] if context else []
@@ -278,20 +279,36 @@ def check_load(snapshot: Path, config: LoggedConfig, choice: DTypeChoice, device
 
 
 def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int | None, seqs: int | None,
-             counted: int, context: int | None, per_token: int | None) -> list[str]:
-    changes = []
+             counted: int, context: int | None, per_token: int | None, available: int) -> list[str]:
+    """The changes that would make the model fit ``available`` bytes: only those (alone, or the
+    dtype and the cache together)."""
+    changes, smaller_dtype = [], None
     for smaller in ("bfloat16", "float16"):
         if choice.name == "float32" and dtype_unavailable(smaller, device) is None:
-            weights = weight_bytes(snapshot, getattr(torch, smaller))
-            emulated = device == "cpu" and cpu_native_flag(smaller) is None
-            changes.append(f"dtype='{smaller}' ({_gb(weights)} of weights"
-                           f"{'; emulated on this CPU, slower' if emulated else ''})")
+            smaller_dtype = smaller
             break
-    if per_token and seqs and not cache_tokens:
-        # The sequences set the cache: each holds the whole context.
-        changes.append(f"fewer max_num_seqs ({seqs} now, each holding the {context}-token context: "
-                       f"{counted} tokens; each token takes {per_token / 1e6:.3g} MB) or a max_cache_tokens")
-    elif per_token:
-        now = f"{cache_tokens} now" if cache_tokens else f"unset, so one sequence of the {context}-token context"
-        changes.append(f"a smaller max_cache_tokens ({now}; each token takes {per_token / 1e6:.3g} MB)")
+    if smaller_dtype is not None:
+        smaller = estimate_load_bytes(snapshot, getattr(torch, smaller_dtype), counted)
+        if smaller.total <= available:
+            emulated = device == "cpu" and cpu_native_flag(smaller_dtype) is None
+            changes.append(f"dtype='{smaller_dtype}' ({_gb(smaller.weights)} of weights"
+                           f"{'; emulated on this CPU, slower' if emulated else ''})")
+    if not per_token:
+        return changes
+    bare = estimate_load_bytes(snapshot, choice.torch_dtype, 0)
+    fits = (available - bare.total) // per_token  # cache tokens the memory left holds
+    if fits >= 1:
+        if seqs and not cache_tokens:
+            # The sequences set the cache: each holds the whole context.
+            changes.append(f"fewer max_num_seqs ({seqs} now, each holding the {context}-token context: "
+                           f"{counted} tokens; each token takes {per_token / 1e6:.3g} MB) or a "
+                           f"max_cache_tokens of at most {fits}")
+        else:
+            now = f"{cache_tokens} now" if cache_tokens else f"unset, so one sequence of the {context}-token context"
+            changes.append(f"a max_cache_tokens of at most {fits} ({now}; each token takes {per_token / 1e6:.3g} MB)")
+    elif smaller_dtype is not None and not any(c.startswith("dtype=") for c in changes):
+        half = estimate_load_bytes(snapshot, getattr(torch, smaller_dtype), 0)
+        per_half = cache_bytes_per_token(snapshot, getattr(torch, smaller_dtype)) or per_token
+        if (both := (available - half.total) // per_half) >= 1:
+            changes.append(f"dtype='{smaller_dtype}' together with a max_cache_tokens of at most {both}")
     return changes
