@@ -120,6 +120,11 @@ def test_stream_takes_one_prompt_and_validates_params(loaded_model) -> None:
         python_model.predict_stream(None, ["a", "b"], GREEDY)
     with pytest.raises(MlflowException, match="max_tokens"):
         python_model.predict_stream(None, ["a"], {"max_tokens": 0})
+    # It was ignored: the stream is text, so asking for token counts there is a mistake to say.
+    with pytest.raises(MlflowException, match="param 'return_usage': predict_stream yields the text only"):
+        python_model.predict_stream(None, ["a"], {**GREEDY, "return_usage": True})
+    assert "".join(python_model.predict_stream(None, ["a"], {**GREEDY, "return_usage": False})) == \
+        loaded_model.predict(["a"], GREEDY)["candidates"][0]
 
 
 def test_chat_messages_stream_too(tiny_model) -> None:

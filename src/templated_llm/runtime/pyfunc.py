@@ -173,6 +173,11 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
     ) -> Iterator[str]:
         """Yield the completion of one prompt (or one conversation) in chunks as it generates;
         for a model logged with an MLflow task, of one request body, with its params."""
+        if (params or {}).get("return_usage"):
+            with self._refusal_traced(body=model_input):
+                raise MlflowException.invalid_parameter_value(
+                    "param 'return_usage': predict_stream yields the text only, so it has no token counts "
+                    "to return; call predict for them, or leave return_usage out")
         if self.config.task is not None:
             with self._refusal_traced(body=model_input):
                 requests = read_task_requests(model_input, self.config.task, self.config.max_rows_per_request,
