@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from templated_llm import ModelSpec, TemplateError, log_llm
 from templated_llm.devtools.tiny import END_OF_TEXT, ZEPHYR_CHAT_TEMPLATE
+from templated_llm.runtime.loading import render_prompt
 
 DOLLY_SPECIAL_TOKENS = ("### End", "### Instruction:", "### Response:")
 # plugin -> (distribution, architecture of its models, snapshot options)
@@ -37,7 +38,9 @@ PROMPT_RENDERED = {
 }
 CHAT_RENDERED = {
     "llama2-chat": "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Name a river. [/INST]",
-    "mistral-instruct": "[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Name a river. [/INST]",
+    # Mistral's cookbook (tokenizer v1, v0.1/v0.2): an answer is encoded on its own, so it starts
+    # with a word-initial token, as after a space.
+    "mistral-instruct": "[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Name a river. [/INST]",
     "hf-chat": "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello.</s>\n"
                "<|user|>\nName a river.</s>\n<|assistant|>\n",
 }
@@ -153,3 +156,13 @@ def test_hf_chat_refuses_at_log_time_a_tokenizer_without_a_chat_template(tiny_mo
 def test_a_spec_refuses_variables_the_core_owns_and_chat_templates_without_chat(fields, message) -> None:
     with pytest.raises(ValueError, match=message):
         ModelSpec(name="m", repo_id="o/m", template="t.jinja", **fields)
+
+
+def test_llama2_chat_strips_each_turn_as_metas_chat_completion_does() -> None:
+    # f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ", the
+    # system block joined to the first user turn before the strip (llama/generation.py).
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi \n"},
+                    {"role": "assistant", "content": " Hello.\n"}, {"role": "user", "content": "\tName a river.  "}]
+    assert render_prompt("llama2-chat", conversation) == \
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n  Hi [/INST] Hello. </s><s>[INST] Name a river. [/INST]"
+    assert render_prompt("llama2-chat", " Name three rivers.\n") == "[INST] Name three rivers. [/INST]"
