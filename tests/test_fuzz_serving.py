@@ -178,20 +178,20 @@ def test_a_refused_body_mlflow_cannot_quote_is_still_a_400(server):
     assert _post(url, _encode(VALID), "application/json").status_code == 200
 
 
-# Two bodies only MLflow's scoring server can answer properly: both fail inside MLflow before
-# the model is called (see docs/security.md). Strict, so a fixed MLflow shows up here.
+# Two bodies MLflow's scoring server fails on with a 500, before the model is called (see
+# docs/security.md); templated-llm serve answers them itself.
 MLFLOW_5XX = {
-    "no Content-Type header": (b'{"inputs": ["hi"]}', None),
+    "no Content-Type header": (b'{"inputs": ["hi"]}', None, 415),
     "JSON nested deeper than Python's recursion limit": (b"[" * 100_000 + b"]" * 100_000,
-                                                         "application/json"),
+                                                         "application/json", 400),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="MLflow's scoring server answers these with a 500")
 @pytest.mark.parametrize("case", MLFLOW_5XX)
-def test_bodies_mlflow_itself_fails_on(server, case):
+def test_bodies_mlflow_itself_fails_on_are_client_errors_here(server, case):
     url, _ = server
-    data, content_type = MLFLOW_5XX[case]
+    data, content_type, status = MLFLOW_5XX[case]
     headers = {} if content_type is None else {"Content-Type": content_type}
     response = requests.post(f"{url}/invocations", data=data, headers=headers, timeout=60)
-    assert response.status_code < 500
+    assert response.status_code == status, response.text
+    assert _post(url, _encode(VALID), "application/json").status_code == 200

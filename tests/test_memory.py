@@ -212,7 +212,8 @@ def test_whole_batches_get_a_cache_budget_from_the_memory_left(tiny_snapshot, mo
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(used + estimate.total + 20 * MB))
     ours = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model()
     per_token = cache_bytes_per_token(tiny_snapshot, torch.float32)
-    assert 2048 <= ours.cache_tokens <= 2048 + 20 * MB // per_token
+    # 10 MB of slack: the process may hold less at the check than when `used` was read.
+    assert 2048 <= ours.cache_tokens <= 2048 + 30 * MB // per_token < 40 * 2048
     assert ours._batcher._max_padded_tokens == ours.cache_tokens  # merged batches fit it too
 
 

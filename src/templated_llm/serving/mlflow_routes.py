@@ -1,6 +1,7 @@
-"""MLflow's scoring app as this server mounts it, with two repairs: a request the model refused
-stays a 4xx when MLflow fails to quote its input, and a body sent without a Content-Type is
-MLflow's 415 for a content type it does not take (MLflow itself fails on it with a 500).
+"""MLflow's scoring app as this server mounts it, with three repairs: a request the model refused
+stays a 4xx when MLflow fails to quote its input; a body sent without a Content-Type is MLflow's
+415 for a content type it does not take, and JSON nested too deeply to parse a 400 (MLflow
+itself fails on both with a 500).
 
 MLflow's ``/invocations`` prefixes the message of an ``MlflowException`` raised by the model with
 the input DataFrame (``f"Failed to predict data '{data}'"``). On pandas 3.0 that repr itself raises
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi.responses import Response
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.pyfunc.scoring_server import CONTENT_TYPES
 
 from templated_llm.serving.gate import ASGIApp, Receive, Scope, Send
@@ -70,13 +72,17 @@ class KeepRefusals:
 
 
 def _refusal_behind(exc: BaseException) -> MlflowException | None:
-    """The client error (an ``MlflowException`` under 500) that ``exc`` was raised while
-    handling, if any."""
+    """The client error that ``exc`` was raised while handling, if any: an ``MlflowException``
+    under 500, or the ``RecursionError`` of JSON nested too deeply to parse (MLflow's JSON
+    decoding catches only ``JSONDecodeError`` and ``UnicodeDecodeError``)."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if isinstance(cause, MlflowException) and cause.get_http_status_code() < 500:
             return cause
+        if isinstance(cause, RecursionError):
+            return MlflowException("the body's JSON is nested deeper than the server can parse; "
+                                   "send a flatter document", error_code=BAD_REQUEST)
         cause = cause.__cause__ or cause.__context__
     return None
