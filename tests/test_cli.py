@@ -115,7 +115,7 @@ def test_render_with_a_snapshot_shows_the_tokens_the_tokenizer_adds(tiny_model) 
     result = _cli("render", "mistral-instruct", "--messages", messages,
                   "--snapshot", str(tiny_model("mistral")))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "<s>[INST] Hi [/INST]Yo.</s>[INST] Bye [/INST]"
+    assert result.stdout == "<s>[INST] Hi [/INST] Yo.</s>[INST] Bye [/INST]"
 
 
 @pytest.mark.parametrize(
