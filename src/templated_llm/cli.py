@@ -140,9 +140,13 @@ def serve_command(model_uri: str, *, host: str, port: int, workers: int, env_man
 
 def _port(value: str) -> int:
     try:
-        return check_port(int(value))
-    except ValueError as exc:  # not a number, or out of range
-        raise argparse.ArgumentTypeError(str(exc) if "port" in str(exc) else f"not a port number: {value!r}") from None
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    try:
+        return check_port(port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # The server's defaults, read without building a config (which reads the API key's variable).

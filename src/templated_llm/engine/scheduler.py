@@ -291,9 +291,7 @@ class _Scheduler:
         """Fail the sequences whose sampling raised; the others go on with their tokens."""
         for row, exc in failed.items():
             _logger.error("sampling failed for one sequence; failing it alone", exc_info=exc)
-            self._leave(states[row])
-            self.recorder.failed += 1
-            states[row].fail(step_failure(exc))
+            self._fail_alone(states[row], step_failure(exc))
         kept = [row for row in range(len(states)) if row not in failed]
         return [states[row] for row in kept], [tokens[row] for row in kept]
 
@@ -311,14 +309,18 @@ class _Scheduler:
                 f"in {self.adapter.dtype} that points at the model's weights or code")
         for state, bad in zip(states, broken):
             if bad:
-                self._leave(state)
-                self.recorder.failed += 1
-                state.fail(SequenceFailedError(
+                self._fail_alone(state, SequenceFailedError(
                     f"the model computed non-finite logits (NaN or inf) for this sequence after "
                     f"{len(state.generated)} generated tokens; {hint}. Other sequences were not "
                     "affected"))
         kept = [row for row, bad in enumerate(broken) if not bad]
         return [states[row] for row in kept], logits[kept]
+
+    def _fail_alone(self, state: SequenceState, error: SequenceFailedError) -> None:
+        """Fail one running sequence mid-step, its slot freed; the step goes on for the others."""
+        self._leave(state)
+        self.recorder.failed += 1
+        state.fail(error)
 
     # -- slots ----------------------------------------------------------------------------------
 

@@ -287,9 +287,11 @@ def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int
         if choice.name == "float32" and dtype_unavailable(smaller, device) is None:
             smaller_dtype = smaller
             break
+    smaller_fits = False
     if smaller_dtype is not None:
         smaller = estimate_load_bytes(snapshot, getattr(torch, smaller_dtype), counted)
-        if smaller.total <= available:
+        smaller_fits = smaller.total <= available
+        if smaller_fits:
             emulated = device == "cpu" and cpu_native_flag(smaller_dtype) is None
             changes.append(f"dtype='{smaller_dtype}' ({_gb(smaller.weights)} of weights"
                            f"{'; emulated on this CPU, slower' if emulated else ''})")
@@ -306,7 +308,7 @@ def _changes(snapshot: Path, choice: DTypeChoice, device: str, cache_tokens: int
         else:
             now = f"{cache_tokens} now" if cache_tokens else f"unset, so one sequence of the {context}-token context"
             changes.append(f"a max_cache_tokens of at most {fits} ({now}; each token takes {per_token / 1e6:.3g} MB)")
-    elif smaller_dtype is not None and not any(c.startswith("dtype=") for c in changes):
+    elif smaller_dtype is not None and not smaller_fits:
         half = estimate_load_bytes(snapshot, getattr(torch, smaller_dtype), 0)
         per_half = cache_bytes_per_token(snapshot, getattr(torch, smaller_dtype)) or per_token
         if (both := (available - half.total) // per_half) >= 1:

@@ -214,6 +214,7 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
     """Generate ``parsed.n`` choices for every row, streamed or whole."""
     model, n = state.model, parsed.n
     count = len(rows) * n
+    rows_field = "messages" if chat else "prompt"
     if n > state.config.max_n:
         raise RequestError(f"param 'n': at most {state.config.max_n} on this server (--max-n); received {n}",
                            param="n")
@@ -221,11 +222,11 @@ async def _answer(state: ServerState, request: Request, parsed: Any, rows: list[
         raise RequestError(
             f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this model takes at "
             f"most {model.backend.max_rows} per request (max_rows_per_request, set when it was logged)",
-            param="n" if n > 1 else "messages" if chat else "prompt")
+            param="n" if n > 1 else rows_field)
     if count > state.in_flight.limit:
         raise RequestError(
             f"the request asks for {count} choices ({len(rows)} prompts x n={n}); this server generates "
-            f"at most {state.in_flight.limit} sequences at once (--max-pending)", param="n" if n > 1 else "messages" if chat else "prompt")
+            f"at most {state.in_flight.limit} sequences at once (--max-pending)", param="n" if n > 1 else rows_field)
     if not state.in_flight.try_acquire(count):
         raise RequestError(f"the server is at capacity: {state.in_flight.limit} sequences generating "
                            "or waiting (--max-pending). Retry later", status=429,

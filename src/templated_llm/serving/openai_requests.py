@@ -266,13 +266,12 @@ def params(request: _Request, spec: ModelSpec, variables: dict[str, str] | None 
         raise RequestError(
             f"model {spec.name!r} has no template variables {unknown}; its variables: "
             f"{sorted(spec.template_variables) or 'none'}", param="template_variables")
-    max_tokens = completion_tokens = getattr(request, "max_completion_tokens", None)
-    if max_tokens is None:
-        max_tokens = request.max_tokens
-    elif request.max_tokens not in (None, completion_tokens):
+    completion_tokens = getattr(request, "max_completion_tokens", None)
+    if completion_tokens is not None and request.max_tokens not in (None, completion_tokens):
         raise RequestError(
             f"max_tokens ({request.max_tokens}) and max_completion_tokens ({completion_tokens}) differ; "
             "send one of them (max_completion_tokens is OpenAI's current name)", param="max_completion_tokens")
+    max_tokens = request.max_tokens if completion_tokens is None else completion_tokens
     sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": max_tokens,
                 "stop": [request.stop] if isinstance(request.stop, str) else request.stop,
                 "seed": request.seed, "top_k": request.top_k,
