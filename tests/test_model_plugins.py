@@ -99,6 +99,27 @@ def test_chat_models_render_messages_and_the_system_prompt(plugin, model, snapsh
     assert out["candidates"].tolist() == [expected, expected]
 
 
+# A system message sent empty keeps its block, as each family's official template renders it.
+EMPTY_SYSTEM_RENDERED = {
+    "llama2-chat": "[INST] <<SYS>>\n\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Name a river. [/INST]",
+    "mistral-instruct": "[INST] \n\nHi [/INST] Hello.</s>[INST] Name a river. [/INST]",
+    "hf-chat": "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello.</s>\n"
+               "<|user|>\nName a river.</s>\n<|assistant|>\n",
+}
+
+
+@pytest.mark.parametrize("plugin", sorted(EMPTY_SYSTEM_RENDERED), indirect=True)
+def test_an_empty_system_message_keeps_its_block_and_no_system_message_has_none(plugin, model) -> None:
+    python_model = model.unwrap_python_model()
+    empty_system = [{"role": "system", "content": ""}, *CHAT[1:]]
+    assert python_model.render([empty_system]) == [EMPTY_SYSTEM_RENDERED[plugin]]
+    # No system message, or the system param left at its default "": no block at all.
+    without = CHAT_RENDERED[plugin].replace("<<SYS>>\nBe brief.\n<</SYS>>\n\n", "").replace(
+        "Be brief.\n\n", "").replace("<|system|>\nBe brief.</s>\n", "")
+    assert python_model.render([CHAT[1:]]) == python_model.render([CHAT[1:]], {"system": ""}) == [without]
+    assert "Be brief" not in without and "SYS" not in without and "system" not in without
+
+
 def test_the_tokenizer_adds_llamas_bos_once(plugin, model) -> None:
     python_model = model.unwrap_python_model()
     text = python_model.render(["Hi"])[0]

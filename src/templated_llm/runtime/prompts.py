@@ -82,6 +82,19 @@ class PromptRenderer:
             raise MlflowException.invalid_parameter_value(
                 f"model {self.spec.name!r} takes no system prompt; remove the 'system' message"
             )
-        values["system"] = conversation[0]["content"]
+        values["system"] = SentSystemPrompt(conversation[0]["content"])
         return conversation[1:]
+
+
+class SentSystemPrompt(str):
+    """The content of a system message a conversation sent: true even when empty.
+
+    Templates test ``if system``. An empty ``system`` param is no system prompt (MLflow fills
+    every param a request leaves out with its default, ""), but a system message sent empty
+    still opens its block, as the official templates render it (Llama 2's ``<<SYS>>``, Zephyr's
+    ``<|system|>``): the model was trained with that block, empty or not.
+    """
+
+    def __bool__(self) -> bool:
+        return True
 
