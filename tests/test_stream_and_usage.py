@@ -125,6 +125,15 @@ def test_stream_takes_one_prompt_and_validates_params(loaded_model) -> None:
         python_model.predict_stream(None, ["a"], {**GREEDY, "return_usage": True})
     assert "".join(python_model.predict_stream(None, ["a"], {**GREEDY, "return_usage": False})) == \
         loaded_model.predict(["a"], GREEDY)["candidates"][0]
+    # Through MLflow's wrapper, a list of several is refused before the model sees it, with
+    # MLflow's own code (docs/chat-and-streaming.md says so); a dict of several is the model's 400.
+    for several in (["a", "b"], []):
+        with pytest.raises(MlflowException, match="'predict_stream' requires single input") as caught:
+            list(loaded_model.predict_stream(several, params=GREEDY))
+        assert caught.value.error_code == "INTERNAL_ERROR"
+    with pytest.raises(MlflowException, match="one prompt or conversation; received 2") as caught:
+        list(loaded_model.predict_stream({"prompt": ["a", "b"]}, params=GREEDY))
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_chat_messages_stream_too(tiny_model) -> None:
