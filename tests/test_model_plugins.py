@@ -142,6 +142,23 @@ def test_dolly_renders_its_context_input_and_ends_at_its_end_key(tiny_model) -> 
         model.predict({"messages": [CHAT[1:2]]})
 
 
+@pytest.mark.parametrize("engine", [True, False])
+def test_dolly_strips_its_answer_as_databricks_pipeline_does(tiny_model, engine) -> None:
+    snapshot = tiny_model("gpt_neox", extra_special_tokens=DOLLY_SPECIAL_TOKENS)
+    raw = _plain_generate(snapshot, DOLLY_INTRO + "### Instruction:\nWhy?\n\n### Response:\n",
+                          add_special_tokens=True)
+    assert raw != raw.strip()  # this prompt's answer opens with a space: stripping shows
+    info = log_llm("dolly-v2", snapshot=snapshot, name="dolly-strip")
+    model = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu", "engine": engine})
+    out = model.predict(["Why?"], params={**GREEDY, "return_usage": True})
+    assert out["candidates"].tolist() == [raw.strip()]
+    assert out["completion_tokens"].tolist() == [GREEDY["max_tokens"]]  # tokens counted as generated
+    chunks = list(model.predict_stream("Why?", params=GREEDY))
+    assert "".join(chunks) == raw.strip() and all(chunks)
+    [completion] = list(model.unwrap_python_model().generate_stream("Why?", GREEDY, text=False))
+    assert completion.text == raw.strip()
+
+
 @pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
 def test_hf_chat_serves_qwen_as_transformers_generates(tiny_model, architecture) -> None:
     # Qwen runs on the engine through transformers' own forward (its tokenizer pads with eos).

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from templated_llm import log_llm
-from templated_llm.runtime.completions import cut_at_stop, held_back_at_stop
+from templated_llm.runtime.completions import Completion, cut_at_stop, held_back_at_stop, stripped_stream
 from templated_llm.runtime.tokens import IncrementalText
 
 PROMPT = "Name three rivers."
@@ -27,6 +27,16 @@ def test_held_back_chunks_join_to_the_text_cut_at_the_first_stop(pieces, stop) -
     chunks = list(held_back_at_stop(iter(pieces), stop))
     assert "".join(chunks) == cut_at_stop("".join(pieces), stop)
     assert all(chunks)
+
+
+@settings(max_examples=300)
+@given(pieces=st.lists(st.text(alphabet="ab \n\t", max_size=5), max_size=12))
+def test_stripped_chunks_join_to_the_stripped_text_and_none_is_empty(pieces) -> None:
+    text = "".join(pieces)
+    whole = Completion(text, prompt_tokens=3, completion_tokens=len(pieces), finish_reason="stop")
+    *chunks, completion = list(stripped_stream(iter([*pieces, whole])))
+    assert "".join(chunks) == text.strip() and all(chunks)
+    assert completion == Completion(text.strip(), 3, len(pieces), "stop")
 
 
 def test_streamed_chunks_join_to_the_predicted_text(loaded_model) -> None:

@@ -27,6 +27,8 @@ class ModelSpec(BaseModel):
     as OpenAI-style chat clients send it to the ``templated-llm serve`` server.
     ``template_variables`` are the template's further variables (``system`` for a system prompt,
     or any other) with their defaults; each is also a request param of the same name.
+    ``strip_output`` trims whitespace around each generated text, streamed or not, as the model
+    family's own pipeline does (Dolly's answers end with a blank line before ``### End``).
     ``model_types``: the ``model_type`` values (config.json) of the snapshots the plugin's loader
     can load, for a plugin that loads one model class; empty (any) when it loads through
     ``AutoModelForCausalLM``. Another snapshot is refused at log time.
@@ -45,6 +47,7 @@ class ModelSpec(BaseModel):
     tokenizer_chat_template: bool = False
     chat_as_instruction: bool = False
     template_variables: dict[str, str] = Field(default_factory=dict)
+    strip_output: bool = False
     model_types: tuple[str, ...] = ()
     # Filled in by the plugin manager: which plugin declared the spec and in which module it lives.
     plugin_name: str = ""

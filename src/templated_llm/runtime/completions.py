@@ -7,6 +7,7 @@ the text a whole-batch generation returns.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,30 @@ def held_back_at_stop(chunks: Iterator[str], stop: list[str]) -> Iterator[str]:
             return
     if cut := cut_at_stop(pending, stop):
         yield cut
+
+
+def stripped(completion: Completion) -> Completion:
+    """``completion`` with the whitespace around its text left out."""
+    return dataclasses.replace(completion, text=completion.text.strip())
+
+
+def stripped_stream(chunks: Iterator[str | Completion]) -> Iterator[str | Completion]:
+    """A stream's text chunks with the text's leading and trailing whitespace left out, and its
+    :class:`Completion` stripped: whitespace is held back until text follows it, so the chunks
+    join to the stripped text. No chunk is empty."""
+    started, held = False, ""
+    for chunk in chunks:
+        if isinstance(chunk, Completion):
+            yield stripped(chunk)
+            continue
+        if not started:
+            chunk = chunk.lstrip()
+            started = bool(chunk)
+        text = held + chunk
+        body = text.rstrip()
+        held = text[len(body):]
+        if body:
+            yield body
 
 
 def _first_stop(text: str, stop: list[str]) -> tuple[int, bool]:

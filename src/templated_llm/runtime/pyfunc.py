@@ -10,7 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from templated_llm.engine.adapters import picks_rope_per_pass
 from templated_llm.model_logging.config import read_config
 from templated_llm.plugins.manager import get_model_spec
 from templated_llm.runtime.batching import MAX_MERGED_PROMPTS, MAX_MERGED_TOKENS, MicroBatcher
-from templated_llm.runtime.completions import Completion, to_frame
+from templated_llm.runtime.completions import Completion, stripped, stripped_stream, to_frame
 from templated_llm.runtime.generation import end_ids, generate_completions, stream
 from templated_llm.runtime.inputs import (
     MESSAGES_COLUMN,
@@ -239,6 +239,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                             self._batcher.lock, grammar)
             if not text:
                 chunks = _completions_of(chunks)
+        if self.spec.strip_output:
+            chunks = _rechunked(chunks, stripped_stream)
         return self.tracer.stream(rows, generation, variables, chunks)
 
     def _submit(self, input_ids: list[list[int]], generation: GenerationParams, grammar: Grammar | None,
@@ -306,6 +308,8 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
                 prepared.append(self._prepare(rows, params, trace, first_row))
         with trace.generation([ids for input_ids, *_ in prepared for ids in input_ids]) as stage:
             completions = self._generate_all(prepared)
+            if self.spec.strip_output:
+                completions = [[stripped(c) for c in request] for request in completions]
             stage.generated([c for request in completions for c in request])
         return [(request, generation) for request, (_, generation, *_) in zip(completions, prepared)]
 
@@ -423,15 +427,17 @@ def _completion_only(sequence: Sequence) -> Iterator[Completion]:
 
 
 def _text_only(chunks: Iterator[str | Completion]) -> Iterator[str]:
-    return _only(chunks, str)
+    return _rechunked(chunks, lambda inner: (chunk for chunk in inner if isinstance(chunk, str)))
 
 
 def _completions_of(chunks: Iterator[str | Completion]) -> Iterator[Completion]:
-    return _only(chunks, Completion)
+    return _rechunked(chunks, lambda inner: (chunk for chunk in inner if isinstance(chunk, Completion)))
 
 
-def _only(chunks: Iterator[str | Completion], kind: type) -> Iterator[Any]:
+def _rechunked(chunks: Iterator[str | Completion],
+               transform: Callable[[Iterator[str | Completion]], Iterator[Any]]) -> Iterator[Any]:
+    """``transform(chunks)`` as a stream that closes and cancels as ``chunks`` does."""
     def kept() -> Iterator[Any]:
         with contextlib.closing(chunks):  # closing this stops the generation
-            yield from (chunk for chunk in chunks if isinstance(chunk, kind))
+            yield from transform(chunks)
     return Stream(kept(), chunks.close, cancel=getattr(chunks, "cancel", None))

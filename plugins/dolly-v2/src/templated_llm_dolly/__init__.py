@@ -2,8 +2,8 @@
 
 Dolly is a GPT-NeoX model, loaded by the core's generic hooks; what differs is its prompt (an
 intro line, ``### Instruction:``, an optional ``Input:`` context, ``### Response:``) and its end
-of answer: the special token ``### End``, which the plugin adds to the model's end tokens as
-databricks' own pipeline does.
+of answer: the special token ``### End``, which the plugin adds to the model's end tokens, and
+the answer stripped of the whitespace around it, as databricks' own pipeline does.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def register_models(register):
             chat_as_instruction=True,
             # The optional context of a closed-QA or summarisation instruction.
             template_variables={"context": ""},
+            # Answers end with a blank line before ### End; databricks' pipeline strips them.
+            strip_output=True,
             description="Dolly v2, instruction-tuned GPT-NeoX, '### Instruction' format",
         )
     )
