@@ -1,8 +1,8 @@
 """Decode-step benchmark: the engine's attention per row against one padded call.
 
 One engine decode step (``ModelAdapter.forward`` on the slot cache, linear layers packed as at
-load) of the benchmark's MPT and Llama, at 4 to 64 rows, with every row at the same length and
-with lengths drawn from 16-700 keys (mixed traffic), each way: one SDPA call over the rows
+load) of the benchmark's MPT and Llama, at 4 to 64 rows, with every row at the same length,
+with lengths drawn from 16-700 keys (mixed traffic) and from 16-128 (short turns), each way: one SDPA call over the rows
 padded to the longest, and a call per row over its own keys (``templated_llm.engine.attention``).
 The two take turns in every round (``--repeats`` rounds after a warm-up); a speed-up is the
 median of the rounds' ratios. Also says which the engine picks for each step. Prints one table
@@ -34,6 +34,8 @@ LONGEST = 700
 LENGTHS: dict[str, Callable[[int, random.Random], list[int]]] = {
     "even": lambda rows, rng: [400] * rows,
     "mixed": lambda rows, rng: [rng.randint(16, LONGEST) for _ in range(rows)],
+    # Short prompts and answers (chat turns): little padding, and a call per row costs more.
+    "short": lambda rows, rng: [rng.randint(16, 128) for _ in range(rows)],
 }
 
 
@@ -56,15 +58,15 @@ def _adapter(architecture: str, snapshot: Path, dtype: torch.dtype):
     return HuggingFaceAdapter(model)
 
 
-def _step(adapter, batch: StepBatch, cache: SlotCache, per_row_from: float) -> Callable[[], None]:
+def _step(adapter, batch: StepBatch, cache: SlotCache, call_bytes: float) -> Callable[[], None]:
     def run() -> None:
-        # The threshold decides every step it sees: inf never runs per row, 1.0 always does.
-        attention._PER_ROW_FROM, saved = per_row_from, attention._PER_ROW_FROM
+        # The threshold decides every step it sees: inf never runs per row, 0 always does.
+        attention._PER_ROW_CALL_BYTES, saved = call_bytes, attention._PER_ROW_CALL_BYTES
         try:
             with torch.inference_mode():
                 adapter.forward(batch, cache)
         finally:
-            attention._PER_ROW_FROM = saved
+            attention._PER_ROW_CALL_BYTES = saved
 
     return run
 
@@ -85,14 +87,16 @@ def measure(snapshots: dict[str, Path], dtype: torch.dtype, repeats: int, rows: 
                                   [n - 1 for n in keys], [1] * count)
                 times = interleaved_seconds({
                     "padded": _step(adapter, batch, cache, float("inf")),
-                    "per row": _step(adapter, batch, cache, 1.0),
+                    "per row": _step(adapter, batch, cache, 0),
                 }, repeats)
                 results.append({
                     "model": architecture, "rows": count, "lengths": name,
                     "keys_read_over_needed": count * max(keys) / sum(keys),
+                    # What one padded call reads past the rows' own keys, per layer.
+                    "padding_bytes": (count * max(keys) - sum(keys)) * adapter.key_bytes,
                     "milliseconds": {k: min(t) * 1e3 for k, t in times.items()},
                     "per_row_speedup": speedup(times["padded"], times["per row"]),
-                    "engine_picks": "per row" if attention.per_row_keys(batch) else "padded",
+                    "engine_picks": "per row" if attention.per_row_keys(batch, adapter.key_bytes) else "padded",
                     "seconds": times,
                 })
     return results

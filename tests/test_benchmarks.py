@@ -19,6 +19,7 @@ from benchmarks.counting import TokenShortfall, check_tokens, generate_spy
 from benchmarks.measure import bf16_flags, interleaved_seconds
 from benchmarks.report import FIGURE_IDS
 from conftest import REPO, repo_env
+from templated_llm.engine import attention
 from templated_llm.runtime.packed_linear import packing_available
 
 
@@ -175,12 +176,14 @@ def test_the_decode_attention_benchmark_times_both_ways_on_both_models(tmp_path)
                            "--repeats", "2", "--cache", str(tmp_path), "--out", str(out)])
     results = json.loads(out.read_text())
     cells = {(r["model"], r["rows"], r["lengths"]) for r in results["rows"]}
-    assert cells == {(m, n, k) for m in ("mpt", "llama") for n in (2, 8) for k in ("even", "mixed")}
+    assert cells == {(m, n, k) for m in ("mpt", "llama") for n in (2, 8) for k in ("even", "mixed", "short")}
     for row in results["rows"]:
         assert all(len(times) == 2 for times in row["seconds"].values())
         assert min(row["milliseconds"].values()) > 0 and row["per_row_speedup"]["median"] > 0
-        # Even rows never go per row; the engine's pick follows the keys padding would read.
-        assert row["engine_picks"] == ("per row" if row["keys_read_over_needed"] >= 1.4 else "padded")
+        # Even rows never go per row; the engine's pick follows the bytes padding would read.
+        assert row["padding_bytes"] == 0 or row["lengths"] != "even"
+        per_row = row["padding_bytes"] >= row["rows"] * attention._PER_ROW_CALL_BYTES
+        assert row["engine_picks"] == ("per row" if per_row else "padded")
     table = decode_attention.report(results)
     assert "per row / padded" in table and results["machine"]["cpu_model"] in table
 

@@ -94,6 +94,8 @@ def test_uneven_decode_steps_attend_per_row_and_match_generate(tiny_model, archi
         return attention.per_row(*args, **kwargs)
 
     monkeypatch.setattr(adapters if architecture != "mpt" else mpt_engine, "per_row", counted)
+    # A tiny model's keys are a few hundred bytes, its padding never worth a call per row.
+    monkeypatch.setattr(attention, "_PER_ROW_CALL_BYTES", 1)
     loaded = _load(tiny_model(architecture), architecture, "sdpa")
     # A long prompt decoding beside short ones: padding them all to its length would read
     # several times the keys the short ones attend.

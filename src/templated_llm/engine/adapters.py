@@ -43,6 +43,8 @@ class ModelAdapter(ABC):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype = model.dtype
         self.device = model.device
+        # One token's key and value in one layer: what a decode step reads per key.
+        self.key_bytes = SlotCache.bytes_per_token(1, kv_heads, head_dim, self.dtype)
 
     @abstractmethod
     def forward(self, batch: StepBatch, cache: SlotCache) -> torch.Tensor:
@@ -110,7 +112,7 @@ class HuggingFaceAdapter(ModelAdapter):
         if self.per_row:
             # Keyed by window: transformers hands each attention call its layer's sliding_window,
             # and extra keyword arguments of the forward to every attention call.
-            keys = {window: per_row_keys(batch, window) for window in self._windows}
+            keys = {window: per_row_keys(batch, self.key_bytes, window) for window in self._windows}
             if any(k is not None for k in keys.values()):
                 extra["engine_row_keys"] = keys
             # A prefill pass whose rows all start at position 0 needs no more than SDPA's own

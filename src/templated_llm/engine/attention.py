@@ -19,10 +19,12 @@ from torch.nn import functional as F
 
 from templated_llm.engine.cache import StepBatch
 
-# Over the same keys, per-row steps ran 0.84-0.96x as fast as padded ones in float32 and
-# 0.77-0.97x in bfloat16 (python -m benchmarks.decode_attention, 4-64 rows, 2 cores); the two
-# were level where padding read 1.4 times the keys needed, and at 1.8 per row was 1.07-1.26x.
-_PER_ROW_FROM = 1.4
+# A call per row costs about as much as reading this many bytes of padded keys and values.
+# With no padding, per-row steps ran 0.73-0.98x as fast as padded ones (python -m
+# benchmarks.decode_attention, 4-64 rows, 2 cores); short rows (16-128 keys) padded to the
+# longest read 1.6-1.7x the keys needed and still ran faster padded (per row 0.68-0.90x), while
+# rows of 16-700 keys, padding 5-40 MB per step, ran 1.08-1.21x faster per row.
+_PER_ROW_CALL_BYTES = 256 * 2**10
 
 
 def row_keys(batch: StepBatch, window: int | None = None) -> list[slice]:
@@ -30,18 +32,18 @@ def row_keys(batch: StepBatch, window: int | None = None) -> list[slice]:
     return [slice(0 if window is None else max(0, n - window), n) for n in batch.key_lengths]
 
 
-def per_row_keys(batch: StepBatch, window: int | None = None) -> list[slice] | None:
+def per_row_keys(batch: StepBatch, key_bytes: int, window: int | None = None) -> list[slice] | None:
     """:func:`row_keys` when this step's attention should run a call per row, else ``None``:
-    on a CPU decode step (one query per row) whose padded keys would be at least
-    ``_PER_ROW_FROM`` times the keys its rows attend.
+    on a CPU decode step (one query per row) where the padding one call would read, at
+    ``key_bytes`` per key (a key and its value in one layer), outweighs a call per row.
     """
     # Only where it was measured, the CPU: on a GPU each call is a kernel launch, and padded
     # keys are read fast.
     if batch.q_len != 1 or batch.tokens.device.type != "cpu":
         return None
     keys = row_keys(batch, window)
-    needed = sum(k.stop - k.start for k in keys)
-    return keys if batch.rows * batch.kv_len >= _PER_ROW_FROM * needed else None
+    padding = batch.rows * batch.kv_len - sum(k.stop - k.start for k in keys)
+    return keys if padding * key_bytes >= batch.rows * _PER_ROW_CALL_BYTES else None
 
 
 def per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Sequence[slice], scale: float | None,
