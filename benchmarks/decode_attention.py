@@ -96,7 +96,7 @@ def measure(snapshots: dict[str, Path], dtype: torch.dtype, repeats: int, rows: 
                     "padding_bytes": (count * max(keys) - sum(keys)) * adapter.key_bytes,
                     "milliseconds": {k: min(t) * 1e3 for k, t in times.items()},
                     "per_row_speedup": speedup(times["padded"], times["per row"]),
-                    "engine_picks": "per row" if attention.per_row_keys(batch, adapter.key_bytes) else "padded",
+                    "engine_picks": "per row" if attention.per_row_keys(batch, key_bytes=adapter.key_bytes) else "padded",
                     "seconds": times,
                 })
     return results

@@ -139,12 +139,22 @@ def test_prefill_from_position_0_runs_sdpa_causal_without_a_mask(tiny_model, mon
 
 
 @pytest.mark.parametrize("prefill_chunk", [16, 64])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa per row"])
 @pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
-def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architecture, attention, prefill_chunk):
-    # Mistral windows every layer; this Qwen2 only its second (max_window_layers=1), the first
-    # seeing the whole context. Prompts and generations run well past the window; the long
-    # prompt is read in chunks (16), or in one pass from position 0 (64).
+def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architecture, attention, prefill_chunk,
+                                                           monkeypatch):
+    # Mistral windows every layer (2 key heads for 4 query heads); this Qwen2 only its second
+    # (max_window_layers=1), the first seeing the whole context. Prompts and generations run
+    # well past the window; the long prompt is read in chunks (16), or in one pass from
+    # position 0 (64). "sdpa per row": every uneven decode step attends per row, windowed
+    # layers over their window (a tiny model's padding is never worth it otherwise).
+    from templated_llm.engine import adapters, attention as engine_attention
+
+    calls, per_row = [], attention == "sdpa per row"
+    if per_row:
+        monkeypatch.setattr(engine_attention, "_PER_ROW_CALL_BYTES", 1)
+        monkeypatch.setattr(adapters, "per_row", lambda *a, **k: calls.append(a[3]) or engine_attention.per_row(*a, **k))
+        attention = "sdpa"
     loaded = _load(tiny_model(architecture, sliding_window=6, window_layers=1), architecture, attention)
     texts = [" ".join(["river", "sea", "model"] * 8), "hi", "the sea and the river"]
     requests = [(_ids(loaded, t), GenerationParams(max_tokens=12)) for t in texts]
@@ -155,6 +165,8 @@ def test_sliding_windows_apply_to_the_layers_that_have_them(tiny_model, architec
         assert [h.result(timeout=120) for h in handles] == expected
     finally:
         engine.close()
+    if per_row:  # windowed rows attended at most their last 6 keys
+        assert calls and any(max(k.stop - k.start for k in keys) <= 6 < max(k.stop for k in keys) for keys in calls)
 
 
 def test_mistral_with_layer_types_runs_as_ministral_on_the_engine(tiny_model, tmp_path):

@@ -58,19 +58,19 @@ BIG_KEY, SMALL_KEY = 2 * 32 * 128 * 2, 2 * 8 * 64 * 2
 
 def test_rows_attend_per_row_where_the_padding_outweighs_a_call_per_row():
     even, uneven = _decode_batch([30, 30, 28]), _decode_batch([100, 10, 20])
-    assert per_row_keys(even, BIG_KEY) is None  # 2 keys of padding: one call
+    assert per_row_keys(even, key_bytes=BIG_KEY) is None  # 2 keys of padding: one call
     # 170 keys of padding: 2.8 MB of a 7B model's keys, more than 3 calls cost; a small
     # model's 0.35 MB of them cost less than the calls.
-    assert per_row_keys(uneven, BIG_KEY) == [slice(0, 100), slice(0, 10), slice(0, 20)]
-    assert per_row_keys(uneven, SMALL_KEY) is None
-    assert per_row_keys(_decode_batch([800, 10, 20]), SMALL_KEY) == [slice(0, 800), slice(0, 10), slice(0, 20)]
+    assert per_row_keys(uneven, key_bytes=BIG_KEY) == [slice(0, 100), slice(0, 10), slice(0, 20)]
+    assert per_row_keys(uneven, key_bytes=SMALL_KEY) is None
+    assert per_row_keys(_decode_batch([800, 10, 20]), key_bytes=SMALL_KEY) == [slice(0, 800), slice(0, 10), slice(0, 20)]
     # A window makes rows even: each attends its last 10 keys, a padded call reads 100 per row.
-    assert per_row_keys(uneven, BIG_KEY, window=10) == [slice(90, 100), slice(0, 10), slice(10, 20)]
+    assert per_row_keys(uneven, window=10, key_bytes=BIG_KEY) == [slice(90, 100), slice(0, 10), slice(10, 20)]
     # Prefill rows (several queries each) always take one masked call.
     prefill = StepBatch(torch.zeros(2, 5, dtype=torch.long), [0, 1], [95, 0], [5, 5])
-    assert per_row_keys(prefill, BIG_KEY) is None
+    assert per_row_keys(prefill, key_bytes=BIG_KEY) is None
     # Off the CPU (here the meta device stands in for a GPU) steps stay padded.
-    assert per_row_keys(_decode_batch([100, 10, 20], device="meta"), BIG_KEY) is None
+    assert per_row_keys(_decode_batch([100, 10, 20], device="meta"), key_bytes=BIG_KEY) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -120,6 +120,24 @@ def test_an_empty_system_message_keeps_its_block_and_no_system_message_has_none(
     assert "Be brief" not in without and "SYS" not in without and "system" not in without
 
 
+# Gemma's chat template has no system role: it refuses a system message outright.
+NO_SYSTEM_ROLE_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_template_without_a_system_role_takes_an_empty_system_message_and_refuses_a_real_one(tiny_model):
+    snapshot = tiny_model("mistral", chat_template=NO_SYSTEM_ROLE_TEMPLATE)
+    info = log_llm("hf-chat", snapshot=snapshot, name="no-system-role")
+    python_model = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"}).unwrap_python_model()
+    alone = python_model.render([CHAT[1:2]])
+    assert alone == ["<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"]
+    assert python_model.render([[{"role": "system", "content": ""}, *CHAT[1:2]]]) == alone
+    with pytest.raises(MlflowException, match="rejected the conversation: System role not supported"):
+        python_model.render([CHAT[:2]])
+
+
 def test_the_tokenizer_adds_llamas_bos_once(plugin, model) -> None:
     python_model = model.unwrap_python_model()
     text = python_model.render(["Hi"])[0]

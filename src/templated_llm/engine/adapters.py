@@ -112,7 +112,7 @@ class HuggingFaceAdapter(ModelAdapter):
         if self.per_row:
             # Keyed by window: transformers hands each attention call its layer's sliding_window,
             # and extra keyword arguments of the forward to every attention call.
-            keys = {window: per_row_keys(batch, self.key_bytes, window) for window in self._windows}
+            keys = {window: per_row_keys(batch, window, key_bytes=self.key_bytes) for window in self._windows}
             if any(k is not None for k in keys.values()):
                 extra["engine_row_keys"] = keys
             # A prefill pass whose rows all start at position 0 needs no more than SDPA's own

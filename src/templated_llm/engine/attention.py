@@ -32,7 +32,7 @@ def row_keys(batch: StepBatch, window: int | None = None) -> list[slice]:
     return [slice(0 if window is None else max(0, n - window), n) for n in batch.key_lengths]
 
 
-def per_row_keys(batch: StepBatch, key_bytes: int, window: int | None = None) -> list[slice] | None:
+def per_row_keys(batch: StepBatch, window: int | None = None, *, key_bytes: int) -> list[slice] | None:
     """:func:`row_keys` when this step's attention should run a call per row, else ``None``:
     on a CPU decode step (one query per row) where the padding one call would read, at
     ``key_bytes`` per key (a key and its value in one layer), outweighs a call per row.

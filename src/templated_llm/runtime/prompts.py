@@ -62,7 +62,18 @@ class PromptRenderer:
             return self.template.render(prompt, messages=turns, **values)
         system = values.pop("system", "")
         last = {"role": "user", "content": self.template.render(prompt, messages=turns, **values)}
-        conversation = ([{"role": "system", "content": system}] if system else []) + turns[:-1] + [last]
+        rest = [*turns[:-1], last]
+        try:
+            # The content as sent (a plain str): the model's template decides what an empty one renders.
+            return self._chat_template(([{"role": "system", "content": str(system)}] if system else []) + rest)
+        except MlflowException:
+            if not (system and system == ""):
+                raise
+            # A system message sent empty says nothing: a template without a system role
+            # (Gemma's) renders the conversation without it rather than refusing it.
+            return self._chat_template(rest)
+
+    def _chat_template(self, conversation: list[Message]) -> str:
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the model's own template refusing, e.g. a system role

@@ -54,7 +54,7 @@ class MptAdapter(ModelAdapter):
         transformer = self.model.transformer
         self._cache_shape = (cache.slots, cache.slot_len)
         masked = ~batch.visible()
-        keys = per_row_keys(batch, self.key_bytes) if self.kernel is sdpa else None
+        keys = per_row_keys(batch, key_bytes=self.key_bytes) if self.kernel is sdpa else None
         hidden = transformer.wte(batch.tokens)
         try:
             for layer, block in enumerate(transformer.blocks):
