@@ -189,23 +189,6 @@ def test_mistral_with_layer_types_runs_as_ministral_on_the_engine(tiny_model, tm
         engine.close()
 
 
-def test_a_sliding_window_key_in_a_llama_config_is_ignored_as_llamas_attention_ignores_it(tiny_model, tmp_path):
-    # Llama's attention has no window: the key changes nothing in its forward pass (generate's
-    # cache does keep only the window's keys then, so the oracle is the same weights without it).
-    snapshot = shutil.copytree(tiny_model("llama"), tmp_path / "llama-with-window")
-    config = json.loads((snapshot / "config.json").read_text())
-    (snapshot / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
-    loaded = _load(snapshot, "llama", "sdpa")
-    assert loaded[0].config.sliding_window == 4  # kept as an attribute, unused by Llama
-    requests = [(_ids(loaded, t), GenerationParams(max_tokens=8)) for t in (" ".join(["river"] * 12), "hi")]
-    expected = [_alone(_load(tiny_model("llama"), "llama", "sdpa"), *r) for r in requests]
-    engine = _engine(loaded, prefill_chunk=16)
-    try:
-        assert [h.result(timeout=120) for h in [engine.submit(*r) for r in requests]] == expected
-    finally:
-        engine.close()
-
-
 def test_a_model_the_engine_runs_still_generates_padded_batches_with_transformers(tiny_model):
     # The engine names its own SDPA function in the model's config: transformers must still
     # build generate's masks for it (left padding here), as it does for plain sdpa.

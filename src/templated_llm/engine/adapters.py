@@ -30,8 +30,6 @@ _logger = logging.getLogger(__name__)
 # scaling after it, which the adapter would skip).
 HF_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "gpt_neox", "qwen2", "qwen3"})
 HF_ATTENTION = frozenset({"eager", "sdpa"})
-# Families without layer_types whose every layer attends within config.sliding_window.
-_WINDOW_EVERY_LAYER = frozenset({"mistral"})
 # The name a model on the engine runs SDPA under (its config's ``_attn_implementation``):
 # transformers' SDPA attention, except on the decode steps the engine runs per row.
 ENGINE_SDPA = "templated_llm_engine_sdpa"
@@ -80,14 +78,12 @@ class HuggingFaceAdapter(ModelAdapter):
         super().__init__(model, config.num_hidden_layers, kv_heads, head_dim)
         # The attention mask, and its sliding window, per layer type. Qwen2/3 name each layer's
         # type and window only their "sliding_attention" layers (and take a mask per type);
-        # Mistral windows every layer; the others have no window, even where their config.json
-        # carries a sliding_window key (transformers' Llama ignores it).
+        # Mistral windows every layer; the others have no window.
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)
         self._type_windows = ({kind: window if kind == "sliding_attention" else None for kind in layer_types}
                               if layer_types else None)
-        every_layer = window if config.model_type in _WINDOW_EVERY_LAYER else None
-        self._windows = set(self._type_windows.values()) if layer_types else {every_layer}  # the distinct ones
+        self._windows = set(self._type_windows.values()) if layer_types else {window}  # the distinct ones
         self.base = model.base_model
         # ENGINE_SDPA: the model was on an engine before (a notebook's second Engine on it).
         self.per_row = config._attn_implementation in ("sdpa", ENGINE_SDPA)
