@@ -384,19 +384,23 @@ def test_stream_joins_to_the_completion_and_holds_back_stop_strings(mpt, stop):
 
 
 class _FailingOnce:
-    """An adapter whose forward raises once, at its ``at``-th call."""
+    """An adapter whose forward raises once, at its ``at``-th call: before running, or after
+    (``after_writing``: the pass has written its keys into the cache)."""
 
-    def __init__(self, adapter, at: int) -> None:
-        self._adapter, self._at, self.calls = adapter, at, 0
+    def __init__(self, adapter, at: int, after_writing: bool = False) -> None:
+        self._adapter, self._at, self._after, self.calls = adapter, at, after_writing, 0
 
     def __getattr__(self, name):
         return getattr(self._adapter, name)
 
     def forward(self, batch, cache):
         self.calls += 1
-        if self.calls == self._at:
+        if self.calls == self._at and not self._after:
             raise RuntimeError("injected: CUDA out of memory")
-        return self._adapter.forward(batch, cache)
+        logits = self._adapter.forward(batch, cache)
+        if self.calls == self._at:
+            raise RuntimeError("injected: failed after writing keys")
+        return logits
 
 
 def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
@@ -462,6 +466,31 @@ def test_a_failing_step_fails_only_its_sequences(mpt):
         assert second.result(timeout=60) == _alone(mpt, ids[1], params)
         assert engine.submit(ids[0], params).result(timeout=60) == _alone(mpt, ids[0], params)
         assert engine.stats().sequences_failed == 1
+    finally:
+        engine.close()
+
+
+def test_a_pass_failing_after_writing_keys_leaves_every_slot_it_wrote_zeroed(mpt):
+    model, tokenizer, adapter = mpt
+    params = GenerationParams(max_tokens=10)
+    first = _ids(mpt, PROMPTS[0])
+    ids = [first, [*first[:-1], first[-1] + 1]]  # as long: one prefill pass reads both
+    # Call 1 prefills both prompts in one pass; call 2, their first decode step, writes a key
+    # in both slots and fails. The first to leave moves the other into its slot: what that
+    # pass wrote past the mover's tokens must not stay behind in the slot it vacates.
+    failing = _FailingOnce(adapter, at=2, after_writing=True)
+    engine = Engine(model, tokenizer, failing, EngineConfig(max_num_seqs=2, max_cache_tokens=2 * 96,
+                                                            prefill_chunk=64))
+    try:
+        with engine._scheduler.condition:  # both admitted at the same step
+            handles = [engine.submit(i, params) for i in ids]
+        for handle in handles:
+            with pytest.raises(SequenceFailedError, match="injected: failed after writing keys"):
+                handle.result(timeout=60)
+        assert failing.calls == 2 and engine.stats().running == 0
+        cache = engine._scheduler.cache
+        assert not cache.k.any() and not cache.v.any()
+        assert [engine.submit(i, params).result(timeout=60) for i in ids] == [_alone(mpt, i, params) for i in ids]
     finally:
         engine.close()
 

@@ -221,14 +221,18 @@ class _Scheduler:
         except Exception as exc:  # noqa: BLE001 - fails this step's sequences, not the engine
             _logger.exception("engine step failed; failing its %d sequences", len(states))
             failure = step_failure(exc)
-            for state in states:
-                if not state.done.is_set():
-                    if state in self.running:
-                        # The failed pass may have written past its tokens in some layers.
-                        self.cache.clear(state.slot, self.cache.slot_len)
-                        self._leave(state)
-                    self.recorder.failed += 1
-                    state.fail(failure)
+            failed = [state for state in states if not state.done.is_set()]
+            running = [state for state in failed if state in self.running]
+            # The failed pass may have written past its tokens in some layers. Every slot it
+            # wrote is cleared before any leaves: leaving moves another of them into the hole,
+            # and a move carries only a sequence's own tokens, leaving the rest behind.
+            for state in running:
+                self.cache.clear(state.slot, self.cache.slot_len)
+            for state in running:
+                self._leave(state)
+            for state in failed:
+                self.recorder.failed += 1
+                state.fail(failure)
 
     def _decode(self) -> None:
         states = self.running[: self.decoding]
