@@ -25,6 +25,7 @@ from templated_llm.engine import (
     EngineFullError,
     HuggingFaceAdapter,
     SequenceFailedError,
+    SlotCache,
 )
 from templated_llm.engine import sampling
 from templated_llm.engine.adapters import ENGINE_SDPA
@@ -493,6 +494,55 @@ def test_a_pass_failing_after_writing_keys_leaves_every_slot_it_wrote_zeroed(mpt
         assert [engine.submit(i, params).result(timeout=60) for i in ids] == [_alone(mpt, i, params) for i in ids]
     finally:
         engine.close()
+
+
+def test_cancelled_sequences_still_queued_do_not_count_against_max_waiting(mpt):
+    ids, params = _ids(mpt, PROMPTS[0]), GenerationParams(max_tokens=3)
+    engine = _engine(mpt, max_num_seqs=1, max_cache_tokens=96, max_waiting=2)
+    try:
+        with engine._scheduler.condition:  # the scheduler admits nothing meanwhile
+            first, *cancelled = (engine.submit(ids, params) for _ in range(3))  # one takes the slot
+            with pytest.raises(EngineFullError, match="0 sequences running and 3 waiting"):
+                engine.submit(ids, params)
+            for sequence in cancelled:
+                sequence.cancel()  # dropped by the next step; until then they hold no place
+            assert engine.stats().waiting == 1  # the first, which the free slot will take
+            last = engine.submit(ids, params)
+        assert last.result(timeout=60) == first.result(timeout=60) == _alone(mpt, ids, params)
+    finally:
+        engine.close()
+
+
+def test_stats_wait_for_a_sequence_moving_between_slots(mpt, monkeypatch):
+    # Leaving moves other sequences between slots; read half-way, one would count twice.
+    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4)
+    readers: list[tuple[threading.Thread, list, bool]] = []
+    move = SlotCache.move
+
+    def move_then_read(cache, source, target, length):
+        move(cache, source, target, length)
+        seen: list = []
+        reader = threading.Thread(target=lambda: seen.append(engine.stats()))
+        reader.start()
+        reader.join(0.05)
+        readers.append((reader, seen, not reader.is_alive()))  # read during the move?
+
+    monkeypatch.setattr(SlotCache, "move", move_then_read)
+    try:
+        # A ends first while B decodes and C still reads its long prompt: A's slot is filled.
+        with engine._scheduler.condition:
+            handles = [engine.submit(_ids(mpt, "a b"), GenerationParams(max_tokens=2)),
+                       engine.submit(_ids(mpt, "c d"), GenerationParams(max_tokens=30)),
+                       engine.submit(list(range(10, 50)), GenerationParams(max_tokens=3))]
+        for handle in handles:
+            handle.result(timeout=60)
+    finally:
+        engine.close()
+    assert readers
+    for reader, seen, during_the_move in readers:
+        reader.join(5)
+        assert not during_the_move  # it waited for the sequences to be whole
+        assert len(seen) == 1 and seen[0].running <= 3
 
 
 def test_32_threads_get_what_serial_calls_get(mpt):

@@ -139,12 +139,13 @@ class _Scheduler:
             if self.stopping:
                 raise EngineClosedError("the engine is closed; load the model again")
             # Every sequence passes through the queue: those a free slot will take at the next
-            # step are not waiting for one.
+            # step are not waiting for one, nor are cancelled ones the next step drops.
             free = max(0, self.cache.slots - len(self.running))
-            if len(self.waiting) - free >= self.config.max_waiting:
+            waiting = self._waiting()
+            if waiting - free >= self.config.max_waiting:
                 raise EngineFullError(
                     f"the engine is full: {len(self.running)} sequences running and "
-                    f"{len(self.waiting)} waiting, the most it queues (max_waiting="
+                    f"{waiting} waiting, the most it queues (max_waiting="
                     f"{self.config.max_waiting}). Retry later."
                 )
             self.waiting.append(state)
@@ -155,11 +156,17 @@ class _Scheduler:
         with self.condition:
             self.condition.notify()
 
+    def _waiting(self) -> int:
+        return sum(not state.cancelled.is_set() for state in self.waiting)
+
     def stats(self) -> EngineStats:
-        running = list(self.running)
+        # Under the lock the scheduler holds while it moves sequences between slots: a
+        # sequence half-way through a move would be counted twice.
+        with self.condition:
+            running, waiting = list(self.running), self._waiting()
         ttft, tpot = self.recorder.summaries()
         return EngineStats(
-            running=len(running), waiting=len(self.waiting), max_num_seqs=self.cache.slots,
+            running=len(running), waiting=waiting, max_num_seqs=self.cache.slots,
             cache_tokens_used=sum(s.cached for s in running),
             cache_tokens_capacity=self.cache.slots * self.cache.slot_len,
             tokens_generated=self.recorder.tokens_generated,
@@ -334,18 +341,19 @@ class _Scheduler:
         A slot holds zeros past its sequence's tokens, free slots none but zeros: a sequence's
         masked keys are another's leftovers otherwise, and an overflow's NaN there would reach
         its output (0 * NaN). Leaving and moving clear what they leave behind."""
-        hole = state.slot
-        self.cache.clear(hole, state.cached)
-        if hole < self.decoding:
-            self.decoding -= 1
-            if hole != self.decoding:
-                self._relocate(self.running[self.decoding], hole)
-            hole = self.decoding
-        last = len(self.running) - 1
-        if hole != last:
-            self._relocate(self.running[last], hole)
-        self.running.pop()
-        state.slot = -1
+        with self.condition:  # stats() reads the slots whole
+            hole = state.slot
+            self.cache.clear(hole, state.cached)
+            if hole < self.decoding:
+                self.decoding -= 1
+                if hole != self.decoding:
+                    self._relocate(self.running[self.decoding], hole)
+                hole = self.decoding
+            last = len(self.running) - 1
+            if hole != last:
+                self._relocate(self.running[last], hole)
+            self.running.pop()
+            state.slot = -1
 
     def _relocate(self, state: SequenceState, slot: int) -> None:
         self.cache.move(state.slot, slot, state.cached)
@@ -358,8 +366,9 @@ class _Scheduler:
         if state.slot != first:
             other = self.running[first]
             self.cache.swap(state.slot, state.cached, first, other.cached)
-            self.running[state.slot], self.running[first] = other, state
-            other.slot, state.slot = state.slot, first
+            with self.condition:
+                self.running[state.slot], self.running[first] = other, state
+                other.slot, state.slot = state.slot, first
         self.decoding += 1
 
 
