@@ -20,10 +20,10 @@ from torch.nn import functional as F
 from templated_llm.engine.cache import StepBatch
 
 # A call per row costs about as much as reading this many bytes of padded keys and values.
-# With no padding, per-row steps ran 0.73-0.98x as fast as padded ones (python -m
-# benchmarks.decode_attention, 4-64 rows, 2 cores); short rows (16-128 keys) padded to the
-# longest read 1.6-1.7x the keys needed and still ran faster padded (per row 0.68-0.90x), while
-# rows of 16-700 keys, padding 5-40 MB per step, ran 1.08-1.21x faster per row.
+# With no padding, per-row steps ran 0.81-0.96x as fast as padded ones (python -m
+# benchmarks.decode_attention, 25M models, 4-64 rows, 2 cores, both dtypes); short rows (16-128
+# keys) padded to the longest read 1.36-1.87x the keys needed and still ran faster padded (per
+# row 0.72-0.99x), while rows of 16-700 keys ran 0.98-1.28x as fast per row.
 _PER_ROW_CALL_BYTES = 256 * 2**10
 
 
