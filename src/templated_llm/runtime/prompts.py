@@ -67,10 +67,11 @@ class PromptRenderer:
             # The content as sent (a plain str): the model's template decides what an empty one renders.
             return self._chat_template(([{"role": "system", "content": str(system)}] if system else []) + rest)
         except MlflowException:
-            if not (system and system == ""):
-                raise
             # A system message sent empty says nothing: a template without a system role
             # (Gemma's) renders the conversation without it rather than refusing it.
+            sent_empty = isinstance(system, SentSystemPrompt) and not str(system)
+            if not sent_empty:
+                raise
             return self._chat_template(rest)
 
     def _chat_template(self, conversation: list[Message]) -> str:
