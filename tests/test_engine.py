@@ -29,6 +29,7 @@ from templated_llm.engine import (
 )
 from templated_llm.engine import sampling
 from templated_llm.engine.adapters import ENGINE_SDPA
+from templated_llm.engine.sequence import SequenceState
 from templated_llm.runtime.generation import generate_completions
 from templated_llm.runtime.params import GenerationParams
 from templated_llm.runtime.tokens import pad, prepare_tokenizer
@@ -408,7 +409,7 @@ def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
     # X leaves after two tokens and the newest running sequence (B) moves into its slot, ahead
     # of A's: A, older, must still be read first. A 4-token budget per step: X's token and
     # A's first 3, then A's 36 others, 4 a step, before B's first.
-    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4)
+    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4, prefill_order="arrival")
     try:
         with engine._scheduler.condition:  # all four queued before the engine admits any
             x = engine.submit(_ids(mpt, "hi")[:1], GenerationParams(max_tokens=2))
@@ -420,6 +421,44 @@ def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
         assert first_tokens == sorted(first_tokens)
     finally:
         engine.close()
+
+
+def test_prompts_arriving_together_are_read_shortest_first(mpt):
+    # Submitted longest first, all before the engine admits any; a 4-token budget per step.
+    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4)
+    try:
+        with engine._scheduler.condition:
+            sequences = [engine.submit(_ids(mpt, " ".join(["river"] * 40))[:n], GenerationParams(max_tokens=2))
+                         for n in (30, 12, 3)]
+        for sequence in sequences:
+            sequence.result(timeout=120)
+        first_tokens = [sequence.timings[1] for sequence in sequences]
+        assert first_tokens == sorted(first_tokens, reverse=True)
+        assert engine._scheduler.seconds_per_prompt_token != 1e-3  # measured on the passes
+    finally:
+        engine.close()
+
+
+def test_an_older_prompt_goes_first_once_its_head_start_outweighs_its_length(mpt):
+    engine = _engine(mpt, max_num_seqs=3)
+    try:
+        scheduler = engine._scheduler
+        scheduler.seconds_per_prompt_token = 0.01
+        long_, short = SequenceState([1] * 40, GenerationParams(), None), SequenceState([1] * 4, GenerationParams(), None)
+        short.submitted = long_.submitted + 0.3  # 0.36 s less to read: the short one still goes first
+        assert sorted([long_, short], key=scheduler._prefill_rank) == [short, long_]
+        short.submitted = long_.submitted + 0.4
+        assert sorted([long_, short], key=scheduler._prefill_rank) == [long_, short]
+        long_.cached = 38  # two tokens left of its 40: ahead of a 4-token one arriving with it
+        short.submitted = long_.submitted
+        assert sorted([short, long_], key=scheduler._prefill_rank) == [long_, short]
+    finally:
+        engine.close()
+
+
+def test_an_unknown_prefill_order_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"prefill_order must be one of shortest, arrival; received 'random'"):
+        EngineConfig(prefill_order="random")
 
 
 def test_padding_positions_stay_within_the_row_for_position_dependent_rotary_scaling(tiny_model):

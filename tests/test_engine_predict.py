@@ -16,6 +16,7 @@ from templated_llm import hookimpl, log_llm, register_plugin
 from templated_llm.plugins.manager import unregister_plugin
 from templated_llm.engine import adapters
 from templated_llm.engine.config import EngineConfig
+from templated_llm.errors import ConfigError
 
 PROMPTS = ["Name three rivers.", "Explain the KV cache in simple words in simple words.", "hi",
            "Write a sentence about the sea and the mountains"]
@@ -102,9 +103,15 @@ def test_a_request_over_a_slot_is_refused_naming_the_engine_budget(logged_model)
 
 def test_log_llm_records_the_engine_budget(tiny_snapshot):
     info = log_llm("mpt-instruct", snapshot=tiny_snapshot, name="budget",
-                   engine=EngineConfig(max_num_seqs=3, max_cache_tokens=300, prefill_chunk=16))
+                   engine=EngineConfig(max_num_seqs=3, max_cache_tokens=300, prefill_chunk=16,
+                                       prefill_order="arrival"))
     engine = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().engine
-    assert (engine.max_num_seqs, engine.max_seq_len, engine.config.prefill_chunk) == (3, 100, 16)
+    assert (engine.max_num_seqs, engine.max_seq_len, engine.config.prefill_chunk,
+            engine.config.prefill_order) == (3, 100, 16, "arrival")
+    reloaded = mlflow.pyfunc.load_model(info.model_uri, model_config={"prefill_order": "shortest"})
+    assert reloaded.unwrap_python_model().engine.config.prefill_order == "shortest"
+    with pytest.raises(ConfigError, match="prefill_order.*'shortest' or 'arrival'.*'random'"):
+        mlflow.pyfunc.load_model(info.model_uri, model_config={"prefill_order": "random"})
 
 
 def test_a_model_without_an_adapter_falls_back_to_whole_batches(tiny_model, monkeypatch, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -13,6 +14,9 @@ from templated_llm.host_memory import mem_available
 # steps short (lower time per output token). EngineConfig(prefill_chunk=...) changes it.
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_WAITING = 256
+# Which prompts a step reads first (see EngineConfig.prefill_order).
+PrefillOrder = Literal["shortest", "arrival"]
+PREFILL_ORDERS: tuple[str, ...] = get_args(PrefillOrder)
 # Without a budget, each slot holds the model's context up to this many tokens, and the slots
 # take at most this share of the memory available at load (as the memory check counts it: the
 # tightest of MemAvailable, the cgroup's limit and TEMPLATED_LLM_MEMORY_LIMIT), and at most
@@ -33,18 +37,28 @@ class EngineConfig:
     - ``max_waiting``: sequences queued for a slot; beyond it ``submit`` raises
       :class:`~templated_llm.errors.EngineFullError`.
     - ``prefill_chunk``: prompt tokens read per step (see ``DEFAULT_PREFILL_CHUNK``).
+    - ``prefill_order``: which prompts a step reads first when more wait than ``prefill_chunk``
+      covers. ``"shortest"`` (default): the one whose prompt would be read first were each alone,
+      arrival time plus its unread tokens at the engine's measured prefill speed; requests that
+      arrive together are read shortest first (a short prompt does not wait behind long ones),
+      and one that arrived earlier by more than the difference in reading time goes first, so
+      none waits forever. ``"arrival"``: strictly oldest first.
     """
 
     max_num_seqs: int | None = None
     max_cache_tokens: int | None = None
     max_waiting: int = DEFAULT_MAX_WAITING
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_order: PrefillOrder = "shortest"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_cache_tokens", "max_waiting", "prefill_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer; received {value!r}")
+        if self.prefill_order not in PREFILL_ORDERS:
+            raise ValueError(f"EngineConfig.prefill_order must be one of {', '.join(PREFILL_ORDERS)}; "
+                             f"received {self.prefill_order!r}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Each step of the loop:
    token each; those that end (an end token, a stop string, ``max_tokens``) leave;
 3. up to ``prefill_chunk`` prompt tokens of the sequences still reading their prompt, in as
    few forward passes as keeps padding low; one that has read all of its prompt samples its
-   first token and joins the decoding sequences.
+   first token and joins the decoding sequences. Which prompts come first is
+   ``EngineConfig.prefill_order``: by default the one that would finish reading first were it
+   alone (its arrival plus its unread tokens at the prefill speed measured so far).
 
 A leaving sequence's slot is filled by moving the last decoding sequence into it (and the last
 prefilling one into the hole that leaves), so the decoding slots stay ``0..n-1``. A step that
@@ -17,6 +19,7 @@ raises fails only the sequences in it; the loop goes on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -43,6 +46,10 @@ _logger = logging.getLogger(__name__)
 
 # Prefill rows share a forward pass while padding them to the longest adds at most this share.
 _PREFILL_PADDING = 0.25
+# Seconds a prompt token takes to read, until the engine's first prefill pass measures it; each
+# later pass moves the estimate this share of the way to what it measured.
+_FIRST_SECONDS_PER_PROMPT_TOKEN = 1e-3
+_PREFILL_SPEED_UPDATE = 0.2
 
 
 class Engine:
@@ -101,8 +108,8 @@ class _Scheduler:
         per_token = SlotCache.bytes_per_token(adapter.layers, adapter.kv_heads, adapter.head_dim,
                                               adapter.dtype)
         shape = resolve(config, context_length(model), per_token, device, free_memory)
-        self.config = EngineConfig(shape.slots, shape.slots * shape.slot_len, config.max_waiting,
-                                   config.prefill_chunk)
+        self.config = dataclasses.replace(config, max_num_seqs=shape.slots,
+                                          max_cache_tokens=shape.slots * shape.slot_len)
         self.cache = SlotCache(adapter.layers, shape.slots, adapter.kv_heads, shape.slot_len,
                                adapter.head_dim, adapter.dtype, adapter.device)
         # running[i] holds slot i: decoding sequences first (0..decoding-1), then prefilling.
@@ -113,11 +120,12 @@ class _Scheduler:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.recorder = StatsRecorder()
+        self.seconds_per_prompt_token = _FIRST_SECONDS_PER_PROMPT_TOKEN
         _logger.info(
             "engine: %d slots of %d tokens (%.0f MiB of KV cache), up to %d waiting, prefill "
-            "chunk %d tokens, %s", shape.slots, shape.slot_len,
+            "chunk %d tokens, read %s first, %s", shape.slots, shape.slot_len,
             per_token * shape.slots * shape.slot_len / 2**20, config.max_waiting,
-            config.prefill_chunk, type(adapter).__name__,
+            config.prefill_chunk, config.prefill_order, type(adapter).__name__,
         )
 
     # -- any thread ---------------------------------------------------------------------------
@@ -216,10 +224,19 @@ class _Scheduler:
             state.finish(CANCELLED, self.tokenizer)
         if self.decoding:
             self._guarded(self.running[: self.decoding], self._decode)
-        # Oldest first: slots are reassigned as sequences leave, so slot order is not age.
-        prefilling = sorted(self.running[self.decoding :], key=lambda s: s.submitted)
+        # Slots are reassigned as sequences leave, so slot order is neither age nor length.
+        prefilling = sorted(self.running[self.decoding :], key=self._prefill_rank)
         for group in _prefill_groups(prefilling, self.config.prefill_chunk):
             self._guarded([state for state, _ in group], lambda g=group: self._prefill(g))
+
+    def _prefill_rank(self, state: SequenceState) -> float:
+        """When ``state`` would have read its whole prompt had it been alone: its arrival, plus
+        (by default) its unread tokens at the measured speed. Among requests arriving together
+        the shortest goes first; an older one is overtaken only by prompts that read faster than
+        its head start, so it is never starved."""
+        if self.config.prefill_order == "arrival":
+            return state.submitted
+        return state.submitted + (len(state.prompt_ids) - state.cached) * self.seconds_per_prompt_token
 
     def _guarded(self, states: list[SequenceState], run: Any) -> None:
         states = list(states)
@@ -256,7 +273,13 @@ class _Scheduler:
         tokens = torch.tensor(rows, device=self.adapter.device)
         batch = StepBatch(tokens, [s.slot for s, _ in group], [s.cached for s, _ in group],
                           [take for _, take in group])
+        start = time.perf_counter()
         logits = self.adapter.forward(batch, self.cache)
+        if logits.is_cuda:  # kernels run asynchronously: time them, not their launch
+            torch.cuda.synchronize(logits.device)
+        read = sum(take for _, take in group)
+        self.seconds_per_prompt_token += _PREFILL_SPEED_UPDATE * (
+            (time.perf_counter() - start) / read - self.seconds_per_prompt_token)
         for state, take in group:
             state.cached += take
         # Only once every row counts its new chunk: a promotion moves other rows' slots.
@@ -373,7 +396,7 @@ class _Scheduler:
 
 
 def _prefill_groups(prefilling: list[SequenceState], budget: int) -> list[list[tuple[SequenceState, int]]]:
-    """This step's prompt chunks, oldest sequence first, up to ``budget`` tokens in all, grouped
+    """This step's prompt chunks, in ``prefilling``'s order, up to ``budget`` tokens in all, grouped
     into forward passes of similar chunk lengths (padding to the longest in each stays low)."""
     chunks = []
     for state in prefilling:

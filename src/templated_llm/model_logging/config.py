@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig
+from templated_llm.engine.config import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, EngineConfig, PrefillOrder
 from templated_llm.errors import ConfigError, validation_summary
 from templated_llm.runtime.tasks import Task
 
@@ -43,10 +43,11 @@ class LoggedConfig(BaseModel):
     max_cache_tokens: int | None = Field(None, ge=1)
     max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=1)
     prefill_chunk: int = Field(DEFAULT_PREFILL_CHUNK, ge=1)
+    prefill_order: PrefillOrder = "shortest"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.max_num_seqs, self.max_cache_tokens, self.max_waiting,
-                            self.prefill_chunk)
+                            self.prefill_chunk, self.prefill_order)
     # MLflow's LLM task the model was logged with (its request and response shapes); None is
     # the 'prompt'/'candidates' schema.
     task: Task | None = None
