@@ -22,6 +22,8 @@ from templated_llm.runtime import packed_linear
 from templated_llm.runtime.packed_linear import (
     PackedLinear,
     WeightMajorLinear,
+    bucket_rows,
+    in_row_buckets,
     linear_gelu,
     pack_linear_layers,
     packing_available,
@@ -67,7 +69,9 @@ def test_gelu_fused_into_the_layer_is_the_gelu_of_its_output(lay_out, dtype, tol
 @given(
     in_features=st.integers(1, 96),
     out_features=st.integers(1, 96),
-    leading=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    # Up to 600 rows: past 64, bfloat16 rows run padded to a bucket (bucket_rows).
+    leading=st.one_of(st.just([]), st.tuples(st.integers(1, 120)).map(list),
+                      st.tuples(st.integers(1, 120), st.integers(1, 5)).map(list)),
     bias=st.booleans(),
     transposed=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -84,6 +88,27 @@ def test_the_laid_out_layers_compute_what_nn_linear_does(lay_out, dtype, toleran
         have = lay_out(linear)(x)
     assert have.shape == want.shape and have.dtype == want.dtype
     torch.testing.assert_close(have, want, rtol=tolerance, atol=tolerance)
+
+
+@given(rows=st.integers(1, 5000))
+def test_bucketed_row_counts_add_at_most_31_rows_or_an_eighth(rows):
+    padded = bucket_rows(rows)
+    assert padded >= rows and bucket_rows(padded) == padded
+    assert padded == rows if rows <= 64 else padded - rows <= max(31, rows // 8)
+
+
+def test_inputs_of_many_rows_reach_onednn_in_a_few_row_counts():
+    assert len({bucket_rows(rows) for rows in range(65, 4097)}) == 38
+    seen = []
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        seen.append(rows.shape[0])
+        return rows * 2
+
+    x = torch.randn(3, 101, 8, dtype=torch.bfloat16)  # 303 rows: padded to 320
+    out = in_row_buckets(x, run)
+    assert seen == [320] and torch.equal(out, x * 2)
+    assert in_row_buckets(x.float(), run).shape == x.shape and seen[-1] == 303  # float32: exact
 
 
 @_BF16
