@@ -174,3 +174,15 @@ def test_a_system_prompt_sent_twice_is_refused_as_the_openai_route_refuses_it(se
         assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
     response = _post(server, {"inputs": {"messages": [SYSTEM, *CHAT]}, "params": {**GREEDY, "system": "Be long."}})
     assert response.status_code == 400 and twice in response.json()["message"], response.text
+
+
+def test_a_system_variable_at_its_default_beside_a_system_message_is_not_a_second_one(server, logged, expected):
+    # MLflow sends every param a request leaves out as its default ("" for system): predict
+    # cannot tell that from one sent, and the OpenAI route reads it the same way.
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert model.predict({"messages": [[SYSTEM, *CHAT]]}, params={**GREEDY, "system": ""})["candidates"][0] == \
+        expected["system"]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    response = client.chat.completions.create(model="llama2-chat", messages=[SYSTEM, *CHAT], **GREEDY,
+                                              extra_body={"template_variables": {"system": ""}})
+    assert response.choices[0].message.content == expected["system"]

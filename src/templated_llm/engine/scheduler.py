@@ -232,8 +232,8 @@ class _Scheduler:
     def _prefill_rank(self, state: SequenceState) -> float:
         """When ``state`` would have read its whole prompt had it been alone: its arrival, plus
         (by default) its unread tokens at the measured speed. Among requests arriving together
-        the shortest goes first; an older one is overtaken only by prompts that read faster than
-        its head start, so it is never starved."""
+        the shortest goes first; a later one overtakes an earlier one only where it reads faster
+        by more than the earlier one's head start, so none is starved."""
         if self.config.prefill_order == "arrival":
             return state.submitted
         return state.submitted + (len(state.prompt_ids) - state.cached) * self.seconds_per_prompt_token

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,11 +30,18 @@ def openai_role(role: Any) -> Any:
     return "system" if role == "developer" else role
 
 
-def system_prompt_twice(row: Row, variables: Collection[str], variable: str) -> str | None:
+def system_prompt_twice(row: Row, variables: Mapping[str, Any], defaults: Mapping[str, str],
+                        variable: str) -> str | None:
     """Why a request is refused that sets the system prompt both as a system message of ``row``
     and as the ``system`` template variable (``variable``: how the request names it); ``None``
-    where it does not. Neither would win silently: the caller raises its own 400 with this."""
-    if "system" not in variables or isinstance(row, str) or not any(m["role"] == "system" for m in row):
+    where it does not. Neither would win silently: the caller raises its own 400 with this.
+
+    A ``system`` equal to the template's default is not counted as set: MLflow fills every param
+    a request leaves out with its default, so on any route only another value is known to be sent.
+    """
+    if isinstance(row, str) or variables.get("system", defaults.get("system")) == defaults.get("system"):
+        return None
+    if not any(m["role"] == "system" for m in row):
         return None
     return f"the request sets the system prompt twice, as a system message and as {variable}; send one"
 

@@ -47,10 +47,7 @@ class PromptRenderer:
         """The text the model sees for ``row``; ``variables`` override the template variables'
         defaults. Raises ``MlflowException`` (HTTP 400) for a conversation the model cannot take,
         or one whose system message ``variables`` sets again."""
-        # MLflow fills each param a request leaves out with its default: only another value is
-        # known to be sent.
-        sent = [k for k, v in (variables or {}).items() if v != self.spec.template_variables.get(k)]
-        if problem := system_prompt_twice(row, sent, "the 'system' param"):
+        if problem := system_prompt_twice(row, variables or {}, self.spec.template_variables, "the 'system' param"):
             raise MlflowException.invalid_parameter_value(problem)
         values = {**self.spec.template_variables, **(variables or {})}
         if isinstance(row, str):

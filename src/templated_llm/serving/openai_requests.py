@@ -290,7 +290,8 @@ def chat_row(request: ChatRequest, spec: ModelSpec) -> tuple[Row, dict[str, str]
     """
     turns = [{"role": openai_role(m.role), "content": m.text}
              for m in request.messages]
-    if problem := system_prompt_twice(turns, request.template_variables or {}, "template_variables.system"):
+    if problem := system_prompt_twice(turns, request.template_variables or {}, spec.template_variables,
+                                      "template_variables.system"):
         raise RequestError(problem, param="template_variables")
     if spec.chat:
         return turns, {}
