@@ -423,9 +423,11 @@ def test_prompts_are_read_oldest_first_whatever_slots_they_hold(mpt):
         engine.close()
 
 
-def test_prompts_arriving_together_are_read_shortest_first(mpt):
+@pytest.mark.parametrize("slots", [3, 2], ids=["a-slot-each", "more-than-the-slots"])
+def test_prompts_arriving_together_are_read_shortest_first(mpt, slots):
     # Submitted longest first, all before the engine admits any; a 4-token budget per step.
-    engine = _engine(mpt, max_num_seqs=3, prefill_chunk=4)
+    # With two slots the shortest prompts must also be the first to get one.
+    engine = _engine(mpt, max_num_seqs=slots, prefill_chunk=4)
     try:
         with engine._scheduler.condition:
             sequences = [engine.submit(_ids(mpt, " ".join(["river"] * 40))[:n], GenerationParams(max_tokens=2))
@@ -452,6 +454,21 @@ def test_an_older_prompt_goes_first_once_its_head_start_outweighs_its_length(mpt
         long_.cached = 38  # two tokens left of its 40: ahead of a 4-token one arriving with it
         short.submitted = long_.submitted
         assert sorted([short, long_], key=scheduler._prefill_rank) == [long_, short]
+    finally:
+        engine.close()
+
+
+def test_the_prefill_speed_weighs_passes_by_tokens_and_caps_one_off_costs(mpt):
+    engine = _engine(mpt, max_num_seqs=3)
+    try:
+        scheduler = engine._scheduler
+        first = scheduler.seconds_per_prompt_token
+        scheduler._measured_prefill(5.0, 3)  # a first pass compiling kernels: counts 4x expected
+        assert scheduler.seconds_per_prompt_token <= first * (256 * 0.8 + 4 * 3) / (256 * 0.8 + 3)
+        for _ in range(20):  # steady passes of 500 tokens at 10 us each, with a slow 1-token tail
+            scheduler._measured_prefill(500 * 1e-5, 500)
+            scheduler._measured_prefill(4 * scheduler.seconds_per_prompt_token, 1)
+        assert 1e-5 <= scheduler.seconds_per_prompt_token < 1.1e-5
     finally:
         engine.close()
 

@@ -37,12 +37,12 @@ class EngineConfig:
     - ``max_waiting``: sequences queued for a slot; beyond it ``submit`` raises
       :class:`~templated_llm.errors.EngineFullError`.
     - ``prefill_chunk``: prompt tokens read per step (see ``DEFAULT_PREFILL_CHUNK``).
-    - ``prefill_order``: which prompts a step reads first when more wait than ``prefill_chunk``
-      covers. ``"shortest"`` (default): the one whose prompt would be read first were each alone,
-      arrival time plus its unread tokens at the engine's measured prefill speed; requests that
-      arrive together are read shortest first (a short prompt does not wait behind long ones),
-      and one that arrived earlier by more than the difference in reading time goes first, so
-      none waits forever. ``"arrival"``: strictly oldest first.
+    - ``prefill_order``: which prompts take free slots and are read first when more wait than
+      ``prefill_chunk`` covers. ``"shortest"`` (default): the one whose prompt would be read
+      first were each alone, arrival time plus its unread tokens at the engine's measured
+      prefill speed; requests that arrive together are read shortest first (a short prompt does
+      not wait behind long ones), and one that arrived earlier by more than the difference in
+      reading time goes first, so none waits forever. ``"arrival"``: strictly oldest first.
     """
 
     max_num_seqs: int | None = None

@@ -46,10 +46,16 @@ _logger = logging.getLogger(__name__)
 
 # Prefill rows share a forward pass while padding them to the longest adds at most this share.
 _PREFILL_PADDING = 0.25
-# Seconds a prompt token takes to read, until the engine's first prefill pass measures it; each
-# later pass moves the estimate this share of the way to what it measured.
+# The prefill speed that ranks waiting prompts: seconds over tokens of the passes read so far,
+# each pass's share decaying by _PREFILL_SPEED_DECAY per later pass (a pass of many tokens weighs
+# more than one of a few, whose fixed cost says little of a long prompt's), starting from a prior
+# of _PRIOR_TOKENS tokens at _FIRST_SECONDS_PER_PROMPT_TOKEN. A pass counts for at most
+# _SLOWEST_PASS times what the estimate expects: the first passes of a process, and on a GPU
+# its first kernels, pay one-off compilation many times their reading time.
 _FIRST_SECONDS_PER_PROMPT_TOKEN = 1e-3
-_PREFILL_SPEED_UPDATE = 0.2
+_PRIOR_TOKENS = 256
+_PREFILL_SPEED_DECAY = 0.8
+_SLOWEST_PASS = 4.0
 
 
 class Engine:
@@ -121,6 +127,8 @@ class _Scheduler:
         self.thread: threading.Thread | None = None
         self.recorder = StatsRecorder()
         self.seconds_per_prompt_token = _FIRST_SECONDS_PER_PROMPT_TOKEN
+        self._prefill_tokens = float(_PRIOR_TOKENS)
+        self._prefill_seconds = _PRIOR_TOKENS * _FIRST_SECONDS_PER_PROMPT_TOKEN
         _logger.info(
             "engine: %d slots of %d tokens (%.0f MiB of KV cache), up to %d waiting, prefill "
             "chunk %d tokens, read %s first, %s", shape.slots, shape.slot_len,
@@ -213,7 +221,9 @@ class _Scheduler:
                 self.waiting.remove(state)
                 state.finish(CANCELLED, self.tokenizer)
             while self.waiting and len(self.running) < self.cache.slots:
-                state = self.waiting.popleft()
+                # In prefill order: slots go first to the prompts that would be read first.
+                state = min(self.waiting, key=self._prefill_rank)
+                self.waiting.remove(state)
                 state.slot = len(self.running)
                 self.running.append(state)
             return not self.stopping
@@ -275,11 +285,9 @@ class _Scheduler:
                           [take for _, take in group])
         start = time.perf_counter()
         logits = self.adapter.forward(batch, self.cache)
-        if logits.is_cuda:  # kernels run asynchronously: time them, not their launch
-            torch.cuda.synchronize(logits.device)
-        read = sum(take for _, take in group)
-        self.seconds_per_prompt_token += _PREFILL_SPEED_UPDATE * (
-            (time.perf_counter() - start) / read - self.seconds_per_prompt_token)
+        if logits.device.type != "cpu":  # kernels run asynchronously: time them, not their launch
+            torch.accelerator.synchronize(logits.device)
+        self._measured_prefill(time.perf_counter() - start, sum(take for _, take in group))
         for state, take in group:
             state.cached += take
         # Only once every row counts its new chunk: a promotion moves other rows' slots.
@@ -288,6 +296,13 @@ class _Scheduler:
             self._promote(group[row][0])
         if done:
             self._advance([group[row][0] for row in done], logits[done])
+
+    def _measured_prefill(self, seconds: float, tokens: int) -> None:
+        """Fold a prefill pass of ``tokens`` tokens that took ``seconds`` into the speed estimate."""
+        expected = tokens * self.seconds_per_prompt_token
+        self._prefill_seconds = self._prefill_seconds * _PREFILL_SPEED_DECAY + min(seconds, _SLOWEST_PASS * expected)
+        self._prefill_tokens = self._prefill_tokens * _PREFILL_SPEED_DECAY + tokens
+        self.seconds_per_prompt_token = self._prefill_seconds / self._prefill_tokens
 
     def _advance(self, states: list[SequenceState], logits: torch.Tensor) -> None:
         """Sample each sequence's next token; end those that are done."""

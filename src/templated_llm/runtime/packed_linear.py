@@ -148,7 +148,8 @@ def linear_gelu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # more than _EXACT_ROWS rows run padded up to one of a few counts: a multiple of 32 up to 512
 # rows, then of an eighth of the power of two below the count (at most 31 rows or an eighth
 # more; 38 counts from 65 to 4096 rows).
-# Decode steps, a row per sequence, stay exact: their few counts repeat every step.
+# Decode steps (a row per sequence) of up to 64 sequences, the engine's default being at most 32,
+# stay exact: their few counts repeat every step. Beyond 64 they are padded like the rest.
 _EXACT_ROWS = 64
 
 
