@@ -112,6 +112,19 @@ def test_inputs_of_many_rows_reach_onednn_in_a_few_row_counts():
 
 
 @_BF16
+def test_every_bfloat16_layout_runs_many_rows_bucketed(monkeypatch):
+    seen = []
+    bucketed = packed_linear.in_row_buckets
+    monkeypatch.setattr(packed_linear, "in_row_buckets",
+                        lambda x, run: bucketed(x, lambda rows: (seen.append(rows.shape[0]), run(rows))[1]))
+    linear = nn.Linear(16, 8, dtype=torch.bfloat16).eval()
+    x = torch.randn(2, 50, 16, dtype=torch.bfloat16)  # 100 rows: 128 reach the kernel
+    with torch.inference_mode():
+        outputs = [PackedLinear(linear)(x), linear_gelu(PackedLinear(linear), x), _weight_major(linear)(x)]
+    assert seen == [128, 128, 128] and all(out.shape == (2, 50, 8) for out in outputs)
+
+
+@_BF16
 @pytest.mark.parametrize("cache_bytes, weight_major", [(0, True), (2**40, False)])
 def test_bfloat16_layers_run_weight_major_where_the_weights_outgrow_the_cache(
         tiny_snapshot, monkeypatch, cache_bytes, weight_major):
