@@ -513,9 +513,10 @@ def test_a_failing_step_fails_only_its_sequences(mpt):
     params = GenerationParams(max_tokens=10)
     ids = [_ids(mpt, p) for p in PROMPTS[:2]]
     # Call 1 prefills the first prompt alone (chunk 64 > its length); call 2 fails: the
-    # first's first decode step, with the second still waiting for the only slot.
+    # first's first decode step, with the second still waiting for the only slot (in arrival
+    # order: read shortest first, the second could take the slot if both were waiting).
     engine = Engine(model, tokenizer, _FailingOnce(adapter, at=2),
-                    EngineConfig(max_num_seqs=1, max_cache_tokens=96, prefill_chunk=64))
+                    EngineConfig(max_num_seqs=1, max_cache_tokens=96, prefill_chunk=64, prefill_order="arrival"))
     try:
         first, second = (engine.submit(i, params) for i in ids)
         with pytest.raises(SequenceFailedError, match="injected: CUDA out of memory"):
@@ -749,8 +750,9 @@ def test_an_overflowing_sequence_fails_alone_and_leaves_its_slot_clean(tiny_snap
     mpt = _load(tiny_snapshot, "mpt", "eager")
     model, tokenizer, adapter = mpt
     overflowing = _Overflowing(adapter, slot=1)
-    engine = Engine(model, tokenizer, overflowing,
-                    EngineConfig(max_num_seqs=2, max_cache_tokens=2 * 96, prefill_chunk=64))
+    # Slots in arrival order, whatever the prompts' lengths: the test places each sequence.
+    engine = Engine(model, tokenizer, overflowing, EngineConfig(max_num_seqs=2, max_cache_tokens=2 * 96,
+                                                                prefill_chunk=64, prefill_order="arrival"))
     long, short = _ids(mpt, PROMPTS[2]), _ids(mpt, PROMPTS[1])
     greedy, sampled = GenerationParams(max_tokens=6), GenerationParams(max_tokens=6, temperature=1.0, seed=3)
     try:
