@@ -441,36 +441,34 @@ def test_prompts_arriving_together_are_read_shortest_first(mpt, slots):
         engine.close()
 
 
-def test_an_older_prompt_goes_first_once_its_head_start_outweighs_its_length(mpt):
+@pytest.fixture
+def scheduler(mpt):
+    """An idle engine's scheduler, to rank sequences and measure passes by hand."""
     engine = _engine(mpt, max_num_seqs=3)
-    try:
-        scheduler = engine._scheduler
-        scheduler.seconds_per_prompt_token = 0.01
-        long_, short = SequenceState([1] * 40, GenerationParams(), None), SequenceState([1] * 4, GenerationParams(), None)
-        short.submitted = long_.submitted + 0.3  # 0.36 s less to read: the short one still goes first
-        assert sorted([long_, short], key=scheduler._prefill_rank) == [short, long_]
-        short.submitted = long_.submitted + 0.4
-        assert sorted([long_, short], key=scheduler._prefill_rank) == [long_, short]
-        long_.cached = 38  # two tokens left of its 40: ahead of a 4-token one arriving with it
-        short.submitted = long_.submitted
-        assert sorted([short, long_], key=scheduler._prefill_rank) == [long_, short]
-    finally:
-        engine.close()
+    yield engine._scheduler
+    engine.close()
 
 
-def test_the_prefill_speed_weighs_passes_by_tokens_and_caps_one_off_costs(mpt):
-    engine = _engine(mpt, max_num_seqs=3)
-    try:
-        scheduler = engine._scheduler
-        first = scheduler.seconds_per_prompt_token
-        scheduler._measured_prefill(5.0, 3)  # a first pass compiling kernels: counts 4x expected
-        assert scheduler.seconds_per_prompt_token <= first * (256 * 0.8 + 4 * 3) / (256 * 0.8 + 3)
-        for _ in range(20):  # steady passes of 500 tokens at 10 us each, with a slow 1-token tail
-            scheduler._measured_prefill(500 * 1e-5, 500)
-            scheduler._measured_prefill(4 * scheduler.seconds_per_prompt_token, 1)
-        assert 1e-5 <= scheduler.seconds_per_prompt_token < 1.1e-5
-    finally:
-        engine.close()
+def test_an_older_prompt_goes_first_once_its_head_start_outweighs_its_length(scheduler):
+    scheduler.seconds_per_prompt_token = 0.01
+    long_, short = SequenceState([1] * 40, GenerationParams(), None), SequenceState([1] * 4, GenerationParams(), None)
+    short.submitted = long_.submitted + 0.3  # 0.36 s less to read: the short one still goes first
+    assert sorted([long_, short], key=scheduler._prefill_rank) == [short, long_]
+    short.submitted = long_.submitted + 0.4
+    assert sorted([long_, short], key=scheduler._prefill_rank) == [long_, short]
+    long_.cached = 38  # two tokens left of its 40: ahead of a 4-token one arriving with it
+    short.submitted = long_.submitted
+    assert sorted([short, long_], key=scheduler._prefill_rank) == [long_, short]
+
+
+def test_the_prefill_speed_weighs_passes_by_tokens_and_caps_one_off_costs(scheduler):
+    first = scheduler.seconds_per_prompt_token
+    scheduler._measured_prefill(5.0, 3)  # a first pass compiling kernels: counts 4x expected
+    assert scheduler.seconds_per_prompt_token <= first * (256 * 0.8 + 4 * 3) / (256 * 0.8 + 3)
+    for _ in range(20):  # steady passes of 500 tokens at 10 us each, with a slow 1-token tail
+        scheduler._measured_prefill(500 * 1e-5, 500)
+        scheduler._measured_prefill(4 * scheduler.seconds_per_prompt_token, 1)
+    assert 1e-5 <= scheduler.seconds_per_prompt_token < 1.1e-5
 
 
 def test_an_unknown_prefill_order_is_refused_naming_the_choices():
