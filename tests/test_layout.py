@@ -20,7 +20,7 @@ ORDER = [
     "engine.config", "engine.stats", "engine.sampling", "engine.sequence", "engine.cache",
     "engine.attention", "engine.adapters", "engine.scheduler",
     "model_logging.config", "model_logging.prompt_registry", "model_logging.snapshot", "runtime.memory",
-    "plugins.hf_defaults", "plugins.manager",
+    "plugins.hf_defaults", "plugins.plugin_code", "plugins.manager",
     "runtime.loading", "runtime.pyfunc",
     "model_logging.log", "model_logging.model_code", "evaluation",
     "serving.config", "serving.openai_requests", "serving.openai_responses", "serving.backend",

@@ -149,12 +149,15 @@ register_plugin(NotebookPlugin(), name="notebook")
 '''
 
 
-def _logged_with_own_plugin(tmp_path: Path, folder: str, model: str, snapshot: Path) -> str:
-    """A model logged from ``folder``, by its own ``my_plugin.py`` rendering '<folder>: prompt'."""
+def _logged_with_own_plugin(tmp_path: Path, folder: str, model: str, snapshot: Path,
+                            package: bool = False) -> str:
+    """A model logged from ``folder``, by its own ``my_plugin`` rendering '<folder>: prompt':
+    a module file, or with ``package`` a package directory."""
     where = tmp_path / folder
-    where.mkdir()
-    (where / "own.jinja").write_text(folder + ": {{ prompt }}")
-    (where / "my_plugin.py").write_text(OWN_PLUGIN.format(model=model, folder=folder))
+    code = where / "my_plugin" if package else where
+    code.mkdir(parents=True)
+    (code / "own.jinja").write_text(folder + ": {{ prompt }}")
+    (code / ("__init__.py" if package else "my_plugin.py")).write_text(OWN_PLUGIN.format(model=model, folder=folder))
     log = f'info = log_llm({model!r}, snapshot=sys.argv[-1], name={folder!r})\nprint("URI", info.model_uri)\n'
     return _logged_uri(_python(["-c", "import my_plugin\n" + IMPORTS + log, str(snapshot)], cwd=where))
 
@@ -176,3 +179,15 @@ def test_a_model_name_served_by_another_models_plugin_code_is_refused(tiny_snaps
     message = loaded.stderr.replace("\n", " ")
     assert "PluginError: model 'same-model' is served in this process by the plugin code another " \
            "logged model carried" in message, loaded.stderr[-3000:]
+
+
+def test_a_plugin_package_of_the_name_another_loaded_model_carried_is_told_apart(tiny_snapshot, tmp_path):
+    # Python imports my_plugin once per process: the second model would render with the first's.
+    first = _logged_with_own_plugin(tmp_path, "first", "same-model", tiny_snapshot, package=True)
+    second = _logged_with_own_plugin(tmp_path, "second", "same-model", tiny_snapshot, package=True)
+    loaded = _loaded_in_one_process([first, first, second], _elsewhere(tmp_path))
+    assert loaded.returncode != 0
+    assert [json.loads(line) for line in loaded.stdout.splitlines()[-2:]] == [["first: hi"], ["first: hi"]]
+    message = loaded.stderr.replace("\n", " ")
+    assert "PluginError: model 'same-model' carries its plugin code as 'my_plugin', but this process " \
+           "has already imported a different 'my_plugin'" in message, loaded.stderr[-3000:]

@@ -23,6 +23,7 @@ from templated_llm.plugins.manager import (
     plugin_load_errors,
     register_plugin,
 )
+from templated_llm.plugins.plugin_code import code_digest, package_dir
 from templated_llm.runtime.loading import load_tokenizer, select_attention
 
 
@@ -384,3 +385,81 @@ def test_a_model_name_another_shipped_module_serves_is_refused_whatever_the_modu
         get_model_spec("shared-model", second)
     for name in names:
         sys.modules.pop(name, None)
+
+
+PACKAGE_PLUGIN = '''
+from templated_llm import ModelSpec, hookimpl, register_plugin
+
+
+class Plugin:
+    @hookimpl
+    def register_models(self, register):
+        register(ModelSpec(name={model!r}, repo_id="x/{copy}", template="mpt-instruct.jinja"))
+
+
+register_plugin(Plugin(), name="packaged")
+'''
+
+
+def _package_copy(tmp_path: Path, copy: str, model: str) -> tuple[Path, str]:
+    """A plugin package named ``acme_pkg`` in folder ``copy``, as a logged model carries it, and
+    the digest log_llm records of it."""
+    package = tmp_path / copy / "acme_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(PACKAGE_PLUGIN.format(model=model, copy=copy))
+    return package.parent, code_digest(package)
+
+
+@pytest.fixture
+def acme_pkg_unloaded():
+    yield
+    for name in [m for m in sys.modules if m == "acme_pkg" or m.startswith("acme_pkg.")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("second_model", ["pkg-model", "other-pkg-model"])
+def test_a_package_of_the_name_another_model_carried_with_other_code_is_refused(
+        fresh_plugins, tmp_path, monkeypatch, acme_pkg_unloaded, second_model):
+    # Where MLflow loads a model it puts the model's code first on sys.path; Python still
+    # imports acme_pkg once, so the second model would run the first one's package.
+    first, first_digest = _package_copy(tmp_path, "first", "pkg-model")
+    second, second_digest = _package_copy(tmp_path, "second", second_model)
+    monkeypatch.syspath_prepend(str(first))
+    assert get_model_spec("pkg-model", "acme_pkg", first_digest).repo_id == "x/first"
+    assert get_model_spec("pkg-model", "acme_pkg", first_digest).repo_id == "x/first"  # again: the same code
+    monkeypatch.syspath_prepend(str(second))
+    with pytest.raises(PluginError) as refused:
+        get_model_spec(second_model, "acme_pkg", second_digest)
+    assert str(refused.value) == (
+        f"model {second_model!r} carries its plugin code as 'acme_pkg', but this process has already "
+        f"imported a different 'acme_pkg', from {first / 'acme_pkg'} (the copy another logged model "
+        "carried), and Python imports a module name once per process: this model would run that "
+        "code instead of its own. Load the two models in separate processes, or give one of the "
+        "two plugin packages another name.")
+
+
+def test_an_installed_plugin_other_than_the_logged_code_runs_with_a_warning(fresh_plugins, caplog) -> None:
+    installed = code_digest(package_dir("templated_llm_mpt"))
+    with caplog.at_level("WARNING", logger="templated_llm.plugins.manager"):
+        assert get_model_spec("mpt-instruct", "templated_llm_mpt", installed).plugin_module == "templated_llm_mpt"
+        assert not caplog.records
+        assert get_model_spec("mpt-instruct", "templated_llm_mpt", "0" * 16).plugin_module == "templated_llm_mpt"
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'mpt-instruct' was logged with other plugin code than the installed 'templated_llm_mpt' "
+        f"it runs here (from {package_dir('templated_llm_mpt')}): a newer version of the plugin, say"]
+
+
+def test_the_code_digest_reads_file_names_and_bytes_and_skips_compiled_caches(tmp_path) -> None:
+    package = tmp_path / "pkg"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    (package / "own.jinja").write_text("{{ prompt }}")
+    digest = code_digest(package)
+    (package / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"compiled")
+    (package / "stale.pyc").write_bytes(b"compiled")
+    assert code_digest(package) == digest
+    (package / "own.jinja").write_text("{{ prompt }}!")
+    assert code_digest(package) != digest
+    (package / "own.jinja").write_text("{{ prompt }}")
+    (package / "own.jinja").rename(package / "other.jinja")
+    assert code_digest(package) != digest

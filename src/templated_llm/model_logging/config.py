@@ -24,6 +24,9 @@ class LoggedConfig(BaseModel):
     model: str
     plugin: str
     plugin_module: str
+    # The digest of the plugin code the model carries (plugins/plugin_code.py); None in models
+    # logged before it was recorded, and for templated-llm's own plugin.
+    plugin_digest: str | None = None
     attention: str = "auto"
     dtype: DType = "auto"  # auto: the checkpoint's dtype where the device computes it natively
     device: str | None = None  # None: CUDA when present, else CPU

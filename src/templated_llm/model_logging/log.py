@@ -39,6 +39,7 @@ from templated_llm.plugins.manager import (
     main_registration_line,
     main_statement_line,
 )
+from templated_llm.plugins.plugin_code import code_digest, package_dir
 from templated_llm.runtime.completions import output_schema
 from templated_llm.runtime.device import AUTO, check_dtype, default_device
 from templated_llm.runtime.inputs import PROMPT_COLUMN
@@ -70,25 +71,8 @@ def _runtime_requirements() -> tuple[str, ...]:
     )
 
 
-def _package_dir(module_name: str) -> Path | None:
-    """The top-level package directory of a module (its file, for a top-level module), if it
-    lives in files that can be shipped.
-
-    Found up from the module's own file, as many levels as its name has dots: a namespace
-    package (no ``__init__.py``) has no file of its own, and may span several directories, of
-    which this is the one holding the module.
-    """
-    file = getattr(sys.modules.get(module_name), "__file__", None)
-    if not file:
-        return None
-    path = Path(file)
-    if path.name == "__init__.py":
-        path = path.parent
-    return path.parents[module_name.count(".") - 1] if "." in module_name else path
-
-
 def _code_paths(plugin_module: str, plugin_code: Path | None, staging: Path) -> list[str]:
-    paths = [_package_dir(__name__)]
+    paths = [package_dir(__name__)]
     if plugin_code is not None and plugin_code.is_file():
         # A one-file plugin travels under the name the model imports (a script's is new).
         plugin_code = Path(shutil.copyfile(plugin_code, staging / f"{plugin_module}.py"))
@@ -105,7 +89,7 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
     ``if __name__ == "__main__":`` block does not. That must register the plugin and not log.
     """
     if spec.plugin_module != "__main__":
-        code = _package_dir(spec.plugin_module)
+        code = package_dir(spec.plugin_module)
         if code is None:
             raise PluginError(
                 f"plugin {spec.plugin_name!r} is defined in module {spec.plugin_module!r}, which "
@@ -142,6 +126,14 @@ def _plugin_code(spec: ModelSpec) -> tuple[str, Path | None]:
             "the top level of the script, outside that block."
         )
     return _shipped_name(script), script
+
+
+def _plugin_digest(plugin_code: Path | None) -> str | None:
+    """The digest of the plugin code the model carries; None for templated-llm's own plugin,
+    which is templated-llm itself (its version is recorded)."""
+    if plugin_code is None or plugin_code == package_dir(__name__):
+        return None
+    return code_digest(plugin_code)
 
 
 def _shipped_name(module_file: Path) -> str:
@@ -313,6 +305,7 @@ def log_llm(
             model=spec.name,
             plugin=spec.plugin_name,
             plugin_module=plugin_module,
+            plugin_digest=_plugin_digest(plugin_code),
             attention=attention,
             dtype=dtype,
             generation_defaults=_generation_defaults(spec),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import logging
 import os
 import sys
 import warnings
@@ -27,7 +28,10 @@ import pluggy
 
 from templated_llm.errors import PluginError, PluginLoadWarning, TemplatedLLMError, UnknownModelError
 from templated_llm.plugins import hf_defaults, hookspecs
+from templated_llm.plugins.plugin_code import code_digest, package_dir
 from templated_llm.spec import ModelSpec
+
+_logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "templated_llm"
 # Comma-separated entry-point names to load; unset loads all of them, an empty value loads none.
@@ -350,6 +354,24 @@ def _import_shipped(module_name: str) -> None:
         _importing_shipped.reset(importing)
 
 
+def _check_imported_code(name: str, module_name: str, digest: str) -> None:
+    """Refuse (or, for an installed plugin, warn) where the code imported as ``module_name`` is
+    not the code model ``name`` was logged with."""
+    where = package_dir(module_name)
+    if where is None or code_digest(where) == digest:
+        return
+    if module_name in _shipped:
+        raise PluginError(
+            f"model {name!r} carries its plugin code as {module_name!r}, but this process has "
+            f"already imported a different {module_name!r}, from {where} (the copy another logged "
+            "model carried), and Python imports a module name once per process: this model would "
+            "run that code instead of its own. Load the two models in separate processes, or give "
+            "one of the two plugin packages another name."
+        )
+    _logger.warning("model %r was logged with other plugin code than the installed %r it runs "
+                    "here (from %s): a newer version of the plugin, say", name, module_name, where)
+
+
 def _skip_failed(plugin: str, hook: str, exc: BaseException) -> None:
     error = PluginLoadError(plugin, f"hook {hook}", f"{type(exc).__name__}: {exc}")
     if error not in _load_errors:
@@ -358,19 +380,23 @@ def _skip_failed(plugin: str, hook: str, exc: BaseException) -> None:
                       f"were skipped: {error.error}", PluginLoadWarning, stacklevel=3)
 
 
-def get_model_spec(name: str, plugin_module: str | None = None) -> ModelSpec:
+def get_model_spec(name: str, plugin_module: str | None = None, plugin_digest: str | None = None) -> ModelSpec:
     """Find the spec of model ``name``.
 
     When no registered plugin serves it and ``plugin_module`` is given (as recorded in a logged
     model), that module is imported and registered first: this is how a logged model loads where
     its plugin travels in the model's ``code_paths`` instead of being installed. A model whose
     name the plugin module another logged model carried serves here is refused: the hooks would
-    run that model's plugin code, not this one's.
+    run that model's plugin code, not this one's. So is one whose ``plugin_digest`` (of the code
+    it carries) differs from the code imported under ``plugin_module`` from another logged
+    model; an installed plugin that differs is run, with a warning.
     """
     specs = model_specs()
     if name not in specs and plugin_module:
         _import_shipped(plugin_module)
         specs = model_specs()
+    if plugin_digest and (name not in specs or specs[name].plugin_module == plugin_module):
+        _check_imported_code(name, plugin_module, plugin_digest)
     if name in specs:
         served_by = specs[name].plugin_module
         if plugin_module and served_by != plugin_module and served_by in _shipped:

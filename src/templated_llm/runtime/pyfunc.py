@@ -64,7 +64,7 @@ class TemplatedLLM(mlflow.pyfunc.PythonModel):
         if getattr(mlflow.models.model, "__mlflow_model__", None) is self:
             mlflow.models.model.__mlflow_model__ = None
         self.config = read_config(context.model_config, "model_config")
-        self.spec = get_model_spec(self.config.model, self.config.plugin_module)
+        self.spec = get_model_spec(self.config.model, self.config.plugin_module, self.config.plugin_digest)
         snapshot = Path(context.artifacts["snapshot"])
         warn_if_remote_code(self.config, snapshot)
         self.tokenizer = load_tokenizer(self.spec, snapshot, self.config.trust_remote_code)
