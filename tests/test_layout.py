@@ -25,7 +25,7 @@ ORDER = [
     "model_logging.log", "model_logging.model_code", "evaluation",
     "serving.config", "serving.openai_requests", "serving.openai_responses", "serving.backend",
     "serving.generations", "serving.failures", "serving.metrics", "serving.gate", "serving.mlflow_routes",
-    "serving.app",
+    "serving.app", "serving.allocator",
     "serving.server",
     "devtools.tiny", "devtools.scaffold", "devtools.demo",
     "cli", "__init__",

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from templated_llm.devtools.tiny import ARCHITECTURES  # noqa: E402 - after the OpenMP setting
 from templated_llm.model_logging.config import DType
+from templated_llm.serving.allocator import malloc_environment
 from templated_llm.serving.config import API_KEY_ENV, ServerConfig, check_port
 
 
@@ -186,8 +187,8 @@ def _serve(args: argparse.Namespace) -> int:
                             workers=args.workers or 1, env_manager=args.env_manager or "local")
     print(" ".join(command), flush=True)
     # MLflow starts `uvicorn` from PATH: make it this interpreter's, even in an inactive venv.
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                                 os.environ.get("PATH", "")])}
+    env = {**malloc_environment(), **os.environ,
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     os.execve(command[0], command, env)  # the server takes this process over, signals included
 
 

@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 
 from templated_llm.errors import user_message
+from templated_llm.serving.allocator import keep_freed_memory
 from templated_llm.serving.app import ServerState, create_app
 from templated_llm.serving.config import ServerConfig
 
@@ -34,6 +35,7 @@ def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM or SIGINT; the exit status: 0, or 1 when the model failed to load."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    _logger.info(keep_freed_memory())  # before the model loads: its allocations are served so too
     server: _Server | None = None
 
     def stop() -> None:
