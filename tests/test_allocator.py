@@ -53,7 +53,7 @@ class _Started(Exception):
     pass
 
 
-def test_a_server_started_with_mlflow_only_starts_with_the_thresholds(monkeypatch, capsys) -> None:
+def test_a_server_started_with_mlflow_only_starts_with_the_thresholds(monkeypatch) -> None:
     # glibc reads them when the process starts: plain mlflow models serve gets them as variables.
     from templated_llm import cli
 

@@ -139,7 +139,7 @@ def _plugin_digest(plugin_code: Path | None) -> str | None:
 def _shipped_name(module_file: Path) -> str:
     """The name a one-file plugin module travels under: from its content, so that where models
     load, two models' modules of one name (two notebooks' my_plugin.py) are two modules."""
-    return _SHIPPED_PREFIX + hashlib.sha256(module_file.read_bytes()).hexdigest()[:12]
+    return _SHIPPED_PREFIX + code_digest(module_file)[:12]  # the digest the model records, shortened
 
 
 def _script_defining(plugin: object) -> Path | None:
